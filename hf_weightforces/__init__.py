@@ -1,0 +1,30 @@
+"""hf-weightforces: what AdamW does to your weights, live, inside the Hugging Face Trainer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .core import ForceBudget, Grouping, adamw_direction, force_budget
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ForceBudget",
+    "Grouping",
+    "WeightForcesArguments",
+    "WeightForcesCallback",
+    "adamw_direction",
+    "force_budget",
+]
+
+if TYPE_CHECKING:
+    from .integrations import WeightForcesArguments, WeightForcesCallback
+
+
+def __getattr__(name: str):
+    # The integrations import transformers; load them only when asked, so the core stays light.
+    if name in ("WeightForcesCallback", "WeightForcesArguments"):
+        from . import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'hf_weightforces' has no attribute {name!r}")

@@ -1,0 +1,205 @@
+"""Device-side accumulation of the force budget between logging events, and its summary.
+
+:class:`ForceMonitor` holds, per monitored parameter and on the parameters' device:
+
+* the interval sums of (A, I, D, R, Δ_observed) over the budget steps since the last log,
+* a count of steps whose terms were not finite (those steps are left out of the sums and the
+  affected aggregates are reported as NaN, never silently),
+* the latest observed squared norm (the "before" of the next step, the "now" of a log row).
+
+Nothing leaves the device until :meth:`ForceMonitor.pack`, which returns one flat float64 tensor
+per logging event (the thing a sharded run all-reduces); :meth:`ForceMonitor.summarize` turns the
+host copy into metric rows.  Aggregates are sums first, ratios last (SPEC section 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .budget import BUDGET_TERMS, bias_scales, budget_from_dots, step_dots
+from .groups import GROUPS, TOTAL
+
+__all__ = ["ForceMonitor", "ParamInfo", "summarize_sums"]
+
+_NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """Static facts about one monitored parameter (full, unsharded sizes)."""
+
+    name: str
+    group: str
+    layer: int | None
+    numel: int
+
+
+def _is_host(x: object) -> bool:
+    return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+
+
+def _to_device(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class ForceMonitor:
+    """Accumulates per-parameter budget sums on ``device``; one host transfer per log event."""
+
+    def __init__(self, infos: Sequence[ParamInfo], device: torch.device | str = "cpu") -> None:
+        self.infos = list(infos)
+        self.device = torch.device(device)
+        n = len(self.infos)
+        self.sums = torch.zeros(n, _NT, dtype=torch.float64, device=self.device)
+        self.nonfinite = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.norm2 = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.steps = 0  # budget steps in the current interval (host-side count, no sync)
+        self.dots_method = "auto"
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    # ------------------------------------------------------------------ observing
+    def observe_norms(self, weights: Sequence[torch.Tensor], indices: Sequence[int] | None = None) -> None:
+        """Record ||w||² (float64 accumulation) of local tensors as the current observation."""
+        if not weights:
+            return
+        w32 = [w.detach().float() for w in weights]
+        norms = torch.stack(torch._foreach_norm(w32, 2, dtype=torch.float64)).square().to(self.device)
+        if indices is None:
+            self.norm2.copy_(norms)
+        else:
+            self.norm2[torch.tensor(list(indices), device=self.device)] = norms
+
+    def record_step(
+        self,
+        indices: Sequence[int],
+        weights: Sequence[torch.Tensor],
+        exp_avgs: Sequence[torch.Tensor],
+        second_moments: Sequence[torch.Tensor],
+        steps: Sequence[float | torch.Tensor],
+        lrs: Sequence[float],
+        weight_decays: Sequence[float],
+        betas: Sequence[tuple[float, float]],
+        eps: Sequence[float],
+    ) -> None:
+        """Add one optimizer step's budget for the parameters the optimizer updated.
+
+        Inputs are the post-step local weights and the optimizer's own moments; nothing is
+        copied and nothing is synchronised with the host.
+        """
+        self.steps += 1
+        if not indices:
+            return
+        dev = weights[0].device
+        if all(_is_host(s) for s in steps):
+            scales = [bias_scales(float(s), b1, b2, e) for s, (b1, b2), e in zip(steps, betas, eps)]
+            u_scale = _to_device([s for s, _ in scales], dev)
+            eps_terms: list[float | torch.Tensor] = [e for _, e in scales]
+        else:  # steps live on the accelerator (fused/capturable): stay there
+            t = torch.stack([torch.as_tensor(s, device=dev).to(torch.float64).reshape(()) for s in steps])
+            b1 = _to_device([b[0] for b in betas], dev)
+            b2 = _to_device([b[1] for b in betas], dev)
+            bc2_sqrt = torch.sqrt(1.0 - b2**t)
+            u_scale = bc2_sqrt / (1.0 - b1**t)
+            eps_terms = list((_to_device(list(eps), dev) * bc2_sqrt).float().unbind())
+        dots = step_dots(weights, exp_avgs, second_moments, eps_terms, method=self.dots_method)
+        idx = torch.tensor(list(indices), device=self.device)
+        terms = budget_from_dots(
+            dots.to(self.device),
+            _to_device(list(lrs), self.device),
+            _to_device(list(weight_decays), self.device),
+            u_scale.to(self.device),
+            self.norm2[idx],
+        )
+        finite = torch.isfinite(terms).all(dim=1)
+        self.sums.index_add_(0, idx, torch.where(finite[:, None], terms, torch.zeros_like(terms)))
+        self.nonfinite.index_add_(0, idx, (~finite).to(torch.float64))
+        self.norm2[idx] = dots[:, 0].to(self.device)
+
+    # ------------------------------------------------------------------ reporting
+    def pack(self) -> torch.Tensor:
+        """One flat float64 tensor: sums [P*5], non-finite counts [P], squared norms [P]."""
+        return torch.cat((self.sums.reshape(-1), self.nonfinite, self.norm2))
+
+    def unpack(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(self.infos)
+        sums = flat[: n * _NT].reshape(n, _NT)
+        return sums, flat[n * _NT : n * _NT + n], flat[n * _NT + n : n * _NT + 2 * n]
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.nonfinite.zero_()
+        self.steps = 0
+
+    def aggregates(self, per_layer: bool = True, per_matrix: bool = False) -> dict[str, np.ndarray]:
+        """Name → boolean mask over parameters: the classes, ``total``, layers and matrices."""
+        groups = np.array([i.group for i in self.infos])
+        out: dict[str, np.ndarray] = {}
+        for g in GROUPS:
+            mask = groups == g
+            if mask.any():
+                out[g] = mask
+        out[TOTAL] = np.ones(len(self.infos), dtype=bool)
+        if per_layer:
+            layers = sorted({i.layer for i in self.infos if i.layer is not None})
+            width = max(2, len(str(layers[-1]))) if layers else 2
+            for layer in layers:
+                out[f"layer_{layer:0{width}d}"] = np.array([i.layer == layer for i in self.infos])
+        if per_matrix:
+            for k, info in enumerate(self.infos):
+                mask = np.zeros(len(self.infos), dtype=bool)
+                mask[k] = True
+                out[f"matrix/{info.name}"] = mask
+        return out
+
+    def summarize(
+        self, flat: np.ndarray, steps: int, *, per_layer: bool = True, per_matrix: bool = False, prefix: str = "weightforces"
+    ) -> dict[str, float]:
+        sums, nonfinite, norm2 = self.unpack(flat)
+        numel = np.array([i.numel for i in self.infos], dtype=np.float64)
+        metrics: dict[str, float] = {f"{prefix}/steps": float(steps)}
+        for name, mask in self.aggregates(per_layer, per_matrix).items():
+            row = summarize_sums(sums[mask].sum(0), float(nonfinite[mask].sum()), float(norm2[mask].sum()), float(numel[mask].sum()), steps)
+            metrics.update({f"{prefix}/{name}/{k}": v for k, v in row.items()})
+        return metrics
+
+
+def summarize_sums(sums: np.ndarray, nonfinite: float, norm2: float, numel: float, steps: int) -> dict[str, float]:
+    """Metric row for one aggregate from its interval sums (SPEC section 2: sums first, ratios last).
+
+    Forces are means per budget step; shares come from the interval sums; ``closure`` is
+    Δ_observed - (A + I + D + R) per step and ``closure_rel`` divides it by |A| + |I| + |D|.
+    """
+    nan = float("nan")
+    align, inject, decay, rest, delta = (float(x) for x in sums)
+    budget = abs(align) + abs(inject) + abs(decay)
+    row: dict[str, float] = {}
+    if steps > 0 and nonfinite == 0:
+        row.update(
+            align=align / steps,
+            inject=inject / steps,
+            decay=decay / steps,
+            rest=rest / steps,
+            delta=delta / steps,
+            closure=(delta - (align + inject + decay + rest)) / steps,
+            closure_rel=(delta - (align + inject + decay + rest)) / budget if budget > 0 else nan,
+            align_share=abs(align) / budget if budget > 0 else nan,
+            inject_share=abs(inject) / budget if budget > 0 else nan,
+            decay_share=abs(decay) / budget if budget > 0 else nan,
+        )
+    elif steps > 0:  # non-finite values in this interval: report them as such
+        row.update({k: nan for k in ("align", "inject", "decay", "rest", "delta", "closure", "closure_rel",
+                                     "align_share", "inject_share", "decay_share")})
+    row["nonfinite_steps"] = float(nonfinite)
+    row["norm2"] = norm2
+    row["rms"] = math.sqrt(norm2 / numel) if numel > 0 and math.isfinite(norm2) and norm2 >= 0 else nan
+    row["numel"] = numel
+    return row

@@ -1,0 +1,70 @@
+"""Training-arguments dataclass for ``HfArgumentParser``: switch the monitor on with flags only.
+
+    parser = HfArgumentParser((TrainingArguments, WeightForcesArguments))
+    training_args, wf_args = parser.parse_args_into_dataclasses()
+    trainer = Trainer(..., args=training_args, callbacks=wf_args.make_callbacks())
+
+    python train.py --output_dir out --weight_forces --weight_forces_every 10
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["WeightForcesArguments"]
+
+
+@dataclass
+class WeightForcesArguments:
+    weight_forces: bool = field(
+        default=False, metadata={"help": "Log the AdamW force budget (alignment, injection, decay) of the weights."}
+    )
+    weight_forces_every: int = field(
+        default=1, metadata={"help": "Compute the budget every N optimizer steps (1 = every step)."}
+    )
+    weight_forces_per_layer: bool = field(default=True, metadata={"help": "Also log one row per layer."})
+    weight_forces_per_matrix: bool = field(default=False, metadata={"help": "Also log one row per parameter."})
+    weight_forces_patterns: str | None = field(
+        default=None,
+        metadata={"help": 'Own grouping rules: JSON {"class": ["regex", ...]} or a path to such a JSON file.'},
+    )
+    weight_forces_to_all_integrations: bool = field(
+        default=False,
+        metadata={"help": "Put the keys into the Trainer's logs so every report_to integration gets them."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.weight_forces_every < 1:
+            raise ValueError(f"--weight_forces_every must be >= 1, got {self.weight_forces_every}")
+        self._patterns = self._load_patterns(self.weight_forces_patterns)
+
+    @staticmethod
+    def _load_patterns(spec: str | None) -> dict | None:
+        if not spec:
+            return None
+        text = Path(spec).read_text() if not spec.lstrip().startswith("{") and Path(spec).is_file() else spec
+        try:
+            patterns = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--weight_forces_patterns is neither JSON nor a JSON file: {exc}") from exc
+        if not isinstance(patterns, dict):
+            raise ValueError("--weight_forces_patterns must be a JSON object {class: [regex, ...]}")
+        return patterns
+
+    def make_callbacks(self) -> list:
+        """``[WeightForcesCallback(...)]`` when ``--weight_forces`` is set, else ``[]``."""
+        if not self.weight_forces:
+            return []
+        from .callback import WeightForcesCallback
+
+        return [
+            WeightForcesCallback(
+                every=self.weight_forces_every,
+                per_layer=self.weight_forces_per_layer,
+                per_matrix=self.weight_forces_per_matrix,
+                patterns=self._patterns,
+                to_all_integrations=self.weight_forces_to_all_integrations,
+            )
+        ]
