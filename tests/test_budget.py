@@ -1,0 +1,203 @@
+"""The force budget against a hand-written AdamW step, in float64, for every implementation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_weightforces.core.budget import (
+    adamw_direction,
+    bias_scales,
+    budget_from_dots,
+    force_budget,
+    step_dots,
+)
+from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
+from hf_weightforces.core.optim import UnsupportedOptimizerError, check_supported
+
+
+def hand_adamw(w, g, m, v, t, lr, wd, b1, b2, eps):
+    """One AdamW step written out from SPEC section 1, float64."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    u = (m / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps)
+    return (1 - lr * wd) * w - lr * u, m, v, u
+
+
+@pytest.mark.parametrize("lr,wd", [(1e-3, 0.1), (3e-2, 0.0), (1e-4, 0.5)])
+def test_identity_exact_in_float64(lr, wd):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(300, generator=gen, dtype=torch.float64) * 0.02
+    m = torch.zeros_like(w)
+    v = torch.zeros_like(w)
+    for t in range(1, 6):
+        g = torch.randn(300, generator=gen, dtype=torch.float64) * 0.01 + 0.3 * w
+        w_next, m, v, u = hand_adamw(w, g, m, v, t, lr, wd, 0.9, 0.999, 1e-8)
+        fb = force_budget(w, u, lr, wd, w_after=w_next)
+        assert fb.closure == pytest.approx(0.0, abs=1e-15 * fb.norm2_before)
+        # direction from the stored moments equals the one the step used
+        torch.testing.assert_close(adamw_direction(m, v, t, 0.9, 0.999, 1e-8), u, rtol=1e-14, atol=0)
+        # signs: injection >= 0, decay <= 0
+        assert fb.inject >= 0 and fb.decay <= 0
+        w = w_next
+
+
+def test_closure_catches_a_wrong_lr():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(1000, generator=gen, dtype=torch.float64) * 0.02
+    g = torch.randn(1000, generator=gen, dtype=torch.float64) * 0.01
+    w_next, m, v, u = hand_adamw(w, g, torch.zeros_like(w), torch.zeros_like(w), 1, 1e-3, 0.1, 0.9, 0.999, 1e-8)
+    right = force_budget(w, u, 1e-3, 0.1, w_after=w_next)
+    wrong = force_budget(w, u, 1.1e-3, 0.1, w_after=w_next)
+    scale = abs(right.align) + abs(right.inject) + abs(right.decay)
+    assert abs(right.closure) < 1e-12 * scale
+    assert abs(wrong.closure) > 1e-2 * scale
+
+
+@pytest.mark.parametrize("method", ["loop", "foreach"])
+def test_step_dots_against_float64_reference(method):
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(64, 32), (128,), (7, 5, 3), (1,)]
+    ws = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
+    ms = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    vs = [torch.rand(s, generator=gen) * 1e-6 for s in shapes]
+    eps = [1e-8 * 0.3, 1e-8, 0.0, 1e-6]
+    got = step_dots(ws, ms, vs, eps, method=method)
+    for i, (w, m, v, e) in enumerate(zip(ws, ms, vs, eps)):
+        w64, u = w.double(), m.double() / (v.double().sqrt() + e)
+        ref = torch.stack([(w64 * w64).sum(), (w64 * u).sum(), (u * u).sum()])
+        torch.testing.assert_close(got[i], ref, rtol=2e-5, atol=1e-10)
+    # ||w'||^2 is accumulated in float64: tight
+    ref_a = torch.stack([(w.double() ** 2).sum() for w in ws])
+    torch.testing.assert_close(got[:, 0], ref_a, rtol=1e-7, atol=0)
+
+
+def test_budget_from_dots_equals_reference_budget():
+    gen = torch.Generator().manual_seed(3)
+    lr, wd, b1, b2, eps, t = 2e-3, 0.1, 0.9, 0.95, 1e-8, 7
+    w_prev = torch.randn(500, generator=gen, dtype=torch.float64) * 0.02
+    m = torch.randn(500, generator=gen, dtype=torch.float64) * 1e-3
+    v = torch.rand(500, generator=gen, dtype=torch.float64) * 1e-6
+    u = adamw_direction(m, v, t, b1, b2, eps)
+    w_next = (1 - lr * wd) * w_prev - lr * u
+    s, e = bias_scales(t, b1, b2, eps)
+    ut = m / (v.sqrt() + e)
+    dots = torch.stack([(w_next * w_next).sum(), (w_next * ut).sum(), (ut * ut).sum()])[None]
+    one = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    terms = budget_from_dots(dots, one(lr), one(wd), one(s), one(float((w_prev * w_prev).sum())))[0]
+    ref = force_budget(w_prev, u, lr, wd, w_after=w_next)
+    for got, want in zip(terms.tolist(), [ref.align, ref.inject, ref.decay, ref.rest, ref.delta]):
+        assert got == pytest.approx(want, rel=1e-10, abs=1e-18)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+
+OPTIMIZERS = {
+    "adamw-forloop": lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1, foreach=False),
+    "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1, foreach=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1, fused=True),
+    "adamw-amsgrad": lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1, amsgrad=True),
+    "adamw-maximize": lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1, maximize=True),
+    "adamw-tensor-lr": lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(3e-3), weight_decay=0.1),
+    "adam-decoupled": lambda ps: torch.optim.Adam(ps, lr=3e-3, weight_decay=0.1, decoupled_weight_decay=True),
+    "adam-no-decay": lambda ps: torch.optim.Adam(ps, lr=3e-3),
+    "two-groups": lambda ps: torch.optim.AdamW(
+        [{"params": ps[:2], "lr": 5e-3, "weight_decay": 0.2}, {"params": ps[2:], "lr": 1e-3, "weight_decay": 0.0}]
+    ),
+}
+
+
+def _run_monitored(make_opt, steps=6, lr_scale=1.0):
+    """Train a small net; monitor every step; return per-step monitor sums and reference budgets."""
+    model = _model()
+    params = list(model.parameters())
+    opt = make_opt(params)
+    infos = [ParamInfo(f"p{i}", "other", None, p.numel()) for i, p in enumerate(params)]
+    mon = ForceMonitor(infos)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 16, generator=gen), torch.randn(64, 4, generator=gen)
+    got, ref = [], []
+    for _ in range(steps):
+        w_before = [p.detach().double().clone() for p in params]  # the test may copy; the monitor does not
+        mon.observe_norms([p.detach() for p in params])
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        idx, views = [], []
+        for group in opt.param_groups:
+            b1, b2 = group["betas"]
+            lr = float(group["lr"]) * lr_scale
+            for p in group["params"]:
+                st = opt.state[p]
+                second = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
+                idx.append(next(i for i, q in enumerate(params) if q is p))
+                views.append((p.detach(), st["exp_avg"], second, st["step"], lr, group["weight_decay"], (b1, b2), group["eps"]))
+        mon.record_step(idx, *map(list, zip(*views)))
+        sums, _, _ = mon.unpack(mon.pack().numpy())
+        got.append(sums.copy())
+        mon.reset()
+        step_ref = []
+        for i, p in enumerate(params):
+            group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+            b1, b2 = group["betas"]
+            st = opt.state[p]
+            second = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
+            u = adamw_direction(st["exp_avg"], second, float(st["step"]), b1, b2, group["eps"])
+            fb = force_budget(w_before[i], u, float(group["lr"]), group["weight_decay"], w_after=p.detach())
+            step_ref.append([fb.align, fb.inject, fb.decay, fb.rest, fb.delta])
+        ref.append(np.array(step_ref))
+    return np.array(got), np.array(ref)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_implementation(name):
+    got, ref = _run_monitored(OPTIMIZERS[name])
+    scale = np.abs(ref[..., :3]).sum(-1, keepdims=True)
+    # each term matches the float64 reference built from a saved copy of w_t
+    np.testing.assert_allclose(got / scale, ref / scale, atol=5e-5)
+    closure = got[..., 4] - got[..., :4].sum(-1)
+    assert np.all(np.abs(closure) <= 5e-4 * scale[..., 0]), np.abs(closure / scale[..., 0]).max()
+
+
+def test_wrong_lr_fails_the_closure_loudly():
+    got, _ = _run_monitored(OPTIMIZERS["adamw-foreach"], lr_scale=1.05)
+    scale = np.abs(got[..., :3]).sum(-1)
+    closure = np.abs(got[..., 4] - got[..., :4].sum(-1))
+    assert np.median(closure / scale) > 1e-2
+
+
+def test_two_groups_use_their_own_lr_and_decay():
+    got, ref = _run_monitored(OPTIMIZERS["two-groups"])
+    # group 2 has no decay: its D and R are exactly zero; group 1's are not
+    assert np.all(got[:, 2:, 2] == 0) and np.all(got[:, 2:, 3] == 0)
+    assert np.all(got[:, :2, 2] < 0)
+    np.testing.assert_allclose(got[:, :2, 2], ref[:, :2, 2], rtol=1e-6)
+
+
+def test_nonfinite_is_reported_not_summed():
+    mon = ForceMonitor([ParamInfo("a", "transmission", 0, 4), ParamInfo("b", "other", 0, 4)])
+    w = [torch.ones(4), torch.ones(4)]
+    m = [torch.full((4,), float("nan")), torch.ones(4) * 1e-3]
+    v = [torch.ones(4) * 1e-6, torch.ones(4) * 1e-6]
+    mon.observe_norms(w)
+    mon.record_step([0, 1], w, m, v, [1.0, 1.0], [1e-3, 1e-3], [0.1, 0.1], [(0.9, 0.999)] * 2, [1e-8] * 2)
+    rows = mon.summarize(mon.pack().numpy(), mon.steps)
+    assert math.isnan(rows["weightforces/transmission/align"])
+    assert rows["weightforces/transmission/nonfinite_steps"] == 1
+    assert math.isnan(rows["weightforces/total/align"])
+    assert math.isfinite(rows["weightforces/other/align"])
+
+
+def test_unsupported_optimizers_are_refused_with_the_supported_list():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    for opt in (torch.optim.SGD(p, lr=0.1), torch.optim.Adam(p, lr=0.1, weight_decay=0.01)):
+        with pytest.raises(UnsupportedOptimizerError, match="AdamW"):
+            check_supported(opt)
+    with pytest.raises(UnsupportedOptimizerError, match="supported"):
+        check_supported(object())
