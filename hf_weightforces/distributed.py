@@ -26,7 +26,7 @@ import torch
 
 from .core.optim import AdamHyper, group_hyper
 
-__all__ = ["Backend", "ParamView", "ShardContext", "UnsupportedBackendError", "detect_backend"]
+__all__ = ["Backend", "ParamEntry", "ParamView", "ShardContext", "UnsupportedBackendError", "detect_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,23 @@ class Backend(str, enum.Enum):
     @property
     def sharded(self) -> bool:
         return self in (Backend.FSDP1, Backend.FSDP2, Backend.DEEPSPEED)
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    """One monitored parameter: its canonical name, the handle the backend reads it through, and
+    its full (unsharded) shape."""
+
+    name: str
+    param: torch.Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
 
 
 @dataclass
@@ -87,6 +104,22 @@ def detect_backend() -> Backend:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return Backend.DDP if torch.distributed.get_world_size() > 1 else Backend.SINGLE
     return Backend.SINGLE
+
+
+def _replicated_entries(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> list[ParamEntry]:
+    """Every parameter the optimizer updates, in param-group order, named from the model."""
+    from .core.groups import canonical_name
+
+    names = {id(p): canonical_name(n) for n, p in model.named_parameters()} if model is not None else {}
+    entries: list[ParamEntry] = []
+    seen: set[int] = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            entries.append(ParamEntry(names.get(id(p), f"param_{len(entries)}"), p, tuple(p.shape)))
+    return entries
 
 
 def _replicated_views(
@@ -137,12 +170,17 @@ class ShardContext:
         """Whether this rank evaluates the budget: all ranks when sharded, rank 0 when replicated."""
         return self.backend.sharded or self.rank == 0
 
+    def entries(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> list[ParamEntry]:
+        """The monitored parameters with names and full shapes, identical on every rank."""
+        return _replicated_entries(model, optimizer)
+
     def views(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int]) -> list[ParamView]:
+        """Local weights and moments of the parameters the optimizer updated this step."""
         return self._views(optimizer, index_of)
 
-    def local_weights(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def local_weights(self, entries: Sequence[ParamEntry]) -> list[torch.Tensor]:
         """The local piece of every monitored parameter (whole tensors when replicated)."""
-        return [p.detach() for p in params]
+        return [e.param.detach() for e in entries]
 
     def all_reduce_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Sum one flat tensor over ranks when sharded; a no-op when replicated."""

@@ -35,7 +35,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from ..core.groups import Grouping, canonical_name, layer_index
+from ..core.groups import Grouping, layer_index
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import check_supported
 from ..distributed import ShardContext
@@ -135,23 +135,13 @@ class WeightForcesCallback(TrainerCallback):
             raise ValueError("WeightForcesCallback needs the optimizer at train start; none was passed")
         opt = check_supported(optimizer)  # raises with what is supported
         self.ctx = ShardContext()  # raises for a backend without a reader
-        names = {}
-        if model is not None:
-            names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
-        params: list[torch.Tensor] = []
-        infos: list[ParamInfo] = []
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if id(p) in {id(q) for q in params}:
-                    continue
-                name = names.get(id(p), f"param_{len(params)}")
-                params.append(p)
-                infos.append(ParamInfo(name, self.grouping.classify(name, p.dim()), layer_index(name), p.numel()))
-        if not params:
+        entries = self.ctx.entries(model, opt)
+        infos = [ParamInfo(e.name, self.grouping.classify(e.name, len(e.shape)), layer_index(e.name), e.numel) for e in entries]
+        if not entries:
             raise ValueError("WeightForcesCallback: the optimizer has no parameters to monitor")
-        self._params = params
-        self._index_of = {id(p): i for i, p in enumerate(params)}
-        self.monitor = ForceMonitor(infos, device=params[0].device)
+        self._entries = entries
+        self._index_of = {id(e.param): i for i, e in enumerate(entries)}
+        self.monitor = ForceMonitor(infos, device=entries[0].param.device)
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
         self._skipped = 0
         self._last_logged = state.global_step
@@ -159,7 +149,7 @@ class WeightForcesCallback(TrainerCallback):
         self._sinks = self._make_sinks(args, state)
         logger.info(
             "weight forces: %d tensors, backend %s, every %d step(s), W&B row %s",
-            len(params), self.ctx.backend.value, self.every, "shared with train/loss" if self._ordered else "separate",
+            len(entries), self.ctx.backend.value, self.every, "shared with train/loss" if self._ordered else "separate",
         )
 
     def _make_sinks(self, args, state) -> list[Sink]:
@@ -189,7 +179,7 @@ class WeightForcesCallback(TrainerCallback):
             return
         try:
             if self._is_budget_step(state.global_step + 1) and self._norm_step != state.global_step:
-                self.monitor.observe_norms(self.ctx.local_weights(self._params))
+                self.monitor.observe_norms(self.ctx.local_weights(self._entries))
                 self._norm_step = state.global_step
         except Exception as exc:  # a diagnostic never stops training
             self._fail("on_step_begin", exc)
@@ -261,7 +251,7 @@ class WeightForcesCallback(TrainerCallback):
         """One reduction, one host transfer, then plain float64 arithmetic on the host."""
         mon = self.monitor
         if self._norm_step != state.global_step:
-            mon.observe_norms(self.ctx.local_weights(self._params))
+            mon.observe_norms(self.ctx.local_weights(self._entries))
             self._norm_step = state.global_step
         flat = self.ctx.all_reduce_sum(mon.pack()).cpu().numpy()
         steps = mon.steps
