@@ -1,0 +1,1 @@
+"""Offline work on checkpoint folders and logs: streaming weight readers, Weibull fit reports."""
