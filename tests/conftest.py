@@ -35,7 +35,8 @@ def tiny_data(block_size: int = 32, max_bytes: int = 60_000):
     return _DATA[key]
 
 
-def train_tiny(output_dir, callbacks=(), *, max_steps=12, logging_steps=4, report_to=(), seed=0, model=None, **kw):
+def train_tiny(output_dir, callbacks=(), *, max_steps=12, logging_steps=4, report_to=(), seed=0, model=None,
+               resume=None, **kw):
     """A real Trainer run on CPU; returns the trainer after ``train()``."""
     from transformers import Trainer, TrainingArguments
 
@@ -60,7 +61,7 @@ def train_tiny(output_dir, callbacks=(), *, max_steps=12, logging_steps=4, repor
     )
     trainer = Trainer(model=model if model is not None else tiny_model(seed), args=args,
                       train_dataset=tiny_data(), callbacks=list(callbacks))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     if "wandb" in report_to:
         import wandb
 

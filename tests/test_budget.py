@@ -139,7 +139,7 @@ def _run_monitored(make_opt, steps=6, lr_scale=1.0):
                 idx.append(next(i for i, q in enumerate(params) if q is p))
                 views.append((p.detach(), st["exp_avg"], second, st["step"], lr, group["weight_decay"], (b1, b2), group["eps"]))
         mon.record_step(idx, *map(list, zip(*views)))
-        sums, _, _ = mon.unpack(mon.pack().numpy())
+        sums = mon.unpack(mon.pack().numpy()).sums
         got.append(sums.copy())
         mon.reset()
         step_ref = []

@@ -49,6 +49,7 @@ __all__ = [
     "adamw_direction",
     "budget_from_dots",
     "force_budget",
+    "squared_norms",
     "step_dots",
 ]
 
@@ -140,13 +141,17 @@ def _dots_loop(
     On CPU a fresh full-size allocation per step costs more than the arithmetic (first-touch page
     faults), so the scratch is sized by the largest tensor, not the model.
     """
-    biggest = max(w.numel() for w in weights)
+    biggest = max(1, max(w.numel() for w in weights))
     dev = weights[0].device
-    scratch = torch.empty(2 * biggest, dtype=torch.float32, device=dev)
-    u_buf, prod_buf = scratch[:biggest], scratch[biggest:]
+    # two separate (aligned) buffers: the ||w'||² reduction then matches squared_norms bit for bit
+    u_buf = torch.empty(biggest, dtype=torch.float32, device=dev)
+    prod_buf = torch.empty(biggest, dtype=torch.float32, device=dev)
     rows = []
     for w, m, v, e in zip(weights, exp_avgs, second_moments, eps_terms):
         n = w.numel()
+        if n == 0:  # a shard this rank does not hold
+            rows.append(torch.zeros(3, dtype=torch.float64, device=dev))
+            continue
         w32 = w.detach().reshape(-1).float() if w.dtype != torch.float32 else w.detach().reshape(-1)
         u = u_buf[:n]
         torch.sqrt(v.reshape(-1), out=u)
@@ -189,6 +194,33 @@ def _dots_foreach(
     s = torch.stack(torch._foreach_norm(u, 2, dtype=torch.float64)).square()
     b = 0.5 * (s - a - c)
     return torch.stack((a, b, c), dim=1)
+
+
+def squared_norms(weights: Sequence[torch.Tensor], *, method: str = "auto") -> torch.Tensor:
+    """||w||² per tensor, float64 [P], computed exactly as :func:`step_dots` computes ||w'||².
+
+    Using the same arithmetic for the norm observed before a step and the one rebuilt after it
+    keeps the closure a comparison of like with like (and a resumed run equal to an unbroken one).
+    """
+    if not weights:
+        return torch.zeros(0, dtype=torch.float64)
+    if method == "auto":
+        method = "loop" if weights[0].device.type == "cpu" else "foreach"
+    if method == "foreach":
+        w32 = [w.detach().float() for w in weights]
+        return torch.stack(torch._foreach_norm(w32, 2, dtype=torch.float64)).square()
+    biggest = max(w.numel() for w in weights)
+    prod = torch.empty(biggest, dtype=torch.float32, device=weights[0].device)
+    out = []
+    for w in weights:
+        if w.numel() == 0:
+            out.append(torch.zeros((), dtype=torch.float64, device=w.device))
+            continue
+        w32 = w.detach().reshape(-1).float()
+        p = prod[: w32.numel()]
+        torch.mul(w32, w32, out=p)
+        out.append(p.sum(dtype=torch.float64))
+    return torch.stack(out)
 
 
 def step_dots(

@@ -17,14 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .budget import BUDGET_TERMS, bias_scales, budget_from_dots, step_dots
+from .budget import BUDGET_TERMS, bias_scales, budget_from_dots, squared_norms, step_dots
 from .groups import GROUPS, TOTAL
 
-__all__ = ["ForceMonitor", "ParamInfo", "summarize_sums"]
+__all__ = ["ForceMonitor", "Packed", "ParamInfo", "summarize_sums"]
 
 _NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta
 
@@ -37,6 +38,15 @@ class ParamInfo:
     group: str
     layer: int | None
     numel: int
+
+
+class Packed(NamedTuple):
+    """Host view of :meth:`ForceMonitor.pack` after the reduction."""
+
+    sums: np.ndarray  # [P, 5] interval sums of align, inject, decay, rest, delta
+    nonfinite: np.ndarray  # [P] steps left out as non-finite
+    norm2: np.ndarray  # [P] latest observed squared norm
+    sampled: np.ndarray  # [P] interval sum of N·(A + I + D) at sampled steps
 
 
 def _is_host(x: object) -> bool:
@@ -53,13 +63,19 @@ def _to_device(values: Sequence[float], device: torch.device) -> torch.Tensor:
 class ForceMonitor:
     """Accumulates per-parameter budget sums on ``device``; one host transfer per log event."""
 
-    def __init__(self, infos: Sequence[ParamInfo], device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, infos: Sequence[ParamInfo], device: torch.device | str = "cpu", sample_every: int | None = None
+    ) -> None:
+        """``sample_every`` N also accumulates N·(A + I + D) at steps that are multiples of N: the
+        sparse-recording integral of SPEC section 5."""
         self.infos = list(infos)
+        self.sample_every = sample_every
         self.device = torch.device(device)
         n = len(self.infos)
         self.sums = torch.zeros(n, _NT, dtype=torch.float64, device=self.device)
         self.nonfinite = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.norm2 = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.sampled = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.steps = 0  # budget steps in the current interval (host-side count, no sync)
         self.dots_method = "auto"
 
@@ -71,8 +87,7 @@ class ForceMonitor:
         """Record ||w||² (float64 accumulation) of local tensors as the current observation."""
         if not weights:
             return
-        w32 = [w.detach().float() for w in weights]
-        norms = torch.stack(torch._foreach_norm(w32, 2, dtype=torch.float64)).square().to(self.device)
+        norms = squared_norms(weights, method=self.dots_method).to(self.device)
         if indices is None:
             self.norm2.copy_(norms)
         else:
@@ -89,6 +104,7 @@ class ForceMonitor:
         weight_decays: Sequence[float],
         betas: Sequence[tuple[float, float]],
         eps: Sequence[float],
+        step_id: int | None = None,
     ) -> None:
         """Add one optimizer step's budget for the parameters the optimizer updated.
 
@@ -120,23 +136,32 @@ class ForceMonitor:
             self.norm2[idx],
         )
         finite = torch.isfinite(terms).all(dim=1)
-        self.sums.index_add_(0, idx, torch.where(finite[:, None], terms, torch.zeros_like(terms)))
+        terms = torch.where(finite[:, None], terms, torch.zeros_like(terms))
+        self.sums.index_add_(0, idx, terms)
+        if self.sample_every and step_id is not None and step_id % self.sample_every == 0:
+            self.sampled.index_add_(0, idx, terms[:, :3].sum(dim=1) * self.sample_every)
         self.nonfinite.index_add_(0, idx, (~finite).to(torch.float64))
         self.norm2[idx] = dots[:, 0].to(self.device)
 
     # ------------------------------------------------------------------ reporting
     def pack(self) -> torch.Tensor:
-        """One flat float64 tensor: sums [P*5], non-finite counts [P], squared norms [P]."""
-        return torch.cat((self.sums.reshape(-1), self.nonfinite, self.norm2))
+        """One flat float64 tensor: sums [P*5], non-finite counts [P], squared norms [P],
+        sampled integral [P]."""
+        return torch.cat((self.sums.reshape(-1), self.nonfinite, self.norm2, self.sampled))
 
-    def unpack(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @property
+    def packed_size(self) -> int:
+        return len(self.infos) * (_NT + 3)
+
+    def unpack(self, flat: np.ndarray) -> Packed:
         n = len(self.infos)
-        sums = flat[: n * _NT].reshape(n, _NT)
-        return sums, flat[n * _NT : n * _NT + n], flat[n * _NT + n : n * _NT + 2 * n]
+        rest = flat[n * _NT :]
+        return Packed(flat[: n * _NT].reshape(n, _NT), rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n])
 
     def reset(self) -> None:
         self.sums.zero_()
         self.nonfinite.zero_()
+        self.sampled.zero_()
         self.steps = 0
 
     def aggregates(self, per_layer: bool = True, per_matrix: bool = False) -> dict[str, np.ndarray]:
@@ -163,7 +188,7 @@ class ForceMonitor:
     def summarize(
         self, flat: np.ndarray, steps: int, *, per_layer: bool = True, per_matrix: bool = False, prefix: str = "weightforces"
     ) -> dict[str, float]:
-        sums, nonfinite, norm2 = self.unpack(flat)
+        sums, nonfinite, norm2, _ = self.unpack(flat)
         numel = np.array([i.numel for i in self.infos], dtype=np.float64)
         metrics: dict[str, float] = {f"{prefix}/steps": float(steps)}
         for name, mask in self.aggregates(per_layer, per_matrix).items():

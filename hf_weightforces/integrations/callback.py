@@ -25,6 +25,7 @@ training and never touches weights, gradients or optimizer state.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -35,9 +36,15 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from ..core.groups import Grouping, layer_index
+import json
+
+import numpy as np
+
+from ..core.groups import GROUPS, TOTAL, Grouping, layer_index
+from ..core.integral import RunIntegral, weibull_row
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import check_supported
+from ..core.weibull import MagnitudeHistogram, fit_weibull_histogram, histogram_counts
 from ..distributed import ShardContext
 from .sinks import JsonlSink, NullSink, Sink, WandbSink
 
@@ -46,6 +53,7 @@ __all__ = ["WeightForcesCallback"]
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "weightforces_state.json"  # written into each Trainer checkpoint folder
 
 
 def _find_callback_handler() -> CallbackHandler | None:
@@ -84,6 +92,12 @@ class WeightForcesCallback(TrainerCallback):
             ``train/weightforces/...`` and the console progress bar prints them.  Default: W&B gets
             them under their own names in the ``train/loss`` row, other integrations do not.
         output_subdir: folder under ``args.output_dir`` for ``metrics.jsonl``.
+        weibull_every: fit Weibull (k, λ) per class (SPEC section 4) at the first log event at or
+            after every ``weibull_every`` optimizer steps, from a mergeable log-spaced histogram
+            of |w| (one sort of the weights: see the README for the cost); 0 turns it off.
+        weibull_per_matrix: also fit every weight matrix at those events (bigger reduction).
+        offset_sample_every: the sparse-recording variant of the σ prediction integrates forces
+            recorded every N steps (SPEC section 5); must be a multiple of ``every``.
     """
 
     def __init__(
@@ -94,10 +108,20 @@ class WeightForcesCallback(TrainerCallback):
         patterns: Mapping[str, Sequence[str]] | None = None,
         to_all_integrations: bool = False,
         output_subdir: str = "weightforces",
+        weibull_every: int = 100,
+        weibull_per_matrix: bool = False,
+        offset_sample_every: int = 10,
     ) -> None:
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+        for label, value, low in (("every", every, 1), ("weibull_every", weibull_every, 0),
+                                  ("offset_sample_every", offset_sample_every, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+        if offset_sample_every % every:
+            raise ValueError(f"offset_sample_every ({offset_sample_every}) must be a multiple of every ({every})")
         self.every = every
+        self.weibull_every = weibull_every
+        self.weibull_per_matrix = weibull_per_matrix
+        self.offset_sample_every = offset_sample_every
         self.per_layer = per_layer
         self.per_matrix = per_matrix
         self.grouping = Grouping(patterns)
@@ -141,8 +165,12 @@ class WeightForcesCallback(TrainerCallback):
             raise ValueError("WeightForcesCallback: the optimizer has no parameters to monitor")
         self._entries = entries
         self._index_of = {id(e.param): i for i, e in enumerate(entries)}
-        self.monitor = ForceMonitor(infos, device=entries[0].param.device)
+        self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
+        self._setup_weibull(infos)
+        self.integral = RunIntegral([e.name for e in entries])
+        if state.global_step > 0:
+            self._restore(args, state)
         self._skipped = 0
         self._last_logged = state.global_step
         self._active = self.ctx.computes
@@ -151,6 +179,101 @@ class WeightForcesCallback(TrainerCallback):
             "weight forces: %d tensors, backend %s, every %d step(s), W&B row %s",
             len(entries), self.ctx.backend.value, self.every, "shared with train/loss" if self._ordered else "separate",
         )
+
+    def _setup_weibull(self, infos: list[ParamInfo]) -> None:
+        """Aggregates that get a pooled fit, and which of them each parameter's counts feed."""
+        self._hist = MagnitudeHistogram()
+        self._edges = self._hist.edges_tensor(self.monitor.device)
+        classes = [g for g in GROUPS if any(i.group == g for i in infos)]
+        self._wb_names = classes + [TOTAL]
+        if self.weibull_per_matrix:
+            self._wb_names += [f"matrix/{i.name}" for i in infos if i.group != "other"]
+        row = {name: k for k, name in enumerate(self._wb_names)}
+        self._wb_rows = [
+            [row[i.group], row[TOTAL]] + ([row[f"matrix/{i.name}"]] if f"matrix/{i.name}" in row else [])
+            for i in infos
+        ]
+        self._next_weibull = 0
+
+    def _weibull_counts(self) -> torch.Tensor:
+        """Histogram counts of |w| per aggregate, flattened, on the monitor's device (float64)."""
+        nb = self._edges.numel() + 1
+        rows = torch.zeros(len(self._wb_names), nb, dtype=torch.float64, device=self.monitor.device)
+        for rows_of, w in zip(self._wb_rows, self.ctx.local_weights(self._entries)):
+            if w.numel() == 0:
+                continue
+            counts = histogram_counts(w, self._edges).to(device=rows.device, dtype=torch.float64)
+            for r in rows_of:
+                rows[r] += counts
+        return rows.reshape(-1)
+
+    def _weibull_metrics(self, counts: np.ndarray, norm2: np.ndarray) -> dict[str, float]:
+        """Fits, λ/σ and the offset components per aggregate (SPEC sections 4-5)."""
+        counts = counts.reshape(len(self._wb_names), -1)
+        numel = np.array([i.numel for i in self.monitor.infos], dtype=np.float64)
+        metrics: dict[str, float] = {}
+        masks = self.monitor.aggregates(per_layer=False, per_matrix=self.weibull_per_matrix)
+        integral = self.integral
+        for k, name in enumerate(self._wb_names):
+            mask = masks[name]
+            fit = fit_weibull_histogram(counts[k], self._hist.edges)
+            n2, n = float(norm2[mask].sum()), float(numel[mask].sum())
+            if name not in integral.lock_ratio and fit.success and n2 > 0:  # the run's start: the k-lock reference
+                integral.lock_ratio[name] = fit.scale / math.sqrt(n2 / n)
+                integral.start_fit[name] = (fit.k, fit.scale)
+            row = weibull_row(
+                fit, n2, n,
+                None if integral.norm2_start is None else float(integral.norm2_start[mask].sum()),
+                float(integral.dense[mask].sum()), float(integral.sampled[mask].sum()),
+                integral.lock_ratio.get(name, math.nan),
+            )
+            metrics.update({f"weightforces/{name}/{key}": v for key, v in row.items()})
+        return metrics
+
+    def _start_run_integral(self, state) -> None:
+        """At the first step: the observed norms and the start fit (one reduction, all ranks)."""
+        parts = [self.monitor.norm2]
+        if self.weibull_every:
+            parts.append(self._weibull_counts())
+        flat = self.ctx.all_reduce_sum(torch.cat(parts)).cpu().numpy()
+        norm2 = flat[: len(self.monitor)]
+        self.integral.start(norm2)
+        if self.weibull_every:
+            self._start_metrics = self._weibull_metrics(flat[len(self.monitor) :], norm2)
+            self._next_weibull = state.global_step + self.weibull_every
+
+    # ------------------------------------------------------------------ checkpoints
+    def _restore(self, args, state) -> None:
+        """Continue the run's integrals from the checkpoint we resume from, if it has them."""
+        candidates = [getattr(args, "resume_from_checkpoint", None),
+                      os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+        for folder in candidates:
+            path = os.path.join(folder, STATE_FILE) if folder else None
+            if path and os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+                self.integral = RunIntegral.from_dict(data["integral"], self.integral.names)
+                self._next_weibull = int(data.get("next_weibull", state.global_step))
+                self._last_logged = int(data.get("last_logged", state.global_step))
+                logger.info("weight forces: resumed run integrals from %s", path)
+                return
+        logger.warning(
+            "weight forces: resuming at step %d without %s in the checkpoint; the force integrals "
+            "(rms_pred, offsets) restart here", state.global_step, STATE_FILE,
+        )
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.monitor is None or not state.is_world_process_zero or not self.ctx.is_main:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        data = {"integral": self.integral.to_dict(), "next_weibull": self._next_weibull,
+                "last_logged": self._last_logged, "step": state.global_step}
+        tmp = os.path.join(folder, STATE_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, os.path.join(folder, STATE_FILE))
 
     def _make_sinks(self, args, state) -> list[Sink]:
         if not (state.is_world_process_zero and self.ctx is not None and self.ctx.is_main):
@@ -178,9 +301,12 @@ class WeightForcesCallback(TrainerCallback):
         if not self._active:
             return
         try:
-            if self._is_budget_step(state.global_step + 1) and self._norm_step != state.global_step:
+            first = not self.integral.started
+            if (first or self._is_budget_step(state.global_step + 1)) and self._norm_step != state.global_step:
                 self.monitor.observe_norms(self.ctx.local_weights(self._entries))
                 self._norm_step = state.global_step
+            if first:
+                self._start_run_integral(state)
         except Exception as exc:  # a diagnostic never stops training
             self._fail("on_step_begin", exc)
 
@@ -198,12 +324,12 @@ class WeightForcesCallback(TrainerCallback):
                 return
             if self._norm_step != state.global_step:
                 raise RuntimeError("no norm observed before the step (on_step_begin did not run)")
-            self._record(optimizer)
+            self._record(optimizer, step_id)
             self._norm_step = step_id
         except Exception as exc:
             self._fail("on_optimizer_step", exc)
 
-    def _record(self, optimizer) -> None:
+    def _record(self, optimizer, step_id: int) -> None:
         views = self.ctx.views(check_supported(optimizer), self._index_of)
         by_device: dict[torch.device, list] = {}
         for v in views:
@@ -222,6 +348,7 @@ class WeightForcesCallback(TrainerCallback):
                 [v.hyper.weight_decay for v in group],
                 [(v.hyper.beta1, v.hyper.beta2) for v in group],
                 [v.hyper.eps for v in group],
+                step_id,
             )
         if len(by_device) > 1:
             self.monitor.steps -= len(by_device) - 1  # one optimizer step, however many devices
@@ -253,10 +380,21 @@ class WeightForcesCallback(TrainerCallback):
         if self._norm_step != state.global_step:
             mon.observe_norms(self.ctx.local_weights(self._entries))
             self._norm_step = state.global_step
-        flat = self.ctx.all_reduce_sum(mon.pack()).cpu().numpy()
+        weibull_due = bool(self.weibull_every) and state.global_step >= self._next_weibull
+        parts = [mon.pack()] + ([self._weibull_counts()] if weibull_due else [])
+        flat = self.ctx.all_reduce_sum(torch.cat(parts)).cpu().numpy()
         steps = mon.steps
         mon.reset()
-        metrics = mon.summarize(flat, steps, per_layer=self.per_layer, per_matrix=self.per_matrix)
+        packed = mon.unpack(flat[: mon.packed_size])
+        self.integral.add(packed.sums[:, :3].sum(axis=1), packed.sampled, self.every)
+        metrics = mon.summarize(flat[: mon.packed_size], steps, per_layer=self.per_layer, per_matrix=self.per_matrix)
+        if getattr(self, "_start_metrics", None):  # the start fit goes out with the first row
+            metrics.update({k.replace("/weibull_", "/start_weibull_"): v for k, v in self._start_metrics.items()
+                            if k.endswith(("/weibull_k", "/weibull_scale"))})
+            self._start_metrics = None
+        if weibull_due:
+            metrics.update(self._weibull_metrics(flat[mon.packed_size :], packed.norm2))
+            self._next_weibull = (state.global_step // self.weibull_every + 1) * self.weibull_every
         metrics["weightforces/skipped_steps"] = float(self._skipped)
         self._skipped = 0
         return metrics

@@ -1,0 +1,113 @@
+"""What the live monitor integrates over a whole run, and its Weibull/offset rows (SPEC 4-5).
+
+:class:`RunIntegral` keeps, per monitored parameter, the squared norm at the start of training
+and the running integral of the forces since then (dense: every budget step; sampled: a step every
+N, each standing for N), plus, per aggregate, the Weibull fit at the start (the k-lock bridge's
+λ/σ).  It is plain numpy, serialises to JSON for checkpoints (no pickle), and is identical on
+every rank because it is only fed reduced numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .offset import offset_components, predicted_rms
+from .weibull import WeibullFit
+
+__all__ = ["RunIntegral", "weibull_row"]
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RunIntegral:
+    names: list[str]
+    norm2_start: np.ndarray | None = None  # [P] observed at the first step of the run
+    dense: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [P] Σ (A+I+D)·every
+    sampled: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [P] Σ N·(A+I+D) at sampled steps
+    lock_ratio: dict[str, float] = field(default_factory=dict)  # aggregate -> λ/σ at the start
+    start_fit: dict[str, tuple[float, float]] = field(default_factory=dict)  # aggregate -> (k0, λ0)
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if self.dense.size == 0:
+            self.dense = np.zeros(n)
+        if self.sampled.size == 0:
+            self.sampled = np.zeros(n)
+
+    @property
+    def started(self) -> bool:
+        return self.norm2_start is not None
+
+    def start(self, norm2: np.ndarray) -> None:
+        self.norm2_start = np.asarray(norm2, dtype=np.float64).copy()
+        self.dense[:] = 0.0
+        self.sampled[:] = 0.0
+
+    def add(self, interval_forces: np.ndarray, interval_sampled: np.ndarray, every: int) -> None:
+        """Add one logging interval: per-parameter Σ(A+I+D) over its budget steps, and the sampled sum."""
+        self.dense += np.nan_to_num(interval_forces, nan=0.0) * every
+        self.sampled += np.nan_to_num(interval_sampled, nan=0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "names": list(self.names),
+            "norm2_start": None if self.norm2_start is None else self.norm2_start.tolist(),
+            "dense": self.dense.tolist(),
+            "sampled": self.sampled.tolist(),
+            "lock_ratio": dict(self.lock_ratio),
+            "start_fit": {k: list(v) for k, v in self.start_fit.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping, names: Sequence[str]) -> RunIntegral:
+        """Restore, checking that it describes the same parameters (clear error otherwise)."""
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported weight-forces state version {data.get('version')!r}")
+        if list(data["names"]) != list(names):
+            raise ValueError("the saved weight-forces state describes different parameters than this model")
+        start = data.get("norm2_start")
+        return cls(
+            names=list(names),
+            norm2_start=None if start is None else np.asarray(start, dtype=np.float64),
+            dense=np.asarray(data["dense"], dtype=np.float64),
+            sampled=np.asarray(data["sampled"], dtype=np.float64),
+            lock_ratio={k: float(v) for k, v in data.get("lock_ratio", {}).items()},
+            start_fit={k: (float(v[0]), float(v[1])) for k, v in data.get("start_fit", {}).items()},
+        )
+
+
+def weibull_row(
+    fit: WeibullFit,
+    norm2: float,
+    numel: float,
+    norm2_start: float | None,
+    dense: float,
+    sampled: float,
+    lock_ratio: float,
+) -> dict[str, float]:
+    """Weibull and offset keys for one aggregate (without the ``weightforces/G/`` prefix)."""
+    row = {
+        "weibull_k": fit.k,
+        "weibull_scale": fit.scale,
+        "weibull_r2": fit.r2,
+        "weibull_ks": fit.ks,
+    }
+    sigma = math.sqrt(norm2 / numel) if numel > 0 and norm2 >= 0 else math.nan
+    row["weibull_scale_over_rms"] = fit.scale / sigma if sigma > 0 else math.nan
+    if norm2_start is None:
+        return row
+    sigma_pred = predicted_rms(norm2_start, dense, numel)
+    sigma_pred_sampled = predicted_rms(norm2_start, sampled, numel)
+    row["rms_pred"] = sigma_pred
+    row["rms_pred_sampled"] = sigma_pred_sampled
+    row.update(offset_components(sigma, sigma_pred, fit.k, fit.scale, lock_ratio))
+    sampled_parts = offset_components(sigma, sigma_pred_sampled, fit.k, fit.scale, lock_ratio)
+    row["offset_integration_sampled"] = sampled_parts["offset_integration"]
+    row["offset_total_klock_sampled"] = sampled_parts["offset_total_klock"]
+    return row

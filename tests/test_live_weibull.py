@@ -1,0 +1,99 @@
+"""Live Weibull fits, the RMS-to-Weibull offset and resuming, in real Trainer runs."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model, train_tiny
+
+from hf_weightforces import WeightForcesCallback
+from hf_weightforces.core.groups import classify
+from hf_weightforces.core.offset import gamma_bridge
+from hf_weightforces.core.weibull import fit_weibull
+
+
+def _group_weights(model, group):
+    return torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if classify(n, p.dim()) == group])
+
+
+def test_live_fit_equals_the_exact_fit_of_the_final_weights(tmp_path, wf_rows):
+    trainer = train_tiny(tmp_path, [WeightForcesCallback(weibull_every=8)], max_steps=16, logging_steps=4)
+    rows = wf_rows(tmp_path)
+    assert [("weightforces/total/weibull_k" in r) for r in rows] == [False, True, False, True]
+    last = rows[-1]
+    for group in ("transmission", "selection", "embedding"):
+        exact = fit_weibull(_group_weights(trainer.model, group))
+        assert last[f"weightforces/{group}/weibull_k"] == pytest.approx(exact.k, abs=1e-3)
+        assert last[f"weightforces/{group}/weibull_scale"] == pytest.approx(exact.scale, rel=2e-4)
+        assert 0.9 < last[f"weightforces/{group}/weibull_r2"] <= 1
+        assert 0 < last[f"weightforces/{group}/weibull_ks"] < 0.2
+    # the start fit of freshly initialised N(0, 0.02^2) matrices sits at the Gaussian anchor
+    first = rows[0]
+    assert first["weightforces/transmission/start_weibull_k"] == pytest.approx(1.2054, abs=0.02)
+
+
+def test_offset_components_recomputed_from_the_rows(tmp_path, wf_rows):
+    cb = WeightForcesCallback(weibull_every=4, offset_sample_every=4)
+    train_tiny(tmp_path, [cb], max_steps=16, logging_steps=4)
+    rows = wf_rows(tmp_path)
+    init = tiny_model(0)
+    for group in ("transmission", "selection"):
+        w0 = _group_weights(init, group).double()
+        n, norm2_0 = w0.numel(), float((w0 * w0).sum())
+        lock = rows[0][f"weightforces/{group}/start_weibull_scale"] / math.sqrt(norm2_0 / n)
+        integral = 0.0
+        for r in rows:
+            steps = r["weightforces/steps"]
+            integral += steps * sum(r[f"weightforces/{group}/{k}"] for k in ("align", "inject", "decay"))
+            sigma = r[f"weightforces/{group}/rms"]
+            pred = math.sqrt((norm2_0 + integral) / n)
+            lam, k = r[f"weightforces/{group}/weibull_scale"], r[f"weightforces/{group}/weibull_k"]
+            assert r[f"weightforces/{group}/rms_pred"] == pytest.approx(pred, rel=1e-9)
+            # integrating every step leaves only the dropped rest R (and float32 rounding)
+            assert abs(r[f"weightforces/{group}/offset_integration"]) < 1e-4
+            assert r[f"weightforces/{group}/offset_bridge_klock"] == pytest.approx(sigma * lock / lam - 1, abs=1e-9)
+            assert r[f"weightforces/{group}/offset_bridge_gamma"] == pytest.approx(gamma_bridge(sigma, k) / lam - 1, abs=1e-9)
+            assert r[f"weightforces/{group}/offset_total_klock"] == pytest.approx(pred * lock / lam - 1, abs=1e-9)
+        # sampling every 4 steps costs accuracy: the sampled integral is further off than the dense one
+        last = rows[-1]
+        assert abs(last[f"weightforces/{group}/offset_integration_sampled"]) > abs(last[f"weightforces/{group}/offset_integration"])
+
+
+def test_weibull_off(tmp_path, wf_rows):
+    train_tiny(tmp_path, [WeightForcesCallback(weibull_every=0)], max_steps=4, logging_steps=4)
+    (row,) = wf_rows(tmp_path)
+    assert not any("weibull" in k or "offset" in k for k in row)
+    with pytest.raises(ValueError, match="multiple"):
+        WeightForcesCallback(every=3, offset_sample_every=10)
+
+
+def test_resume_continues_the_curves_without_a_seam(tmp_path, wf_rows):
+    from transformers import GPTNeoXForCausalLM
+
+    def cb():
+        return WeightForcesCallback(weibull_every=4, offset_sample_every=2)
+
+    full = tmp_path / "full"
+    train_tiny(full, [cb()], max_steps=12, logging_steps=2, save_strategy="steps", save_steps=6)
+    assert (full / "checkpoint-6" / "weightforces_state.json").is_file()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoint-6", resumed / "checkpoint-6")
+    shutil.copytree(full / "weightforces", resumed / "weightforces")  # holds rows past the resume point
+    # GPT-NeoX's head is not restored by resume_from_checkpoint alone (DISTRIBUTED.md): load the model
+    model = GPTNeoXForCausalLM.from_pretrained(resumed / "checkpoint-6")
+    train_tiny(resumed, [cb()], model=model, max_steps=12, logging_steps=2, save_strategy="steps", save_steps=6,
+               resume=str(resumed / "checkpoint-6"))
+    a, b = wf_rows(full), wf_rows(resumed)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [2, 4, 6, 8, 10, 12]  # no duplicates
+    for ra, rb in zip(a[3:], b[3:]):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float) and math.isnan(ra[k]):
+                assert math.isnan(rb[k]), k
+            else:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-12), k
+    assert np.isfinite(b[-1]["weightforces/total/offset_total_klock"])
