@@ -57,6 +57,21 @@ def test_jsonl_rows_close_and_match_the_loss_steps(tmp_path, wf_rows):
     # squares are float32 products summed in float64: about 1e-9 relative
     assert rows[-1]["weightforces/total/norm2"] == pytest.approx(norm2, rel=2e-8)
     assert rows[-1]["weightforces/total/rms"] == pytest.approx(math.sqrt(norm2 / n), rel=1e-8)
+    # the compact record offline tools need: lr and decay per param group at every step
+    from hf_weightforces.integrations.sinks import read_jsonl
+
+    schedule = read_jsonl(tmp_path / "weightforces" / "schedule.jsonl")
+    assert [r["step"] for r in schedule] == list(range(1, 13))
+    logged_lr = {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
+    for r in schedule:
+        assert r["weight_decay"] == [0.1, 0.0] and r["skipped"] is False
+        if r["step"] in logged_lr:
+            assert r["lr"] == pytest.approx([logged_lr[r["step"]]] * 2)
+    import json
+
+    params = json.loads((tmp_path / "weightforces" / "params.json").read_text())
+    assert sum(p["numel"] for p in params["params"]) == n
+    assert {p["optimizer_group"] for p in params["params"]} == {0, 1}
 
 
 def test_interval_mean_equals_mean_of_single_steps(tmp_path, wf_rows):

@@ -31,6 +31,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import TrainerCallback
@@ -45,7 +46,7 @@ from ..core.integral import RunIntegral, weibull_row
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import check_supported
 from ..core.weibull import MagnitudeHistogram, fit_weibull_histogram, histogram_counts
-from ..distributed import ShardContext
+from ..distributed import ParamEntry, ShardContext
 from .sinks import JsonlSink, NullSink, Sink, WandbSink
 
 __all__ = ["WeightForcesCallback"]
@@ -53,7 +54,33 @@ __all__ = ["WeightForcesCallback"]
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SCHEDULE_FILE = "schedule.jsonl"  # lr and weight decay per param group at every optimizer step
+PARAMS_FILE = "params.json"  # names, classes, shapes and optimizer group of the monitored tensors
 STATE_FILE = "weightforces_state.json"  # written into each Trainer checkpoint folder
+
+
+class Probe(Protocol):
+    """An extra live quantity computed inside the monitor's hooks and logged in the same rows.
+
+    Every method is called on every rank; anything collective must run in the same order on all
+    of them.  Errors are caught by the callback (warn once, monitor off), like its own.
+    """
+
+    def setup(self, entries: list[ParamEntry], infos: list[ParamInfo], ctx: ShardContext, args, state) -> None: ...
+
+    def on_gradients(self, step_id: int, model, optimizer) -> None:
+        """Before the optimizer step, gradients in place (not under DeepSpeed, which steps inside backward)."""
+
+    def on_step(self, step_id: int, optimizer, skipped: bool) -> None:
+        """After the optimizer step."""
+
+    def collect(self, step: int) -> dict[str, float]:
+        """Keys for the row of this log event (full names, e.g. ``weightforces/backbone/...``)."""
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state saved with each checkpoint."""
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def _find_callback_handler() -> CallbackHandler | None:
@@ -98,6 +125,7 @@ class WeightForcesCallback(TrainerCallback):
         weibull_per_matrix: also fit every weight matrix at those events (bigger reduction).
         offset_sample_every: the sparse-recording variant of the σ prediction integrates forces
             recorded every N steps (SPEC section 5); must be a multiple of ``every``.
+        probes: extra live quantities (see :class:`Probe`) logged in the same rows.
     """
 
     def __init__(
@@ -111,6 +139,7 @@ class WeightForcesCallback(TrainerCallback):
         weibull_every: int = 100,
         weibull_per_matrix: bool = False,
         offset_sample_every: int = 10,
+        probes: Sequence[Probe] = (),
     ) -> None:
         for label, value, low in (("every", every, 1), ("weibull_every", weibull_every, 0),
                                   ("offset_sample_every", offset_sample_every, 1)):
@@ -122,6 +151,7 @@ class WeightForcesCallback(TrainerCallback):
         self.weibull_every = weibull_every
         self.weibull_per_matrix = weibull_per_matrix
         self.offset_sample_every = offset_sample_every
+        self.probes = list(probes)
         self.per_layer = per_layer
         self.per_matrix = per_matrix
         self.grouping = Grouping(patterns)
@@ -175,6 +205,14 @@ class WeightForcesCallback(TrainerCallback):
         self._last_logged = state.global_step
         self._active = self.ctx.computes
         self._sinks = self._make_sinks(args, state)
+        self._schedule: list[tuple[int, list, list, bool]] = []
+        self._group_of = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
+        if self._writes(state):
+            self._write_params_file(args, opt, entries, infos)
+        for probe in self.probes:
+            probe.setup(entries, infos, self.ctx, args, state)
+        if state.global_step > 0:
+            self._restore_probes(args, state)
         logger.info(
             "weight forces: %d tensors, backend %s, every %d step(s), W&B row %s",
             len(entries), self.ctx.backend.value, self.every, "shared with train/loss" if self._ordered else "separate",
@@ -262,6 +300,17 @@ class WeightForcesCallback(TrainerCallback):
             "(rms_pred, offsets) restart here", state.global_step, STATE_FILE,
         )
 
+    def _restore_probes(self, args, state) -> None:
+        for folder in (getattr(args, "resume_from_checkpoint", None),
+                       os.path.join(args.output_dir, f"checkpoint-{state.global_step}")):
+            path = os.path.join(folder, STATE_FILE) if folder else None
+            if path and os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    saved = json.load(f).get("probes", [])
+                for probe, probe_state in zip(self.probes, saved):
+                    probe.load_state_dict(probe_state)
+                return
+
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero or not self.ctx.is_main:
             return
@@ -269,16 +318,53 @@ class WeightForcesCallback(TrainerCallback):
         if not os.path.isdir(folder):
             return
         data = {"integral": self.integral.to_dict(), "next_weibull": self._next_weibull,
-                "last_logged": self._last_logged, "step": state.global_step}
+                "last_logged": self._last_logged, "step": state.global_step,
+                "probes": [probe.state_dict() for probe in self.probes]}
         tmp = os.path.join(folder, STATE_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)
         os.replace(tmp, os.path.join(folder, STATE_FILE))
 
+    def _writes(self, state) -> bool:
+        return bool(state.is_world_process_zero and self.ctx is not None and self.ctx.is_main)
+
+    def _write_params_file(self, args, opt, entries: list[ParamEntry], infos: list[ParamInfo]) -> None:
+        """What offline tools need to read this run's records without the model at hand."""
+        folder = Path(args.output_dir) / self.output_subdir
+        folder.mkdir(parents=True, exist_ok=True)
+        beta1, beta2 = opt.param_groups[0]["betas"]
+        data = {
+            "optimizer": type(opt).__name__,
+            "betas": [float(beta1), float(beta2)],
+            "eps": float(opt.param_groups[0]["eps"]),
+            "every": self.every,
+            "params": [
+                {"name": e.name, "group": i.group, "layer": i.layer, "shape": list(e.shape), "numel": e.numel,
+                 "optimizer_group": self._group_of.get(id(e.param))}
+                for e, i in zip(entries, infos)
+            ],
+        }
+        (folder / PARAMS_FILE).write_text(json.dumps(data, indent=1))
+
+    def _flush_schedule(self) -> None:
+        """lr and weight decay of every optimizer step since the last log event, one row a step."""
+        if not self._schedule:
+            return
+        lrs = [lr for _, lr, _, _ in self._schedule]
+        if any(isinstance(x, torch.Tensor) for row in lrs for x in row):  # device lr: one transfer
+            lrs = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in row])
+                               for row in lrs]).tolist()
+        for (step, _, wds, skipped), lr in zip(self._schedule, lrs):
+            self._schedule_sink.log({"lr": lr, "weight_decay": wds, "skipped": skipped}, step)
+        self._schedule = []
+
     def _make_sinks(self, args, state) -> list[Sink]:
-        if not (state.is_world_process_zero and self.ctx is not None and self.ctx.is_main):
+        if not self._writes(state):
+            self._schedule_sink: JsonlSink | NullSink = NullSink()
             return [NullSink()]
-        sinks: list[Sink] = [JsonlSink(Path(args.output_dir) / self.output_subdir / METRICS_FILE, state.global_step)]
+        folder = Path(args.output_dir) / self.output_subdir
+        self._schedule_sink = JsonlSink(folder / SCHEDULE_FILE, state.global_step)
+        sinks: list[Sink] = [JsonlSink(folder / METRICS_FILE, state.global_step)]
         report_to = args.report_to or []
         if ("wandb" in report_to or "all" in report_to) and not self.to_all_integrations:
             sinks.append(WandbSink(ordered=self._ordered))
@@ -315,7 +401,11 @@ class WeightForcesCallback(TrainerCallback):
             return
         step_id = state.global_step + 1  # the Trainer increments global_step after this hook
         try:
-            if getattr(optimizer, "step_was_skipped", False):
+            skipped = bool(getattr(optimizer, "step_was_skipped", False))
+            self._note_schedule(step_id, optimizer, skipped)
+            for probe in self.probes:
+                probe.on_step(step_id, optimizer, skipped)
+            if skipped:
                 self._skipped += 1
                 if self._norm_step == state.global_step:
                     self._norm_step = step_id  # weights unchanged
@@ -328,6 +418,23 @@ class WeightForcesCallback(TrainerCallback):
             self._norm_step = step_id
         except Exception as exc:
             self._fail("on_optimizer_step", exc)
+
+    def _note_schedule(self, step_id: int, optimizer, skipped: bool) -> None:
+        if isinstance(self._schedule_sink, NullSink):
+            return
+        groups = check_supported(optimizer).param_groups
+        lr = [g["lr"] if isinstance(g["lr"], torch.Tensor) and g["lr"].device.type != "cpu" else float(g["lr"])
+              for g in groups]
+        self._schedule.append((step_id, lr, [float(g.get("weight_decay", 0.0)) for g in groups], skipped))
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self._active or not self.probes:
+            return
+        try:
+            for probe in self.probes:
+                probe.on_gradients(state.global_step + 1, model, optimizer)
+        except Exception as exc:
+            self._fail("on_pre_optimizer_step", exc)
 
     def _record(self, optimizer, step_id: int) -> None:
         views = self.ctx.views(check_supported(optimizer), self._index_of)
@@ -395,6 +502,9 @@ class WeightForcesCallback(TrainerCallback):
         if weibull_due:
             metrics.update(self._weibull_metrics(flat[mon.packed_size :], packed.norm2))
             self._next_weibull = (state.global_step // self.weibull_every + 1) * self.weibull_every
+        for probe in self.probes:
+            metrics.update(probe.collect(state.global_step))
+        self._flush_schedule()
         metrics["weightforces/skipped_steps"] = float(self._skipped)
         self._skipped = 0
         return metrics

@@ -30,8 +30,14 @@ class NullSink:
         pass
 
 
-def _json_value(v: float) -> float | None:
-    return v if math.isfinite(v) else None  # strict JSON has no NaN/inf: write null
+def _json_value(v):
+    """Numbers as floats, non-finite as null (strict JSON has no NaN/inf), lists element-wise."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    v = float(v)
+    return v if math.isfinite(v) else None
 
 
 class JsonlSink:
@@ -54,7 +60,7 @@ class JsonlSink:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        row = {"step": int(step), **{k: _json_value(float(v)) for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: _json_value(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
 
