@@ -97,3 +97,27 @@ def test_resume_continues_the_curves_without_a_seam(tmp_path, wf_rows):
             else:
                 assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-12), k
     assert np.isfinite(b[-1]["weightforces/total/offset_total_klock"])
+
+
+def test_super_weights_left_out(tmp_path, wf_rows):
+    """Plant a few huge weights; the fit and the shares without them are reported beside the plain ones."""
+    model = tiny_model(0)
+    with torch.no_grad():
+        w = model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
+        w.view(-1)[:3] = torch.tensor([5.0, -4.0, 3.0])  # far above the 0.02-scale bulk
+    trainer = train_tiny(tmp_path, [WeightForcesCallback(super_weights=3, weibull_every=4)], model=model,
+                         max_steps=8, logging_steps=4)
+    r = wf_rows(tmp_path)[-1]
+    assert r["weightforces/transmission/super_weights"] == 3
+    assert r["weightforces/selection/super_weights"] == 0
+    # the fit without them equals the exact fit of the pooled transmission weights minus those three
+    pooled = _group_weights(trainer.model, "transmission")
+    exact = fit_weibull(pooled, exclude_top=3)
+    assert r["weightforces/transmission/weibull_k_no_super"] == pytest.approx(exact.k, abs=1e-3)
+    assert r["weightforces/transmission/weibull_scale_no_super"] == pytest.approx(exact.scale, rel=2e-4)
+    # the three planted weights carry a visible part of the decay: leaving them out changes the budget
+    assert r["weightforces/transmission/align_no_super"] != r["weightforces/transmission/align"]
+    assert 0 < r["weightforces/transmission/align_share_no_super"] < 1
+    # and a group without super weights is untouched
+    assert r["weightforces/selection/align_no_super"] == pytest.approx(r["weightforces/selection/align"], rel=1e-12)
+    assert r["weightforces/selection/weibull_k_no_super"] == pytest.approx(r["weightforces/selection/weibull_k"], abs=1e-12)

@@ -48,6 +48,7 @@ from ..core.optim import check_supported
 from ..core.weibull import MagnitudeHistogram, fit_weibull_histogram, histogram_counts
 from ..distributed import ParamEntry, ShardContext
 from .sinks import JsonlSink, NullSink, Sink, WandbSink
+from .superweights import SuperWeightTracker
 
 __all__ = ["WeightForcesCallback"]
 
@@ -126,6 +127,8 @@ class WeightForcesCallback(TrainerCallback):
         offset_sample_every: the sparse-recording variant of the σ prediction integrates forces
             recorded every N steps (SPEC section 5); must be a multiple of ``every``.
         probes: extra live quantities (see :class:`Probe`) logged in the same rows.
+        super_weights: also report the budget shares and Weibull fits without the N largest |w|
+            over all weight matrices (re-picked at each log event); 0 = off.  Single process/DDP.
     """
 
     def __init__(
@@ -140,9 +143,10 @@ class WeightForcesCallback(TrainerCallback):
         weibull_per_matrix: bool = False,
         offset_sample_every: int = 10,
         probes: Sequence[Probe] = (),
+        super_weights: int = 0,
     ) -> None:
         for label, value, low in (("every", every, 1), ("weibull_every", weibull_every, 0),
-                                  ("offset_sample_every", offset_sample_every, 1)):
+                                  ("offset_sample_every", offset_sample_every, 1), ("super_weights", super_weights, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
         if offset_sample_every % every:
@@ -152,6 +156,8 @@ class WeightForcesCallback(TrainerCallback):
         self.weibull_per_matrix = weibull_per_matrix
         self.offset_sample_every = offset_sample_every
         self.probes = list(probes)
+        self.super_weights = super_weights
+        self._super: SuperWeightTracker | None = None
         self.per_layer = per_layer
         self.per_matrix = per_matrix
         self.grouping = Grouping(patterns)
@@ -198,6 +204,13 @@ class WeightForcesCallback(TrainerCallback):
         self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
         self._setup_weibull(infos)
+        if self.super_weights:
+            if self.ctx.backend.sharded:
+                raise ValueError("super_weights needs whole tensors (single process or DDP), "
+                                 f"not {self.ctx.backend.value}")
+            self._super = SuperWeightTracker(self.super_weights, infos, [len(e.shape) for e in entries],
+                                             self.monitor.device)
+            self._super.select(self.ctx.local_weights(entries))
         self.integral = RunIntegral([e.name for e in entries])
         if state.global_step > 0:
             self._restore(args, state)
@@ -393,6 +406,8 @@ class WeightForcesCallback(TrainerCallback):
                 self._norm_step = state.global_step
             if first:
                 self._start_run_integral(state)
+            if self._super is not None and self._is_budget_step(state.global_step + 1):
+                self._super.observe(self.ctx.local_weights(self._entries))
         except Exception as exc:  # a diagnostic never stops training
             self._fail("on_step_begin", exc)
 
@@ -459,6 +474,8 @@ class WeightForcesCallback(TrainerCallback):
             )
         if len(by_device) > 1:
             self.monitor.steps -= len(by_device) - 1  # one optimizer step, however many devices
+        if self._super is not None:
+            self._super.record(views, step_id)
 
     # ------------------------------------------------------------------ per log event
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -502,11 +519,27 @@ class WeightForcesCallback(TrainerCallback):
         if weibull_due:
             metrics.update(self._weibull_metrics(flat[mon.packed_size :], packed.norm2))
             self._next_weibull = (state.global_step // self.weibull_every + 1) * self.weibull_every
+        if self._super is not None:
+            metrics.update(self._super_metrics(packed, steps, flat[mon.packed_size :] if weibull_due else None))
         for probe in self.probes:
             metrics.update(probe.collect(state.global_step))
         self._flush_schedule()
         metrics["weightforces/skipped_steps"] = float(self._skipped)
         self._skipped = 0
+        return metrics
+
+    def _super_metrics(self, packed, steps: int, counts: np.ndarray | None) -> dict[str, float]:
+        """How much the numbers move without the super weights; then re-pick them."""
+        sup = self._super
+        metrics = sup.metrics(packed.sums, self.monitor.aggregates(per_layer=False), steps)
+        weights = self.ctx.local_weights(self._entries)
+        if counts is not None:
+            rows = counts.reshape(len(self._wb_names), -1) - sup.counts(weights, self._wb_rows, len(self._wb_names), self._edges)
+            for k, name in enumerate(self._wb_names):
+                fit = fit_weibull_histogram(rows[k], self._hist.edges)
+                metrics[f"weightforces/{name}/weibull_k_no_super"] = fit.k
+                metrics[f"weightforces/{name}/weibull_scale_no_super"] = fit.scale
+        sup.select(weights)
         return metrics
 
     def on_train_end(self, args, state, control, **kwargs):
