@@ -1,6 +1,9 @@
 """Command line: ``hf-weightforces SUBCOMMAND ...``, a thin layer over :mod:`hf_weightforces.analysis`.
 
     hf-weightforces fit PATH [--json] [--exclude-top N] [--groups-json FILE]
+    hf-weightforces spline RUN_OR_CHECKPOINTS... [--json] [--sample N] [--lr ... schedule flags]
+    hf-weightforces lambda RUN_OR_CHECKPOINTS... [--json] [--exact-groups]
+    hf-weightforces report RUN_DIR [--out DIR]
 
 Each subcommand is a ``_add_<name>(subparsers)`` function that registers its arguments and sets
 ``func`` to a ``_run_<name>(args) -> int``; add new ones to :data:`_SUBCOMMANDS`.  Bad input
@@ -89,8 +92,186 @@ def _run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_geometry(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "geometry",
+        help="trajectory geometry of a run's checkpoints: the backbone (with its random-walk null) and ranks",
+        description="Backbone of the displacements between checkpoints (fraction, stability, interval |cos|, "
+        "each beside its random-walk null) and per-layer stable/effective ranks and key-query rank "
+        "collapse (SPEC section 7), one row per checkpoint, with the live probes' keys.",
+    )
+    p.add_argument("paths", nargs="+", help="checkpoint-N folders, or run folders holding them")
+    p.add_argument("--json", action="store_true", help="print the report (all keys) as JSON instead of a table")
+    p.add_argument("--coords", type=_positive_int, default=1 << 16, metavar="N",
+                   help="sampled coordinates per weight class (default 65536)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the coordinate sample (default 0)")
+    p.add_argument("--no-ranks", action="store_true", help="skip the per-layer rank statistics")
+    p.add_argument("--per-head", action="store_true", help="also report every head's key-query spectrum")
+    p.add_argument("--num-heads", type=_positive_int, default=None, metavar="H",
+                   help="attention heads (default: config.json of the last checkpoint)")
+    p.add_argument("--layout", choices=("gpt_neox", "gpt2"), default=None,
+                   help="fused QKV layout (default: from config.json's model_type)")
+    p.add_argument("--groups-json", metavar="FILE",
+                   help='JSON {"class": ["regex", ...]} overriding the weight classes (tried before the built-in rules)')
+    p.set_defaults(func=_run_geometry)
+
+
+def _run_geometry(args: argparse.Namespace) -> int:
+    from hf_weightforces.analysis.geometry import format_table, geometry_from_checkpoints
+
+    report = geometry_from_checkpoints(
+        args.paths, coords=args.coords, seed=args.seed, ranks=not args.no_ranks, per_head=args.per_head,
+        num_heads=args.num_heads, layout=args.layout, grouping=_load_grouping(args.groups_json),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_table(report))
+    return 0
+
+
+def _run_paths(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by the commands that read a run's checkpoints."""
+    p.add_argument("--keep-every", type=_non_negative_int, default=0, metavar="N",
+                   help="use only checkpoints whose step is a multiple of N (to try sparser spacings)")
+    p.add_argument("--groups-json", metavar="FILE",
+                   help='JSON {"class": ["regex", ...]} overriding the weight classes (tried before the built-in rules)')
+
+
+def _schedule_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("schedule (only for runs without the callback's schedule.jsonl)")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--total-steps", type=_non_negative_int, help="max_steps of the run (for the decay shape)")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up steps (default 0)")
+    g.add_argument("--lr-decay", choices=("constant", "linear", "cosine"), default="constant",
+                   help="lr shape after warm-up, as the Trainer's lr_scheduler_type (default constant)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of >= 2-D tensors (default 0)")
+    g.add_argument("--ignore-record", action="store_true", help="use these flags even when the run has a record")
+
+
+def _flags_schedule(args: argparse.Namespace):
+    from hf_weightforces.analysis.records import schedule_from_flags
+
+    if args.lr is None:
+        if args.ignore_record:
+            raise ValueError("--ignore-record needs the schedule flags (--lr, --total-steps, ...)")
+        return None
+    if args.total_steps is None:
+        raise ValueError("--lr needs --total-steps (the run's max_steps)")
+    return schedule_from_flags(args.lr, args.total_steps, warmup_steps=args.warmup_steps, decay=args.lr_decay,
+                               weight_decay=args.weight_decay)
+
+
+def _add_spline(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "spline",
+        help="alignment force recovered from sparse checkpoints (spline displacement), with its accuracy",
+        description="Fit a cubic spline through the checkpoints (on a seeded coordinate subsample) and estimate "
+        "the alignment force A at every step between the first and last one: the paper's spline, the spline in "
+        "lr-time, a corrected spline that puts back the injection it cannot see, the two-point baseline and "
+        "two-point with interpolated w. Against the truth when the callback logged it (SPEC section 6).",
+    )
+    p.add_argument("paths", nargs="+", help="a Trainer output_dir with checkpoint-N folders, or checkpoints in step order")
+    p.add_argument("--records", metavar="DIR", help="folder with metrics.jsonl / schedule.jsonl / params.json "
+                   "(default: <run>/weightforces)")
+    p.add_argument("--sample", type=_non_negative_int, default=1_000_000, metavar="N",
+                   help="coordinates kept per checkpoint (default 1000000; 0: all)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the coordinate sample (default 0)")
+    p.add_argument("--beta1", type=float, help="Adam beta1 (default: params.json, else 0.9)")
+    p.add_argument("--per-layer", action="store_true", help="also report every layer")
+    p.add_argument("--per-matrix", action="store_true", help="also report every tensor")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    p.add_argument("--series", action="store_true", help="with --json: add every step's estimates")
+    _run_paths(p)
+    _schedule_flags(p)
+    p.set_defaults(func=_run_spline)
+
+
+def _run_spline(args: argparse.Namespace) -> int:
+    from hf_weightforces.analysis.spline import analyze, format_spline
+
+    report = analyze(args.paths, records=args.records, flags_schedule=_flags_schedule(args),
+                     use_record=not args.ignore_record, sample_size=args.sample, seed=args.seed, beta1=args.beta1,
+                     grouping=_load_grouping(args.groups_json), keep_every=args.keep_every,
+                     per_layer=args.per_layer, per_matrix=args.per_matrix)
+    if args.json:
+        print(json.dumps(report.to_dict(args.series, args.per_layer, args.per_matrix), indent=2))
+    else:
+        print(format_spline(report, per_layer=args.per_layer, per_matrix=args.per_matrix))
+    return 0
+
+
+def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lambda",
+        help="Weibull k, lambda, sigma and lambda/sigma per group and per matrix over a run's checkpoints",
+        description="Fit Weibull(k, lambda) to |w| (SPEC section 4 protocol) of every matrix and every group "
+        "at every checkpoint, with the RMS sigma and lambda/sigma (SPEC section 5).",
+    )
+    p.add_argument("paths", nargs="+", help="a Trainer output_dir with checkpoint-N folders, or checkpoints in step order")
+    p.add_argument("--exact-groups", action="store_true",
+                   help="pool each group's magnitudes and sort them (exact; memory: the largest group) instead of "
+                   "the histogram fit (within 1e-4 in k)")
+    p.add_argument("--groups-only", action="store_true", help="leave out the per-matrix rows")
+    p.add_argument("--json", action="store_true", help="print the fits as JSON instead of tables")
+    _run_paths(p)
+    p.set_defaults(func=_run_lambda)
+
+
+def _run_lambda(args: argparse.Namespace) -> int:
+    from hf_weightforces.analysis.scale import format_scale, scale_trajectory
+
+    traj = scale_trajectory(args.paths, grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
+                            per_matrix=not args.groups_only, keep_every=args.keep_every)
+    print(json.dumps(traj.to_dict(), indent=2) if args.json else format_scale(traj, per_matrix=not args.groups_only))
+    return 0
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="PNG figures of a run (forces, shares, balance, Weibull, layers, offsets, spline) and a summary",
+        description="Draw the figures of a run trained with WeightForcesCallback from its metrics.jsonl and "
+        "checkpoints, and write summary.md linking them.",
+    )
+    p.add_argument("run_dir", help="the Trainer output_dir (holding weightforces/metrics.jsonl)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <run_dir>/weightforces/report)")
+    p.add_argument("--no-checkpoints", action="store_true", help="do not read checkpoints (no offline fits, no spline)")
+    p.add_argument("--sample", type=_non_negative_int, default=1_000_000, metavar="N",
+                   help="coordinates kept per checkpoint for the spline (default 1000000; 0: all)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the coordinate sample (default 0)")
+    p.add_argument("--keep-every", type=_non_negative_int, default=0, metavar="N",
+                   help="use only checkpoints whose step is a multiple of N")
+    p.add_argument("--dpi", type=_non_negative_int, default=130, help="resolution of the PNG files (default 130)")
+    _schedule_flags(p)
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from hf_weightforces.analysis.report import write_report
+
+    report = write_report(args.run_dir, out_dir=args.out, checkpoints=not args.no_checkpoints,
+                          sample_size=args.sample, seed=args.seed, keep_every=args.keep_every,
+                          flags_schedule=_flags_schedule(args), dpi=args.dpi or 130)
+    for name in report.figures:
+        print(report.out_dir / name)
+    for name, reason in report.skipped.items():
+        print(f"skipped {name}: {reason}")
+    print(report.summary)
+    return 0
+
+
 #: Registered subcommands, in help order.
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_fit,)
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_fit, _add_geometry, _add_spline, _add_lambda, _add_report,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

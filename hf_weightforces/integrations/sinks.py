@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from ..core.records import read_jsonl
+
 __all__ = ["JsonlSink", "NullSink", "Sink", "WandbSink", "read_jsonl"]
+
 
 logger = logging.getLogger(__name__)
 
@@ -67,24 +70,6 @@ class JsonlSink:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
-
-
-def read_jsonl(path: str | os.PathLike, strict: bool = True) -> list[dict]:
-    """Rows of a metrics.jsonl file; nulls read back as NaN.  ``strict=False`` skips a torn last line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if strict:
-                    raise ValueError(f"{path}:{lineno}: not a JSON row ({exc})") from exc
-                logger.warning("skipping unreadable row %d of %s", lineno, path)
-                continue
-            rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
-    return rows
 
 
 class WandbSink:
