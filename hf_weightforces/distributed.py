@@ -1,38 +1,86 @@
 """The one module that knows about process groups and shards (SPEC section 8).
 
 Everything backend-specific lives here: which backend is running (detected once, from
-Accelerate's state), which rank computes, the local view of each parameter's weight and AdamW
+Accelerate's state), which rank computes, the local piece of each parameter's weight and AdamW
 moments, and the single packed all-reduce per logging event.  The core never sees a process
-group: it gets lists of local tensors and returns additive sums.
+group: it gets lists of local tensors and returns additive sums, and every sum the budget needs
+(||w||², <w, u>, ||u||², element counts) is additive over disjoint pieces of a tensor.
 
-Backends:
+Backends and what a rank reads (``ParamView.weight`` is always the tensor the optimizer updates,
+so the fp32 master wherever mixed precision keeps one):
 
-* ``single``: one process.
-* ``ddp``: every rank holds whole, identical tensors; rank 0 computes, nothing is reduced
-  (summing over ranks would double-count).
-* ``fsdp1``, ``fsdp2``, ``deepspeed``: sharded weights and moments; every rank computes on its
-  local shard and the sums are all-reduced.  Views for these are registered by backend-specific
-  readers; a backend without a reader is refused at train start with a clear message.
+=========  ===========================================================================
+single     one process: whole tensors.
+ddp        whole, identical tensors on every rank: rank 0 computes, nothing is reduced
+           (summing over ranks would double-count).
+fsdp1      ``use_orig_params=True``: each optimizer parameter is this rank's 1-D slice of the
+           flat parameter, possibly empty, then without gradient and without state.  Full
+           shapes come from the flat parameter's ``_shapes``.
+fsdp2      DTensor parameters and moments sharded on dim 0: ``to_local()``.  Mesh dimensions
+           with a ``Replicate`` placement (HSDP) count only on coordinate 0.
+zero1/2    the torch optimizer steps one flat fp32 partition per parameter group;
+           ``p._hp_mapping`` (None where this rank owns nothing of ``p``) locates ``p``'s
+           fragment in it.  Moments are read from the optimizer's state of that partition at
+           the same offsets, not through ``_hp_mapping``'s moment links, which DeepSpeed 0.19
+           creates only after parameter group 0's first step (the no-decay group has none).
+zero3      the torch optimizer steps flat fp32 sub-group partitions; ``grad_position`` locates
+           each parameter's local slice in them (what ``safe_get_local_fp32_param`` and
+           ``safe_get_local_optimizer_state`` return, read without their per-call stream sync).
+           Full shapes come from ``ds_shape``.
+=========  ===========================================================================
+
+Which parameters the step updated.  A step pre-hook on the torch optimizer records, at every
+``optimizer.step()`` call, each group's lr and each tensor's ``state["step"]``; a tensor counts as
+updated when its counter moved past the recorded one (and, where the optimizer holds the
+parameters, when it has a ``.grad``, as PyTorch's AdamW decides).  That catches the skip no flag
+reports (a fused AdamW under a GradScaler skips inside its kernel and puts the counter back while
+Accelerate's ``step_was_skipped`` stays False); skips that never call the optimizer (GradScaler
+with a plain AdamW, DeepSpeed's overflow) are reported by ``step_was_skipped`` and handled by the
+callback.  FSDP1 feeds an unused parameter zero gradients wherever its slice is non-empty, and
+DeepSpeed feeds zeros to the flat partition: the optimizer really updates those (decay, moment
+decay), so they are counted.
+
+The learning rate is the one the pre-hook saw, which is the one the step used: under DeepSpeed,
+which steps inside ``backward``, a scheduler in the DeepSpeed config has already moved
+``param_groups[i]["lr"]`` when ``on_optimizer_step`` runs.
+
+Failures.  Under sharding the log-time all-reduce is collective: every rank calls
+:meth:`ShardContext.all_reduce_sum` at every log event, a rank whose own work failed passes
+``failed=True``, the flag travels in the same tensor, and every rank raises
+:class:`ShardFailureError` together, so no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .core.optim import AdamHyper, group_hyper
 
-__all__ = ["Backend", "ParamEntry", "ParamView", "ShardContext", "UnsupportedBackendError", "detect_backend"]
+__all__ = [
+    "Backend",
+    "ParamEntry",
+    "ParamView",
+    "ShardContext",
+    "ShardFailureError",
+    "UnsupportedBackendError",
+    "detect_backend",
+]
 
 logger = logging.getLogger(__name__)
 
 
 class UnsupportedBackendError(RuntimeError):
-    """The distributed backend has no reader for local weights and moments."""
+    """The distributed setup has no reader for local weights and moments."""
+
+
+class ShardFailureError(RuntimeError):
+    """Some rank reported a failure through the log-time all-reduce; every rank raises it."""
 
 
 class Backend(str, enum.Enum):
@@ -40,11 +88,17 @@ class Backend(str, enum.Enum):
     DDP = "ddp"
     FSDP1 = "fsdp1"
     FSDP2 = "fsdp2"
-    DEEPSPEED = "deepspeed"
+    ZERO1 = "zero1"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
 
     @property
     def sharded(self) -> bool:
-        return self in (Backend.FSDP1, Backend.FSDP2, Backend.DEEPSPEED)
+        return self not in (Backend.SINGLE, Backend.DDP)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self in (Backend.ZERO1, Backend.ZERO2, Backend.ZERO3)
 
 
 @dataclass(frozen=True)
@@ -81,10 +135,11 @@ class ParamView:
     hyper: AdamHyper
 
 
+# ---------------------------------------------------------------------------------- detection
 def detect_backend() -> Backend:
     """The running backend, read once from Accelerate's state (plain torch.distributed otherwise)."""
     try:
-        from accelerate.state import PartialState
+        from accelerate.state import AcceleratorState, PartialState
         from accelerate.utils import DistributedType
     except ImportError:  # pragma: no cover - accelerate is a Trainer dependency
         PartialState = None  # type: ignore[assignment]
@@ -92,73 +147,368 @@ def detect_backend() -> Backend:
         dtype = PartialState().distributed_type
         if dtype == DistributedType.NO:
             return Backend.SINGLE
+        state = AcceleratorState() if AcceleratorState._shared_state else None
         if dtype == DistributedType.FSDP:
-            from accelerate.state import AcceleratorState
-
-            plugin = getattr(AcceleratorState(), "fsdp_plugin", None)
+            plugin = getattr(state, "fsdp_plugin", None)
             version = getattr(plugin, "fsdp_version", 1) if plugin is not None else 1
             return Backend.FSDP2 if version == 2 else Backend.FSDP1
         if dtype == DistributedType.DEEPSPEED:
-            return Backend.DEEPSPEED
+            plugin = getattr(state, "deepspeed_plugin", None)
+            stage = getattr(plugin, "zero_stage", None)
+            if stage in (1, 2, 3):
+                return Backend(f"zero{stage}")
+            raise UnsupportedBackendError(
+                f"weight forces read DeepSpeed ZeRO stages 1, 2 and 3; this run uses stage {stage!r}"
+            )
         return Backend.DDP if PartialState().num_processes > 1 else Backend.SINGLE
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return Backend.DDP if torch.distributed.get_world_size() > 1 else Backend.SINGLE
     return Backend.SINGLE
 
 
-def _replicated_entries(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> list[ParamEntry]:
-    """Every parameter the optimizer updates, in param-group order, named from the model."""
+# ---------------------------------------------------------------------------------- helpers
+def _names(model: torch.nn.Module | None) -> dict[int, str]:
     from .core.groups import canonical_name
 
-    names = {id(p): canonical_name(n) for n, p in model.named_parameters()} if model is not None else {}
-    entries: list[ParamEntry] = []
+    return {id(p): canonical_name(n) for n, p in model.named_parameters()} if model is not None else {}
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter of the optimizer once, in param-group order."""
+    out: list[torch.Tensor] = []
     seen: set[int] = set()
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            entries.append(ParamEntry(names.get(id(p), f"param_{len(entries)}"), p, tuple(p.shape)))
-    return entries
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
-def _replicated_views(
-    optimizer: torch.optim.Optimizer, index_of: dict[int, int]
-) -> list[ParamView]:
-    """Views for whole tensors (single process, DDP): read the torch optimizer's state."""
-    views: list[ParamView] = []
-    for group in optimizer.param_groups:
+def _moments(state: dict, hyper: AdamHyper) -> tuple[torch.Tensor, torch.Tensor]:
+    return state["exp_avg"], (state["max_exp_avg_sq"] if hyper.amsgrad else state["exp_avg_sq"])
+
+
+_EMPTY = torch.empty(0)
+
+
+class _StepRecorder:
+    """A step pre-hook on the torch optimizer: what each ``optimizer.step()`` call started from.
+
+    It records, per parameter group (keyed by the group dict: DeepSpeed's ZeRO-1/2 step one group
+    at a time with ``param_groups`` cut down to it), the lr the call used, and per tensor stepped,
+    its ``state["step"]`` before the call.  A tensor was updated by the last step iff its counter
+    moved past that.  This catches skips that no flag reports: a fused AdamW under a GradScaler
+    skips inside its kernel and puts the counter back, while Accelerate's ``step_was_skipped``
+    stays False.  A step skipped without calling the optimizer (GradScaler with a plain AdamW,
+    DeepSpeed's overflow) is reported by ``step_was_skipped`` and never read.  Counters that live
+    on an accelerator (fused or capturable AdamW on a GPU) are not compared (a host sync per step);
+    those tensors count as updated.  Reading a step twice gives the same answer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.lrs: dict[int, object] = {}
+        self.before: dict[int, float] = {}
+        self._handle = optimizer.register_step_pre_hook(self._record)
+
+    def _record(self, optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            if not group["params"]:
+                continue  # ZeRO-3 steps one sub-group at a time; the others are empty meanwhile
+            lr = group["lr"]
+            self.lrs[id(group)] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                step = state.get("step") if state else None
+                if step is None:
+                    continue
+                if not _is_host(step):
+                    break  # device counters (fused/capturable on a GPU): one group, one kind
+                self.before[id(p)] = float(step)
+
+    def advanced(self, t: torch.Tensor, state: dict) -> bool:
+        step = state.get("step")
+        if step is None or not _is_host(step):
+            return True
+        return float(step) > self.before.get(id(t), 0.0)
+
+    def lr(self, group: dict) -> float | torch.Tensor:
+        return self.lrs.get(id(group), group["lr"])
+
+    def hyper(self, group: dict) -> AdamHyper:
+        """The group's hyper-parameters with the lr its last step used (under DeepSpeed a
+        scheduler may have moved ``group["lr"]`` on before ``on_optimizer_step`` runs)."""
         hyper = group_hyper(group)
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if p.grad is None or not state or "exp_avg" not in state:
-                continue  # no gradient this step, or no state yet: the optimizer left it alone
-            idx = index_of.get(id(p))
-            if idx is None:
+        if id(group) in self.lrs:
+            lr = self.lrs[id(group)]
+            lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+            hyper = AdamHyper(lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.amsgrad)
+        return hyper
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _is_host(x: object) -> bool:
+    return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------- readers
+class _ReplicatedReader:
+    """Tensors the optimizer holds and steps itself (single process, DDP; FSDP below)."""
+
+    def __init__(self) -> None:
+        self.rec: _StepRecorder | None = None
+
+    def attach(self, optimizer) -> None:
+        self.close()
+        self.rec = _StepRecorder(optimizer)
+
+    def entries(self, model, optimizer) -> list[ParamEntry]:
+        self.attach(optimizer)
+        names = _names(model)
+        params = _optimizer_params(optimizer)
+        return [ParamEntry(names.get(id(p), f"param_{i}"), p, tuple(p.shape)) for i, p in enumerate(params)]
+
+    def counts(self, p: torch.Tensor) -> bool:
+        """Whether this rank counts its piece of ``p`` (each element must count on one rank)."""
+        return True
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a tensor the optimizer holds (a parameter or a moment)."""
+        return t.detach()
+
+    def views(self, optimizer, index_of: dict[int, int]) -> list[ParamView]:
+        views: list[ParamView] = []
+        for group in optimizer.param_groups:
+            hyper = self.rec.hyper(group)
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if p.grad is None or not state or "exp_avg" not in state or not self.rec.advanced(p, state):
+                    continue  # no gradient, no state yet, or a skipped step: the optimizer left it alone
+                idx = index_of.get(id(p))
+                if idx is None or not self.counts(p):
+                    continue
+                m, v = _moments(state, hyper)
+                views.append(ParamView(idx, self.local(p), self.local(m), self.local(v), state["step"], hyper))
+        return views
+
+    def local_weights(self, entries: Sequence[ParamEntry]) -> list[torch.Tensor]:
+        return [self.local(e.param) if self.counts(e.param) else _EMPTY for e in entries]
+
+    def close(self) -> None:
+        if self.rec is not None:
+            self.rec.close()  # the hook goes; what it recorded stays readable
+
+
+class _FSDP2Reader(_ReplicatedReader):
+    """DTensor parameters and moments: the local shard, counted once per replica group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counted: dict[tuple, bool] = {}
+
+    def counts(self, p: torch.Tensor) -> bool:
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if not isinstance(p, DTensor):  # a plain tensor beside DTensors is whole on every rank
+            return torch.distributed.get_rank() == 0
+        key = (id(p.device_mesh), tuple(p.placements))
+        if key not in self._counted:  # HSDP: a shard is replicated along Replicate mesh dims
+            coord = p.device_mesh.get_coordinate() or ()
+            self._counted[key] = all(c == 0 for c, pl in zip(coord, p.placements) if isinstance(pl, Replicate))
+        return self._counted[key]
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        return t.to_local().detach() if isinstance(t, DTensor) else t.detach()
+
+
+class _FSDP1Reader(_ReplicatedReader):
+    """``use_orig_params=True``: 1-D local slices of each flat parameter, full shapes from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._replicated: set[int] = set()  # whole on every rank: NO_SHARD units, ignored modules
+
+    def entries(self, model, optimizer) -> list[ParamEntry]:
+        from torch.distributed.fsdp._flat_param import FlatParameter, HandleShardingStrategy
+
+        full: dict[int, tuple[int, ...]] = {}
+        seen: set[int] = set()
+        for module in model.modules() if model is not None else ():
+            handle = getattr(module, "_handle", None)
+            flat = getattr(handle, "flat_param", None)
+            if flat is None or id(flat) in seen:
                 continue
-            second = state["max_exp_avg_sq"] if hyper.amsgrad else state["exp_avg_sq"]
-            views.append(ParamView(idx, p.detach(), state["exp_avg"], second, state["step"], hyper))
-    return views
+            seen.add(id(flat))
+            strategy = getattr(handle, "_sharding_strategy", None)
+            if strategy in (HandleShardingStrategy.HYBRID_SHARD, HandleShardingStrategy._HYBRID_SHARD_ZERO2):
+                raise UnsupportedBackendError("weight forces do not read FSDP1 hybrid sharding; use FSDP2 (HSDP)")
+            if getattr(flat, "_params", None) is None:
+                raise UnsupportedBackendError(
+                    "weight forces need FSDP1 with use_orig_params=True (fsdp_config use_orig_params: true)"
+                )
+            for p, shape in zip(flat._params, flat._shapes):
+                full[id(p)] = tuple(shape)
+                if strategy == HandleShardingStrategy.NO_SHARD:
+                    self._replicated.add(id(p))
+        self.attach(optimizer)
+        names = _names(model)
+        entries = []
+        for i, p in enumerate(_optimizer_params(optimizer)):
+            if isinstance(p, FlatParameter):
+                raise UnsupportedBackendError(
+                    "weight forces need FSDP1 with use_orig_params=True: the optimizer holds flat parameters"
+                )
+            if id(p) not in full:  # not managed by FSDP (an ignored module): whole on every rank
+                self._replicated.add(id(p))
+            entries.append(ParamEntry(names.get(id(p), f"param_{i}"), p, full.get(id(p), tuple(p.shape))))
+        return entries
+
+    def counts(self, p: torch.Tensor) -> bool:
+        return id(p) not in self._replicated or torch.distributed.get_rank() == 0
 
 
+class _DeepSpeedReader(_ReplicatedReader):
+    """ZeRO 1/2/3: the torch optimizer steps flat fp32 partitions, not the model's parameters.
+
+    Entries come from the model (its parameters are the handles); each one is located in a flat
+    partition by :meth:`locate`, and its weight and moments are slices of that partition and of
+    the optimizer's state for it, at the same offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_id: dict[int, torch.Tensor] = {}  # id(handle) -> model parameter
+
+    def managed(self, p: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def full_shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(p.shape)
+
+    def dp_group(self, p: torch.Tensor):
+        raise NotImplementedError
+
+    def locate(self, optimizer, p: torch.Tensor) -> tuple[int, int, int, torch.Tensor] | None:
+        """(param group index, start, numel, flat fp32 partition) of p's local slice; None if
+        this rank holds nothing of p."""
+        raise NotImplementedError
+
+    def entries(self, model, optimizer) -> list[ParamEntry]:
+        if model is None:
+            raise UnsupportedBackendError("weight forces need the model under DeepSpeed")
+        from .core.groups import canonical_name
+
+        entries = [ParamEntry(canonical_name(n), p, self.full_shape(p))
+                   for n, p in model.named_parameters() if self.managed(p)]
+        world = torch.distributed.get_world_size()
+        if entries and torch.distributed.get_world_size(group=self.dp_group(entries[0].param)) != world:
+            raise UnsupportedBackendError(
+                "weight forces read DeepSpeed data parallelism over all ranks; this run partitions over a subgroup"
+            )
+        self._by_id = {id(e.param): e.param for e in entries}
+        self._optimizer = optimizer
+        self.attach(optimizer)
+        return entries
+
+    def views(self, optimizer, index_of: dict[int, int]) -> list[ParamView]:
+        views = []
+        for key, idx in index_of.items():
+            p = self._by_id.get(key)
+            loc = self.locate(optimizer, p) if p is not None else None
+            if loc is None:
+                continue  # this rank holds nothing of p
+            gi, start, n, flat = loc
+            state = optimizer.state.get(flat)
+            if not state or "exp_avg" not in state or not self.rec.advanced(flat, state):
+                continue  # no state yet, or the partition did not step
+            hyper = self.rec.hyper(optimizer.param_groups[gi])
+            m, v = _moments(state, hyper)
+            views.append(ParamView(idx, flat.detach().narrow(0, start, n), m.narrow(0, start, n),
+                                   v.narrow(0, start, n), state["step"], hyper))
+        return views
+
+    def local_weights(self, entries: Sequence[ParamEntry]) -> list[torch.Tensor]:
+        out = []
+        for e in entries:
+            loc = self.locate(self._optimizer, e.param)
+            out.append(_EMPTY if loc is None else loc[3].detach().narrow(0, loc[1], loc[2]))
+        return out
+
+
+class _Zero12Reader(_DeepSpeedReader):
+    """One flat fp32 partition per parameter group (``param_groups[i]["params"] == [flat]``);
+    ``p._hp_mapping`` is set on every parameter ZeRO manages, None where this rank owns none of it."""
+
+    def managed(self, p):
+        return hasattr(p, "_hp_mapping")
+
+    def dp_group(self, p):
+        return getattr(p, "_dp_group", None)
+
+    def locate(self, optimizer, p):
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            return None
+        gi = mapping.param_group_index
+        addr = mapping.get_hp_fragment_address()
+        return gi, addr.start, addr.numel, optimizer.param_groups[gi]["params"][0]
+
+
+class _Zero3Reader(_DeepSpeedReader):
+    """Flat fp32 sub-group partitions; ``grad_position`` holds each parameter's slice in them
+    (the tensors ``safe_get_local_fp32_param`` / ``safe_get_local_optimizer_state`` return,
+    read here without their per-call stream sync).  Full shapes from ``ds_shape``."""
+
+    def managed(self, p):
+        z3 = getattr(p, "_z3_optimizer", None)
+        if z3 is None or z3.get_param_id(p) not in z3.grad_position:
+            return False
+        if getattr(z3, "swap_optimizer", False):
+            raise UnsupportedBackendError("weight forces do not read ZeRO-3 optimizer states swapped to NVMe")
+        return True
+
+    def full_shape(self, p):
+        return tuple(p.ds_shape)
+
+    def dp_group(self, p):
+        return p._z3_optimizer.dp_process_group
+
+    def locate(self, optimizer, p):
+        z3 = p._z3_optimizer
+        sub, start, n = z3.grad_position[z3.get_param_id(p)]
+        rank = torch.distributed.get_rank(group=z3.dp_process_group)
+        real = max(0, min(n, p.ds_numel - rank * n))  # the last partitions end in zero padding
+        return z3.sub_group_to_group_id[sub], start, real, z3.fp32_partitioned_groups_flat[sub]
+
+
+_READERS = {
+    Backend.SINGLE: _ReplicatedReader,
+    Backend.DDP: _ReplicatedReader,
+    Backend.FSDP1: _FSDP1Reader,
+    Backend.FSDP2: _FSDP2Reader,
+    Backend.ZERO1: _Zero12Reader,
+    Backend.ZERO2: _Zero12Reader,
+    Backend.ZERO3: _Zero3Reader,
+}
+
+
+# ---------------------------------------------------------------------------------- context
 class ShardContext:
     """Backend, rank, local views and the one reduction, fixed at train start."""
 
     def __init__(self, backend: Backend | None = None) -> None:
-        self.backend = backend if backend is not None else detect_backend()
+        self.backend = Backend(backend) if backend is not None else detect_backend()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.rank = torch.distributed.get_rank()
             self.world_size = torch.distributed.get_world_size()
         else:
             self.rank, self.world_size = 0, 1
-        self._views: Callable[[torch.optim.Optimizer, dict[int, int]], list[ParamView]]
-        if self.backend in (Backend.SINGLE, Backend.DDP):
-            self._views = _replicated_views
-        else:
-            raise UnsupportedBackendError(
-                f"weight forces do not yet read sharded weights and moments under {self.backend.value}; "
-                "supported backends: single process and DDP"
-            )
+        if self.backend.sharded and self.world_size == 1 and not torch.distributed.is_initialized():
+            raise UnsupportedBackendError(f"backend {self.backend.value} needs an initialised process group")
+        self._reader = _READERS[self.backend]()
 
     @property
     def is_main(self) -> bool:
@@ -170,20 +520,69 @@ class ShardContext:
         """Whether this rank evaluates the budget: all ranks when sharded, rank 0 when replicated."""
         return self.backend.sharded or self.rank == 0
 
+    @property
+    def reduces(self) -> bool:
+        return self.backend.sharded and self.world_size > 1
+
     def entries(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> list[ParamEntry]:
-        """The monitored parameters with names and full shapes, identical on every rank."""
-        return _replicated_entries(model, optimizer)
+        """The monitored parameters with names and full shapes, identical on every rank.
+
+        Under sharding this is checked with one all-reduce (a fingerprint of names and shapes),
+        so every rank must call it, once, at train start."""
+        entries = self._reader.entries(model, optimizer)
+        if not self.computes:
+            self._reader.close()  # DDP ranks but 0 never read a step
+        if self.reduces:
+            text = "\n".join(f"{e.name}:{e.shape}" for e in entries)
+            fp = float(zlib.crc32(text.encode()))
+            device = entries[0].param.device if entries else torch.device("cpu")
+            n = float(len(entries))
+            probe = torch.tensor([fp, -fp, n, -n], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(probe, op=torch.distributed.ReduceOp.MAX)
+            if float(probe[0]) != -float(probe[1]) or float(probe[2]) != -float(probe[3]):
+                raise UnsupportedBackendError(
+                    f"the monitored parameters differ across ranks under {self.backend.value} (names, shapes or order)"
+                )
+        return entries
 
     def views(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int]) -> list[ParamView]:
         """Local weights and moments of the parameters the optimizer updated this step."""
-        return self._views(optimizer, index_of)
+        return self._reader.views(optimizer, index_of)
 
     def local_weights(self, entries: Sequence[ParamEntry]) -> list[torch.Tensor]:
-        """The local piece of every monitored parameter (whole tensors when replicated)."""
-        return [e.param.detach() for e in entries]
+        """The local piece of every monitored parameter (whole tensors when replicated, an empty
+        tensor where this rank holds nothing of it), in the order of ``entries``."""
+        return self._reader.local_weights(entries)
 
-    def all_reduce_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        """Sum one flat tensor over ranks when sharded; a no-op when replicated."""
-        if self.backend.sharded and self.world_size > 1:
-            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        return flat
+    def all_reduce_sum(self, flat: torch.Tensor, *, failed: bool = False) -> torch.Tensor:
+        """Sum one flat tensor over ranks when sharded (a no-op when replicated); a host tensor.
+
+        Under sharding every rank must call this at every log event, in the same order, whatever
+        it holds; a rank whose own work failed passes ``failed=True`` (``flat`` must still have
+        the agreed length: its content is ignored).  The flag is one more element of the same
+        all-reduce, and if any rank set it every rank raises :class:`ShardFailureError`.
+        """
+        if not self.reduces:
+            if failed:
+                raise ShardFailureError("weight forces failed on this rank")
+            return flat.detach().cpu()
+        flag = flat.new_full((1,), float(failed), dtype=torch.float64)
+        buf = torch.cat((flat.detach().reshape(-1).to(torch.float64), flag))
+        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+        host = buf.cpu()
+        n_failed = int(host[-1].item())
+        if n_failed:
+            raise ShardFailureError(
+                f"{n_failed} of {self.world_size} ranks failed (their own warning says why); switched off on every rank"
+            )
+        return host[:-1]
+
+    def step_lrs(self, optimizer: torch.optim.Optimizer) -> list[float | torch.Tensor]:
+        """The lr each param group's last optimizer step used (under DeepSpeed a scheduler in its
+        config has already moved ``group["lr"]`` on when ``on_optimizer_step`` runs)."""
+        rec = self._reader.rec
+        return [rec.lr(g) if rec is not None else g["lr"] for g in optimizer.param_groups]
+
+    def close(self) -> None:
+        """Remove the step hook this context put on the optimizer at :meth:`entries`."""
+        self._reader.close()

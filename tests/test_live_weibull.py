@@ -31,6 +31,11 @@ def test_live_fit_equals_the_exact_fit_of_the_final_weights(tmp_path, wf_rows):
         assert last[f"weightforces/{group}/weibull_scale"] == pytest.approx(exact.scale, rel=2e-4)
         assert 0.9 < last[f"weightforces/{group}/weibull_r2"] <= 1
         assert 0 < last[f"weightforces/{group}/weibull_ks"] < 0.2
+    # biases and norm scales are not fitted; the Weibull "total" pools every weight matrix
+    assert "weightforces/other/weibull_k" not in last
+    matrices = torch.cat([p.detach().reshape(-1) for n, p in trainer.model.named_parameters()
+                          if classify(n, p.dim()) != "other"])
+    assert last["weightforces/total/weibull_k"] == pytest.approx(fit_weibull(matrices).k, abs=1e-3)
     # the start fit of freshly initialised N(0, 0.02^2) matrices sits at the Gaussian anchor
     first = rows[0]
     assert first["weightforces/transmission/start_weibull_k"] == pytest.approx(1.2054, abs=0.02)
@@ -121,3 +126,21 @@ def test_super_weights_left_out(tmp_path, wf_rows):
     # and a group without super weights is untouched
     assert r["weightforces/selection/align_no_super"] == pytest.approx(r["weightforces/selection/align"], rel=1e-12)
     assert r["weightforces/selection/weibull_k_no_super"] == pytest.approx(r["weightforces/selection/weibull_k"], abs=1e-12)
+
+
+def test_resume_with_a_corrupt_state_file_warns_and_trains_on(tmp_path, wf_rows, caplog):
+    from transformers import GPTNeoXForCausalLM
+
+    full = tmp_path / "full"
+    train_tiny(full, [WeightForcesCallback(weibull_every=4)], max_steps=8, logging_steps=2,
+               save_strategy="steps", save_steps=4)
+    ckpt = full / "checkpoint-4"
+    (ckpt / "weightforces_state.json").write_text('{"integral": {"version": 1, "names": ["not', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        trainer = train_tiny(full, [WeightForcesCallback(weibull_every=4)], model=GPTNeoXForCausalLM.from_pretrained(ckpt),
+                             max_steps=8, logging_steps=2, save_strategy="no", resume=str(ckpt))
+    assert trainer.state.global_step == 8
+    assert any("cannot use" in r.getMessage() and "weightforces_state.json" in r.getMessage() for r in caplog.records)
+    rows = wf_rows(full)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert np.isfinite(rows[-1]["weightforces/total/align"])

@@ -46,7 +46,7 @@ from ..core.integral import RunIntegral, weibull_row
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import check_supported
 from ..core.weibull import MagnitudeHistogram, fit_weibull_histogram, histogram_counts
-from ..distributed import ParamEntry, ShardContext
+from ..distributed import ParamEntry, ShardContext, ShardFailureError
 from .sinks import JsonlSink, NullSink, Sink, WandbSink
 from .superweights import SuperWeightTracker
 
@@ -166,6 +166,7 @@ class WeightForcesCallback(TrainerCallback):
         self._ordered = False
         self._active = False
         self._warned = False
+        self._owes_reduction = False  # failed here, the other ranks not told yet (see _reduce)
         self.monitor: ForceMonitor | None = None
         self.ctx: ShardContext | None = None
         self._sinks: list[Sink] = []
@@ -212,11 +213,10 @@ class WeightForcesCallback(TrainerCallback):
                                              self.monitor.device)
             self._super.select(self.ctx.local_weights(entries))
         self.integral = RunIntegral([e.name for e in entries])
-        if state.global_step > 0:
-            self._restore(args, state)
         self._skipped = 0
         self._last_logged = state.global_step
         self._active = self.ctx.computes
+        self._owes_reduction = False
         self._sinks = self._make_sinks(args, state)
         self._schedule: list[tuple[int, list, list, bool]] = []
         self._group_of = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
@@ -225,25 +225,33 @@ class WeightForcesCallback(TrainerCallback):
         for probe in self.probes:
             probe.setup(entries, infos, self.ctx, args, state)
         if state.global_step > 0:
-            self._restore_probes(args, state)
+            self._restore(args, state)
         logger.info(
             "weight forces: %d tensors, backend %s, every %d step(s), W&B row %s",
             len(entries), self.ctx.backend.value, self.every, "shared with train/loss" if self._ordered else "separate",
         )
 
     def _setup_weibull(self, infos: list[ParamInfo]) -> None:
-        """Aggregates that get a pooled fit, and which of them each parameter's counts feed."""
+        """Aggregates that get a pooled fit, and which of them each parameter's counts feed.
+
+        Only weight matrices are fitted: the ``other`` class (biases, norm scales near 1) is not
+        Weibull-distributed and would swamp a pool, so Weibull ``total`` pools every matrix class.
+        """
         self._hist = MagnitudeHistogram()
         self._edges = self._hist.edges_tensor(self.monitor.device)
-        classes = [g for g in GROUPS if any(i.group == g for i in infos)]
+        classes = [g for g in GROUPS if g != "other" and any(i.group == g for i in infos)]
         self._wb_names = classes + [TOTAL]
         if self.weibull_per_matrix:
             self._wb_names += [f"matrix/{i.name}" for i in infos if i.group != "other"]
         row = {name: k for k, name in enumerate(self._wb_names)}
         self._wb_rows = [
+            [] if i.group == "other" else
             [row[i.group], row[TOTAL]] + ([row[f"matrix/{i.name}"]] if f"matrix/{i.name}" in row else [])
             for i in infos
         ]
+        self._wb_masks = np.zeros((len(self._wb_names), len(infos)), dtype=bool)
+        for p, rows_of in enumerate(self._wb_rows):
+            self._wb_masks[rows_of, p] = True
         self._next_weibull = 0
 
     def _weibull_counts(self) -> torch.Tensor:
@@ -263,10 +271,9 @@ class WeightForcesCallback(TrainerCallback):
         counts = counts.reshape(len(self._wb_names), -1)
         numel = np.array([i.numel for i in self.monitor.infos], dtype=np.float64)
         metrics: dict[str, float] = {}
-        masks = self.monitor.aggregates(per_layer=False, per_matrix=self.weibull_per_matrix)
         integral = self.integral
         for k, name in enumerate(self._wb_names):
-            mask = masks[name]
+            mask = self._wb_masks[k]
             fit = fit_weibull_histogram(counts[k], self._hist.edges)
             n2, n = float(norm2[mask].sum()), float(numel[mask].sum())
             if name not in integral.lock_ratio and fit.success and n2 > 0:  # the run's start: the k-lock reference
@@ -283,10 +290,10 @@ class WeightForcesCallback(TrainerCallback):
 
     def _start_run_integral(self, state) -> None:
         """At the first step: the observed norms and the start fit (one reduction, all ranks)."""
-        parts = [self.monitor.norm2]
-        if self.weibull_every:
-            parts.append(self._weibull_counts())
-        flat = self.ctx.all_reduce_sum(torch.cat(parts)).cpu().numpy()
+        flat = self._reduce(
+            lambda: torch.cat([self.monitor.norm2] + ([self._weibull_counts()] if self.weibull_every else [])),
+            len(self.monitor), bool(self.weibull_every),
+        )
         norm2 = flat[: len(self.monitor)]
         self.integral.start(norm2)
         if self.weibull_every:
@@ -294,35 +301,38 @@ class WeightForcesCallback(TrainerCallback):
             self._next_weibull = state.global_step + self.weibull_every
 
     # ------------------------------------------------------------------ checkpoints
-    def _restore(self, args, state) -> None:
-        """Continue the run's integrals from the checkpoint we resume from, if it has them."""
-        candidates = [getattr(args, "resume_from_checkpoint", None),
-                      os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
-        for folder in candidates:
-            path = os.path.join(folder, STATE_FILE) if folder else None
-            if path and os.path.isfile(path):
+    def _load_saved_state(self, args, state) -> dict | None:
+        """The state saved in the checkpoint we resume from; a missing or unreadable one warns."""
+        folders = [getattr(args, "resume_from_checkpoint", None),
+                   os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+        for folder in filter(None, folders):
+            path = os.path.join(folder, STATE_FILE)
+            if not os.path.isfile(path):
+                continue
+            try:
                 with open(path, encoding="utf-8") as f:
                     data = json.load(f)
-                self.integral = RunIntegral.from_dict(data["integral"], self.integral.names)
-                self._next_weibull = int(data.get("next_weibull", state.global_step))
-                self._last_logged = int(data.get("last_logged", state.global_step))
-                logger.info("weight forces: resumed run integrals from %s", path)
-                return
+                data["integral"] = RunIntegral.from_dict(data["integral"], self.integral.names)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("weight forces: cannot use %s (%s); the force integrals restart here", path, exc)
+                return None
+            logger.info("weight forces: resumed run integrals from %s", path)
+            return data
         logger.warning(
             "weight forces: resuming at step %d without %s in the checkpoint; the force integrals "
             "(rms_pred, offsets) restart here", state.global_step, STATE_FILE,
         )
+        return None
 
-    def _restore_probes(self, args, state) -> None:
-        for folder in (getattr(args, "resume_from_checkpoint", None),
-                       os.path.join(args.output_dir, f"checkpoint-{state.global_step}")):
-            path = os.path.join(folder, STATE_FILE) if folder else None
-            if path and os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    saved = json.load(f).get("probes", [])
-                for probe, probe_state in zip(self.probes, saved):
-                    probe.load_state_dict(probe_state)
-                return
+    def _restore(self, args, state) -> None:
+        """Continue the run's integrals (and the probes' state) from the checkpoint."""
+        data = self._load_saved_state(args, state)
+        if data is None:
+            return
+        self.integral = data["integral"]
+        self._next_weibull = int(data.get("next_weibull", state.global_step))
+        for probe, probe_state in zip(self.probes, data.get("probes", [])):
+            probe.load_state_dict(probe_state)
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero or not self.ctx.is_main:
@@ -330,8 +340,7 @@ class WeightForcesCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
             return
-        data = {"integral": self.integral.to_dict(), "next_weibull": self._next_weibull,
-                "last_logged": self._last_logged, "step": state.global_step,
+        data = {"integral": self.integral.to_dict(), "next_weibull": self._next_weibull, "step": state.global_step,
                 "probes": [probe.state_dict() for probe in self.probes]}
         tmp = os.path.join(folder, STATE_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -386,27 +395,52 @@ class WeightForcesCallback(TrainerCallback):
     # ------------------------------------------------------------------ degrading
     def _fail(self, where: str, exc: BaseException) -> None:
         self._active = False
+        # Sharded: the other ranks will wait in the next all-reduce; keep joining it, flagged.
+        sharded = self.ctx is not None and self.ctx.reduces
+        self._owes_reduction = sharded and not isinstance(exc, ShardFailureError)
         if not self._warned:
             self._warned = True
             msg = f"weight forces switched off after an error in {where}: {type(exc).__name__}: {exc}"
             logger.warning(msg, exc_info=True)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
+    def _reduce(self, local_part, head: int, with_weibull: bool) -> np.ndarray:
+        """One all-reduce (of the run's start or of a log event), joined by every rank whatever
+        happened to it.  A rank whose local part fails now, or that failed earlier, sends zeros of
+        the agreed length with a failure flag; every rank then raises ShardFailureError together
+        (see ShardContext.all_reduce_sum), so none is left waiting in a collective."""
+        failed = not self._active
+        flat = None
+        if not failed:
+            try:
+                flat = local_part()
+            except Exception as exc:
+                self._fail("the local part of a reduction", exc)
+                failed = True
+        if flat is None:
+            size = head + (len(self._wb_names) * (self._edges.numel() + 1) if with_weibull else 0)
+            flat = torch.zeros(size, dtype=torch.float64, device=self.monitor.device)
+        return self.ctx.all_reduce_sum(flat, failed=failed).cpu().numpy()
+
     def _is_budget_step(self, step_id: int) -> bool:
         return step_id % self.every == 0
 
     # ------------------------------------------------------------------ per step
     def on_step_begin(self, args, state, control, **kwargs):
-        if not self._active:
+        if not (self._active or self._owes_reduction):
             return
+        first = not self.integral.started
         try:
-            first = not self.integral.started
-            if (first or self._is_budget_step(state.global_step + 1)) and self._norm_step != state.global_step:
+            due = first or self._is_budget_step(state.global_step + 1)
+            if self._active and due and self._norm_step != state.global_step:
                 self.monitor.observe_norms(self.ctx.local_weights(self._entries))
                 self._norm_step = state.global_step
+        except Exception as exc:  # a diagnostic never stops training
+            self._fail("on_step_begin", exc)
+        try:
             if first:
-                self._start_run_integral(state)
-            if self._super is not None and self._is_budget_step(state.global_step + 1):
+                self._start_run_integral(state)  # collective: joined even after a failure above
+            if self._active and self._super is not None and self._is_budget_step(state.global_step + 1):
                 self._super.observe(self.ctx.local_weights(self._entries))
         except Exception as exc:  # a diagnostic never stops training
             self._fail("on_step_begin", exc)
@@ -479,7 +513,7 @@ class WeightForcesCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ per log event
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._active or logs is None:
+        if logs is None or not (self._active or self._owes_reduction):
             return
         is_train_row = "loss" in logs or "train_runtime" in logs
         if not is_train_row or (state.global_step == self._last_logged and self.monitor.steps == 0):
@@ -501,12 +535,15 @@ class WeightForcesCallback(TrainerCallback):
     def _collect(self, state) -> dict[str, float]:
         """One reduction, one host transfer, then plain float64 arithmetic on the host."""
         mon = self.monitor
-        if self._norm_step != state.global_step:
-            mon.observe_norms(self.ctx.local_weights(self._entries))
-            self._norm_step = state.global_step
         weibull_due = bool(self.weibull_every) and state.global_step >= self._next_weibull
-        parts = [mon.pack()] + ([self._weibull_counts()] if weibull_due else [])
-        flat = self.ctx.all_reduce_sum(torch.cat(parts)).cpu().numpy()
+
+        def local_part() -> torch.Tensor:
+            if self._norm_step != state.global_step:
+                mon.observe_norms(self.ctx.local_weights(self._entries))
+                self._norm_step = state.global_step
+            return torch.cat([mon.pack()] + ([self._weibull_counts()] if weibull_due else []))
+
+        flat = self._reduce(local_part, mon.packed_size, weibull_due)
         steps = mon.steps
         mon.reset()
         packed = mon.unpack(flat[: mon.packed_size])
@@ -546,3 +583,5 @@ class WeightForcesCallback(TrainerCallback):
         for sink in self._sinks:
             sink.close()
         self._sinks = []
+        if self.ctx is not None:
+            self.ctx.close()  # the step hook it put on the optimizer
