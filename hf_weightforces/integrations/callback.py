@@ -471,9 +471,10 @@ class WeightForcesCallback(TrainerCallback):
     def _note_schedule(self, step_id: int, optimizer, skipped: bool) -> None:
         if isinstance(self._schedule_sink, NullSink):
             return
-        groups = check_supported(optimizer).param_groups
-        lr = [g["lr"] if isinstance(g["lr"], torch.Tensor) and g["lr"].device.type != "cpu" else float(g["lr"])
-              for g in groups]
+        opt = check_supported(optimizer)
+        groups = opt.param_groups
+        lr = [x if isinstance(x, torch.Tensor) and x.device.type != "cpu" else float(x)
+              for x in self.ctx.step_lrs(opt)]  # the lr the step used, whatever a scheduler did since
         self._schedule.append((step_id, lr, [float(g.get("weight_decay", 0.0)) for g in groups], skipped))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
