@@ -25,7 +25,6 @@ training and never touches weights, gradients or optimizer state.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import warnings
@@ -41,11 +40,11 @@ import json
 
 import numpy as np
 
-from ..core.groups import GROUPS, TOTAL, Grouping, layer_index
-from ..core.integral import RunIntegral, weibull_row
+from ..core.groups import Grouping, layer_index
+from ..core.integral import RunIntegral
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import check_supported
-from ..core.weibull import MagnitudeHistogram, fit_weibull_histogram, histogram_counts
+from ..core.pools import WeibullPools
 from ..distributed import ParamEntry, ShardContext, ShardFailureError
 from .sinks import JsonlSink, NullSink, Sink, WandbSink
 from .superweights import SuperWeightTracker
@@ -204,7 +203,8 @@ class WeightForcesCallback(TrainerCallback):
         self._index_of = {id(e.param): i for i, e in enumerate(entries)}
         self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
-        self._setup_weibull(infos)
+        self.pools = WeibullPools(infos, self.monitor.device, per_matrix=self.weibull_per_matrix)
+        self._next_weibull = 0
         if self.super_weights:
             if self.ctx.backend.sharded:
                 raise ValueError("super_weights needs whole tensors (single process or DDP), "
@@ -231,73 +231,16 @@ class WeightForcesCallback(TrainerCallback):
             len(entries), self.ctx.backend.value, self.every, "shared with train/loss" if self._ordered else "separate",
         )
 
-    def _setup_weibull(self, infos: list[ParamInfo]) -> None:
-        """Aggregates that get a pooled fit, and which of them each parameter's counts feed.
-
-        Only weight matrices are fitted: the ``other`` class (biases, norm scales near 1) is not
-        Weibull-distributed and would swamp a pool, so Weibull ``total`` pools every matrix class.
-        """
-        self._hist = MagnitudeHistogram()
-        self._edges = self._hist.edges_tensor(self.monitor.device)
-        classes = [g for g in GROUPS if g != "other" and any(i.group == g for i in infos)]
-        self._wb_names = classes + [TOTAL]
-        if self.weibull_per_matrix:
-            self._wb_names += [f"matrix/{i.name}" for i in infos if i.group != "other"]
-        row = {name: k for k, name in enumerate(self._wb_names)}
-        self._wb_rows = [
-            [] if i.group == "other" else
-            [row[i.group], row[TOTAL]] + ([row[f"matrix/{i.name}"]] if f"matrix/{i.name}" in row else [])
-            for i in infos
-        ]
-        self._wb_masks = np.zeros((len(self._wb_names), len(infos)), dtype=bool)
-        for p, rows_of in enumerate(self._wb_rows):
-            self._wb_masks[rows_of, p] = True
-        self._next_weibull = 0
-
-    def _weibull_counts(self) -> torch.Tensor:
-        """Histogram counts of |w| per aggregate, flattened, on the monitor's device (float64)."""
-        nb = self._edges.numel() + 1
-        rows = torch.zeros(len(self._wb_names), nb, dtype=torch.float64, device=self.monitor.device)
-        for rows_of, w in zip(self._wb_rows, self.ctx.local_weights(self._entries)):
-            if w.numel() == 0:
-                continue
-            counts = histogram_counts(w, self._edges).to(device=rows.device, dtype=torch.float64)
-            for r in rows_of:
-                rows[r] += counts
-        return rows.reshape(-1)
-
-    def _weibull_metrics(self, counts: np.ndarray, norm2: np.ndarray) -> dict[str, float]:
-        """Fits, λ/σ and the offset components per aggregate (SPEC sections 4-5)."""
-        counts = counts.reshape(len(self._wb_names), -1)
-        numel = np.array([i.numel for i in self.monitor.infos], dtype=np.float64)
-        metrics: dict[str, float] = {}
-        integral = self.integral
-        for k, name in enumerate(self._wb_names):
-            mask = self._wb_masks[k]
-            fit = fit_weibull_histogram(counts[k], self._hist.edges)
-            n2, n = float(norm2[mask].sum()), float(numel[mask].sum())
-            if name not in integral.lock_ratio and fit.success and n2 > 0:  # the run's start: the k-lock reference
-                integral.lock_ratio[name] = fit.scale / math.sqrt(n2 / n)
-                integral.start_fit[name] = (fit.k, fit.scale)
-            row = weibull_row(
-                fit, n2, n,
-                None if integral.norm2_start is None else float(integral.norm2_start[mask].sum()),
-                float(integral.dense[mask].sum()), float(integral.sampled[mask].sum()),
-                integral.lock_ratio.get(name, math.nan),
-            )
-            metrics.update({f"weightforces/{name}/{key}": v for key, v in row.items()})
-        return metrics
-
     def _start_run_integral(self, state) -> None:
         """At the first step: the observed norms and the start fit (one reduction, all ranks)."""
         flat = self._reduce(
-            lambda: torch.cat([self.monitor.norm2] + ([self._weibull_counts()] if self.weibull_every else [])),
+            lambda: torch.cat([self.monitor.norm2] + ([self.pools.counts(self.ctx.local_weights(self._entries))] if self.weibull_every else [])),
             len(self.monitor), bool(self.weibull_every),
         )
         norm2 = flat[: len(self.monitor)]
         self.integral.start(norm2)
         if self.weibull_every:
-            self._start_metrics = self._weibull_metrics(flat[len(self.monitor) :], norm2)
+            self._start_metrics = self.pools.metrics(flat[len(self.monitor) :], norm2, self.integral)
             self._next_weibull = state.global_step + self.weibull_every
 
     # ------------------------------------------------------------------ checkpoints
@@ -418,7 +361,7 @@ class WeightForcesCallback(TrainerCallback):
                 self._fail("the local part of a reduction", exc)
                 failed = True
         if flat is None:
-            size = head + (len(self._wb_names) * (self._edges.numel() + 1) if with_weibull else 0)
+            size = head + (self.pools.size if with_weibull else 0)
             flat = torch.zeros(size, dtype=torch.float64, device=self.monitor.device)
         return self.ctx.all_reduce_sum(flat, failed=failed).cpu().numpy()
 
@@ -542,7 +485,7 @@ class WeightForcesCallback(TrainerCallback):
             if self._norm_step != state.global_step:
                 mon.observe_norms(self.ctx.local_weights(self._entries))
                 self._norm_step = state.global_step
-            return torch.cat([mon.pack()] + ([self._weibull_counts()] if weibull_due else []))
+            return torch.cat([mon.pack()] + ([self.pools.counts(self.ctx.local_weights(self._entries))] if weibull_due else []))
 
         flat = self._reduce(local_part, mon.packed_size, weibull_due)
         steps = mon.steps
@@ -555,7 +498,7 @@ class WeightForcesCallback(TrainerCallback):
                             if k.endswith(("/weibull_k", "/weibull_scale"))})
             self._start_metrics = None
         if weibull_due:
-            metrics.update(self._weibull_metrics(flat[mon.packed_size :], packed.norm2))
+            metrics.update(self.pools.metrics(flat[mon.packed_size :], packed.norm2, self.integral))
             self._next_weibull = (state.global_step // self.weibull_every + 1) * self.weibull_every
         if self._super is not None:
             metrics.update(self._super_metrics(packed, steps, flat[mon.packed_size :] if weibull_due else None))
@@ -572,9 +515,9 @@ class WeightForcesCallback(TrainerCallback):
         metrics = sup.metrics(packed.sums, self.monitor.aggregates(per_layer=False), steps)
         weights = self.ctx.local_weights(self._entries)
         if counts is not None:
-            rows = counts.reshape(len(self._wb_names), -1) - sup.counts(weights, self._wb_rows, len(self._wb_names), self._edges)
-            for k, name in enumerate(self._wb_names):
-                fit = fit_weibull_histogram(rows[k], self._hist.edges)
+            pools = self.pools
+            rows = counts.reshape(len(pools.names), -1) - sup.counts(weights, pools.rows, len(pools.names), pools.edges)
+            for name, fit in zip(pools.names, pools.fits(rows)):
                 metrics[f"weightforces/{name}/weibull_k_no_super"] = fit.k
                 metrics[f"weightforces/{name}/weibull_scale_no_super"] = fit.scale
         sup.select(weights)

@@ -1,0 +1,90 @@
+"""Pooled Weibull fits during training: which aggregates are fitted, and from which tensors.
+
+Only weight matrices are fitted (SPEC section 4): the ``other`` class (biases, norm scales near 1)
+is not Weibull-distributed and would swamp a pool, so the Weibull ``total`` pools every matrix
+class.  Counts of |w| in fixed log-spaced bins are additive over tensors and shards, so each rank
+adds its local pieces into one row per aggregate and the rows travel in the log event's single
+all-reduce; the fits and the offset rows (SPEC section 5) are then plain host arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .groups import GROUPS, TOTAL
+from .integral import RunIntegral, weibull_row
+from .monitor import ParamInfo
+from .weibull import MagnitudeHistogram, WeibullFit, fit_weibull_histogram, histogram_counts
+
+__all__ = ["WeibullPools"]
+
+
+class WeibullPools:
+    def __init__(self, infos: Sequence[ParamInfo], device: torch.device | str = "cpu", per_matrix: bool = False) -> None:
+        self.infos = list(infos)
+        self.hist = MagnitudeHistogram()
+        self.edges = self.hist.edges_tensor(device)
+        self.device = torch.device(device)
+        classes = [g for g in GROUPS if g != "other" and any(i.group == g for i in infos)]
+        self.names = classes + [TOTAL]
+        if per_matrix:
+            self.names += [f"matrix/{i.name}" for i in infos if i.group != "other"]
+        row = {name: k for k, name in enumerate(self.names)}
+        #: per parameter, the aggregate rows its counts feed (none for ``other``)
+        self.rows = [
+            [] if i.group == "other" else
+            [row[i.group], row[TOTAL]] + ([row[f"matrix/{i.name}"]] if f"matrix/{i.name}" in row else [])
+            for i in infos
+        ]
+        self.masks = np.zeros((len(self.names), len(infos)), dtype=bool)
+        for p, rows_of in enumerate(self.rows):
+            self.masks[rows_of, p] = True
+
+    @property
+    def bins(self) -> int:
+        """Counts per aggregate (underflow, the bins, overflow)."""
+        return self.edges.numel() + 1
+
+    @property
+    def size(self) -> int:
+        """Length of the flat counts tensor :meth:`counts` returns."""
+        return len(self.names) * self.bins
+
+    def counts(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Counts of |w| per aggregate from the local pieces, flattened, float64, on the device."""
+        rows = torch.zeros(len(self.names), self.bins, dtype=torch.float64, device=self.device)
+        for rows_of, w in zip(self.rows, weights):
+            if w.numel() == 0 or not rows_of:
+                continue
+            c = histogram_counts(w, self.edges).to(device=rows.device, dtype=torch.float64)
+            for r in rows_of:
+                rows[r] += c
+        return rows.reshape(-1)
+
+    def fits(self, counts: np.ndarray) -> list[WeibullFit]:
+        """One fit per aggregate from (reduced) flat counts."""
+        rows = np.asarray(counts).reshape(len(self.names), self.bins)
+        return [fit_weibull_histogram(r, self.hist.edges) for r in rows]
+
+    def metrics(self, counts: np.ndarray, norm2: np.ndarray, integral: RunIntegral) -> dict[str, float]:
+        """Fits, λ/σ and the offset components per aggregate; the first call sets the k-lock
+        reference (λ/σ at the run's start) in ``integral``."""
+        numel = np.array([i.numel for i in self.infos], dtype=np.float64)
+        out: dict[str, float] = {}
+        for name, mask, fit in zip(self.names, self.masks, self.fits(counts)):
+            n2, n = float(norm2[mask].sum()), float(numel[mask].sum())
+            if name not in integral.lock_ratio and fit.success and n2 > 0:
+                integral.lock_ratio[name] = fit.scale / math.sqrt(n2 / n)
+                integral.start_fit[name] = (fit.k, fit.scale)
+            row = weibull_row(
+                fit, n2, n,
+                None if integral.norm2_start is None else float(integral.norm2_start[mask].sum()),
+                float(integral.dense[mask].sum()), float(integral.sampled[mask].sum()),
+                integral.lock_ratio.get(name, math.nan),
+            )
+            out.update({f"weightforces/{name}/{key}": v for key, v in row.items()})
+        return out
