@@ -143,6 +143,32 @@ class ForceMonitor:
         self.nonfinite.index_add_(0, idx, (~finite).to(torch.float64))
         self.norm2[idx] = dots[:, 0].to(self.device)
 
+    def record_views(self, views: Sequence, step_id: int | None = None, pick=None) -> None:
+        """:meth:`record_step` from view objects (``index``, ``weight``, ``exp_avg``,
+        ``second_moment``, ``step`` and ``hyper`` with lr, weight_decay, beta1, beta2, eps), one
+        call per device; ``pick(view, tensor)`` may select elements of each tensor first."""
+        pick = pick or (lambda view, t: t)
+        by_device: dict[torch.device, list] = {}
+        for v in views:
+            by_device.setdefault(v.weight.device, []).append(v)
+        if not by_device:
+            self.record_step([], [], [], [], [], [], [], [], [], step_id)
+            return
+        for group in by_device.values():
+            self.record_step(
+                [v.index for v in group],
+                [pick(v, v.weight) for v in group],
+                [pick(v, v.exp_avg) for v in group],
+                [pick(v, v.second_moment) for v in group],
+                [v.step for v in group],
+                [v.hyper.lr for v in group],
+                [v.hyper.weight_decay for v in group],
+                [(v.hyper.beta1, v.hyper.beta2) for v in group],
+                [v.hyper.eps for v in group],
+                step_id,
+            )
+        self.steps -= len(by_device) - 1  # one optimizer step, however many devices
+
     # ------------------------------------------------------------------ reporting
     def pack(self) -> torch.Tensor:
         """One flat float64 tensor: sums [P*5], non-finite counts [P], squared norms [P],

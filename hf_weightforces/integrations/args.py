@@ -34,10 +34,42 @@ class WeightForcesArguments:
         default=False,
         metadata={"help": "Put the keys into the Trainer's logs so every report_to integration gets them."},
     )
+    weight_forces_backbone_every: int = field(
+        default=0,
+        metadata={"help": "Estimate the AdamW backbone (top direction of the displacements from the start, with "
+                  "its random-walk null) every N optimizer steps; 0 = off."},
+    )
+    weight_forces_backbone_snapshot_every: int = field(
+        default=10,
+        metadata={"help": "Store a displacement snapshot every N steps (doubled when the stack is full); "
+                  "must divide --weight_forces_backbone_every."},
+    )
+    weight_forces_backbone_coords: int = field(
+        default=1 << 16, metadata={"help": "Sampled coordinates per weight class for the backbone."}
+    )
+    weight_forces_rank_every: int = field(
+        default=0,
+        metadata={"help": "Stable/effective ranks of every layer's matrices and key-query products every N "
+                  "optimizer steps; 0 = off."},
+    )
+    weight_forces_rank_per_head: bool = field(
+        default=True, metadata={"help": "Also log each head's key-query spectrum."}
+    )
 
     def __post_init__(self) -> None:
         if self.weight_forces_every < 1:
             raise ValueError(f"--weight_forces_every must be >= 1, got {self.weight_forces_every}")
+        if self.weight_forces_backbone_snapshot_every < 1:
+            raise ValueError("--weight_forces_backbone_snapshot_every must be >= 1, "
+                             f"got {self.weight_forces_backbone_snapshot_every}")
+        for flag in ("backbone_every", "rank_every"):
+            if getattr(self, f"weight_forces_{flag}") < 0:
+                raise ValueError(f"--weight_forces_{flag} must be >= 0, got {getattr(self, f'weight_forces_{flag}')}")
+        if self.weight_forces_backbone_every and self.weight_forces_backbone_every % self.weight_forces_backbone_snapshot_every:
+            raise ValueError(
+                f"--weight_forces_backbone_every ({self.weight_forces_backbone_every}) must be a multiple of "
+                f"--weight_forces_backbone_snapshot_every ({self.weight_forces_backbone_snapshot_every})"
+            )
         self._patterns = self._load_patterns(self.weight_forces_patterns)
 
     @staticmethod
@@ -66,5 +98,20 @@ class WeightForcesArguments:
                 per_matrix=self.weight_forces_per_matrix,
                 patterns=self._patterns,
                 to_all_integrations=self.weight_forces_to_all_integrations,
+                probes=self.make_probes(),
             )
         ]
+
+    def make_probes(self) -> list:
+        """The trajectory-geometry probes the flags ask for (``--weight_forces_backbone_every``,
+        ``--weight_forces_rank_every``)."""
+        from .probes import BackboneProbe, RankProbe
+
+        probes: list = []
+        if self.weight_forces_backbone_every:
+            probes.append(BackboneProbe(every=self.weight_forces_backbone_every,
+                                        snapshot_every=self.weight_forces_backbone_snapshot_every,
+                                        coords=self.weight_forces_backbone_coords))
+        if self.weight_forces_rank_every:
+            probes.append(RankProbe(every=self.weight_forces_rank_every, per_head=self.weight_forces_rank_per_head))
+        return probes

@@ -431,27 +431,7 @@ class WeightForcesCallback(TrainerCallback):
 
     def _record(self, optimizer, step_id: int) -> None:
         views = self.ctx.views(check_supported(optimizer), self._index_of)
-        by_device: dict[torch.device, list] = {}
-        for v in views:
-            by_device.setdefault(v.weight.device, []).append(v)
-        if not by_device:
-            self.monitor.record_step([], [], [], [], [], [], [], [], [])
-            return
-        for group in by_device.values():
-            self.monitor.record_step(
-                [v.index for v in group],
-                [v.weight for v in group],
-                [v.exp_avg for v in group],
-                [v.second_moment for v in group],
-                [v.step for v in group],
-                [v.hyper.lr for v in group],
-                [v.hyper.weight_decay for v in group],
-                [(v.hyper.beta1, v.hyper.beta2) for v in group],
-                [v.hyper.eps for v in group],
-                step_id,
-            )
-        if len(by_device) > 1:
-            self.monitor.steps -= len(by_device) - 1  # one optimizer step, however many devices
+        self.monitor.record_views(views, step_id)
         if self._super is not None:
             self._super.record(views, step_id)
 

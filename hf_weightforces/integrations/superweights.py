@@ -58,19 +58,7 @@ class SuperWeightTracker:
 
     def record(self, views, step_id: int) -> None:
         views = [v for v in views if v.index in self.selected]
-        idx = [v.index for v in views]
-        self.monitor.record_step(
-            idx,
-            self._gather([v.weight for v in views], idx),
-            self._gather([v.exp_avg for v in views], idx),
-            self._gather([v.second_moment for v in views], idx),
-            [v.step for v in views],
-            [v.hyper.lr for v in views],
-            [v.hyper.weight_decay for v in views],
-            [(v.hyper.beta1, v.hyper.beta2) for v in views],
-            [v.hyper.eps for v in views],
-            step_id,
-        )
+        self.monitor.record_views(views, step_id, pick=lambda v, t: t.detach().reshape(-1)[self.selected[v.index]])
 
     def counts(self, weights: Sequence[torch.Tensor], rows_of: Sequence[Sequence[int]], n_rows: int,
                edges: torch.Tensor) -> np.ndarray:
