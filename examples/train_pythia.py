@@ -96,6 +96,8 @@ def script_defaults(size: str) -> dict[str, object]:
         "seed": 42,
         "report_to": "wandb" if find_spec("wandb") else "none",
         "weight_forces": True,
+        "weight_forces_backbone_every": 50,  # the AdamW backbone (with its random-walk null)
+        "weight_forces_rank_every": 100,  # stable/effective ranks, key-query per head
         **SIZE_DEFAULTS[size],
     }
     if not torch.cuda.is_available():

@@ -9,7 +9,9 @@ from .core import ForceBudget, Grouping, adamw_direction, force_budget
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackboneProbe",
     "ForceBudget",
+    "RankProbe",
     "Grouping",
     "WeightForcesArguments",
     "WeightForcesCallback",
@@ -19,6 +21,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .integrations import WeightForcesArguments, WeightForcesCallback
+    from .integrations.probes import BackboneProbe, RankProbe
 
 
 def __getattr__(name: str):
@@ -27,4 +30,8 @@ def __getattr__(name: str):
         from . import integrations
 
         return getattr(integrations, name)
+    if name in ("BackboneProbe", "RankProbe"):
+        from .integrations import probes
+
+        return getattr(probes, name)
     raise AttributeError(f"module 'hf_weightforces' has no attribute {name!r}")

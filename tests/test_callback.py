@@ -214,3 +214,37 @@ def test_a_failure_mid_run_warns_once_and_training_goes_on(tmp_path, wf_rows):
     ours = [w for w in caught if "weight forces switched off" in str(w.message)]
     assert len(ours) == 1
     assert [r["step"] for r in wf_rows(tmp_path)] == [4]
+
+
+def test_a_failing_probe_is_dropped_alone(tmp_path, wf_rows):
+    class Counting:
+        """A minimal probe: counts steps, and breaks at the second log event."""
+
+        def setup(self, entries, infos, ctx, args, state):
+            self.steps, self.logs = 0, 0
+
+        def on_gradients(self, step_id, model, optimizer):
+            pass
+
+        def on_step(self, step_id, optimizer, skipped):
+            self.steps += 1
+
+        def collect(self, step):
+            self.logs += 1
+            if self.logs == 2:
+                raise ZeroDivisionError("probe bug")
+            return {"weightforces/probe/steps": float(self.steps)}
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_tiny(tmp_path, [WeightForcesCallback(probes=[Counting()])], max_steps=12, logging_steps=4)
+    rows = wf_rows(tmp_path)
+    assert [r.get("weightforces/probe/steps") for r in rows] == [4.0, None, None]
+    assert all(np.isfinite(r["weightforces/total/align"]) for r in rows)  # the budget went on
+    assert sum("Counting switched off" in str(w.message) for w in caught) == 1

@@ -154,7 +154,8 @@ class WeightForcesCallback(TrainerCallback):
         self.weibull_every = weibull_every
         self.weibull_per_matrix = weibull_per_matrix
         self.offset_sample_every = offset_sample_every
-        self.probes = list(probes)
+        self.probes = list(probes)  # the ones still running; a probe that fails is dropped alone
+        self._all_probes = list(probes)
         self.super_weights = super_weights
         self._super: SuperWeightTracker | None = None
         self.per_layer = per_layer
@@ -222,6 +223,7 @@ class WeightForcesCallback(TrainerCallback):
         self._group_of = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
         if self._writes(state):
             self._write_params_file(args, opt, entries, infos)
+        self.probes = list(self._all_probes)
         for probe in self.probes:
             probe.setup(entries, infos, self.ctx, args, state)
         if state.global_step > 0:
@@ -274,8 +276,9 @@ class WeightForcesCallback(TrainerCallback):
             return
         self.integral = data["integral"]
         self._next_weibull = int(data.get("next_weibull", state.global_step))
-        for probe, probe_state in zip(self.probes, data.get("probes", [])):
-            probe.load_state_dict(probe_state)
+        for probe, probe_state in zip(self._all_probes, data.get("probes", [])):
+            if probe_state:
+                probe.load_state_dict(probe_state)
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero or not self.ctx.is_main:
@@ -284,7 +287,7 @@ class WeightForcesCallback(TrainerCallback):
         if not os.path.isdir(folder):
             return
         data = {"integral": self.integral.to_dict(), "next_weibull": self._next_weibull, "step": state.global_step,
-                "probes": [probe.state_dict() for probe in self.probes]}
+                "probes": [probe.state_dict() if probe in self.probes else {} for probe in self._all_probes]}
         tmp = os.path.join(folder, STATE_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)
@@ -365,6 +368,20 @@ class WeightForcesCallback(TrainerCallback):
             flat = torch.zeros(size, dtype=torch.float64, device=self.monitor.device)
         return self.ctx.all_reduce_sum(flat, failed=failed).cpu().numpy()
 
+    def _call_probes(self, method: str, *args) -> list:
+        """Call one hook on every running probe; a probe that raises warns once and is dropped
+        alone, the force budget goes on."""
+        results = []
+        for probe in list(self.probes):
+            try:
+                results.append(getattr(probe, method)(*args))
+            except Exception as exc:
+                self.probes.remove(probe)
+                msg = f"weight-forces probe {type(probe).__name__} switched off after an error in {method}: {exc!r}"
+                logger.warning(msg, exc_info=True)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return results
+
     def _is_budget_step(self, step_id: int) -> bool:
         return step_id % self.every == 0
 
@@ -395,8 +412,7 @@ class WeightForcesCallback(TrainerCallback):
         try:
             skipped = bool(getattr(optimizer, "step_was_skipped", False))
             self._note_schedule(step_id, optimizer, skipped)
-            for probe in self.probes:
-                probe.on_step(step_id, optimizer, skipped)
+            self._call_probes("on_step", step_id, optimizer, skipped)
             if skipped:
                 self._skipped += 1
                 if self._norm_step == state.global_step:
@@ -424,8 +440,7 @@ class WeightForcesCallback(TrainerCallback):
         if not self._active or not self.probes:
             return
         try:
-            for probe in self.probes:
-                probe.on_gradients(state.global_step + 1, model, optimizer)
+            self._call_probes("on_gradients", state.global_step + 1, model, optimizer)
         except Exception as exc:
             self._fail("on_pre_optimizer_step", exc)
 
@@ -482,8 +497,8 @@ class WeightForcesCallback(TrainerCallback):
             self._next_weibull = (state.global_step // self.weibull_every + 1) * self.weibull_every
         if self._super is not None:
             metrics.update(self._super_metrics(packed, steps, flat[mon.packed_size :] if weibull_due else None))
-        for probe in self.probes:
-            metrics.update(probe.collect(state.global_step))
+        for probe_metrics in self._call_probes("collect", state.global_step):
+            metrics.update(probe_metrics)
         self._flush_schedule()
         metrics["weightforces/skipped_steps"] = float(self._skipped)
         self._skipped = 0
