@@ -144,3 +144,20 @@ def test_resume_with_a_corrupt_state_file_warns_and_trains_on(tmp_path, wf_rows,
     rows = wf_rows(full)
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert np.isfinite(rows[-1]["weightforces/total/align"])
+
+
+def test_per_matrix_fits_equal_exact_fits(tmp_path, wf_rows):
+    trainer = train_tiny(tmp_path, [WeightForcesCallback(weibull_every=4, weibull_per_matrix=True)],
+                         max_steps=4, logging_steps=4)
+    (row,) = wf_rows(tmp_path)
+    fitted = 0
+    for name, p in trainer.model.named_parameters():
+        key = f"weightforces/matrix/{name}/weibull_k"
+        if classify(name, p.dim()) == "other":
+            assert key not in row
+            continue
+        exact = fit_weibull(p.detach())
+        assert row[key] == pytest.approx(exact.k, abs=1e-3), name
+        assert row[f"weightforces/matrix/{name}/weibull_scale"] == pytest.approx(exact.scale, rel=2e-4), name
+        fitted += 1
+    assert fitted == 2 + 2 * 4  # embed_in, lm_head and four matrices in each of two layers
