@@ -38,6 +38,8 @@ from hf_weightforces.core.weibull import (
     sorted_magnitudes,
 )
 
+from hf_weightforces.core.records import json_safe
+
 __all__ = [
     "MIN_1D_NUMEL",
     "FitReport",
@@ -142,7 +144,7 @@ class FitReport:
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-able data; NaN becomes ``None`` (strict JSON has no NaN)."""
-        return _json_safe(
+        return json_safe(
             {
                 "path": self.path,
                 "step": self.step,
@@ -285,16 +287,6 @@ def _delta_fields(fit: WeibullFit, fit_all: WeibullFit) -> dict[str, object]:
         "delta_k": fit.k - fit_all.k,
         "delta_scale_rel": fit.scale / fit_all.scale - 1.0,
     }
-
-
-def _json_safe(obj: object) -> object:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------

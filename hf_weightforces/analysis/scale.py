@@ -31,6 +31,8 @@ from hf_weightforces.analysis.records import Checkpoint, find_checkpoints
 from hf_weightforces.core.groups import GROUPS, TOTAL, Grouping, classify, layer_index
 from hf_weightforces.core.weibull import MagnitudeHistogram, WeibullFit, fit_weibull_sorted, sorted_magnitudes
 
+from hf_weightforces.core.records import json_safe
+
 __all__ = ["ScalePoint", "ScaleTrajectory", "format_scale", "scale_trajectory"]
 
 
@@ -88,7 +90,7 @@ class ScaleTrajectory:
         return list(seen)
 
     def to_dict(self) -> dict[str, object]:
-        return _json_safe({
+        return json_safe({
             "checkpoints": [{"path": str(c.path), "step": c.step} for c in self.checkpoints],
             "matrix_method": "exact",
             "group_method": self.group_method,
@@ -159,16 +161,6 @@ def scale_trajectory(
     for ck in checkpoints:
         points += _fits(ck, grouping, exact_groups, per_matrix)
     return ScaleTrajectory(tuple(checkpoints), tuple(points), "exact" if exact_groups else "histogram")
-
-
-def _json_safe(obj: object) -> object:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _num(x: float, spec: str) -> str:

@@ -67,6 +67,8 @@ from hf_weightforces.analysis.records import (
 )
 from hf_weightforces.core.groups import GROUPS, TOTAL, Grouping, canonical_name, layer_index
 
+from hf_weightforces.core.records import json_safe
+
 __all__ = [
     "DEFAULT_SAMPLE",
     "ESTIMATORS",
@@ -692,7 +694,7 @@ class SplineReport:
             out["steps"] = f.steps.tolist()
             out["series"] = {name: {e: f.series(e, mask).tolist() for e in ESTIMATORS}
                              for name, mask in f.aggregates(per_layer, per_matrix).items()}
-        return _json_safe(out)
+        return json_safe(out)
 
 
 def analyze(
@@ -755,16 +757,6 @@ def analyze(
             notes.append("metrics.jsonl has no align rows between the first and last checkpoint: no accuracy")
     return SplineReport(tuple(checkpoints), None if rec.folder is None else str(rec.folder), forces, tuple(acc),
                         tuple(notes) + forces.notes)
-
-
-def _json_safe(obj: object) -> object:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _fmt(x: float, spec: str = ".3f") -> str:

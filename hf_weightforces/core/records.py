@@ -8,7 +8,7 @@ import logging
 import math
 import os
 
-__all__ = ["read_jsonl"]
+__all__ = ["json_safe", "read_jsonl"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,3 +29,14 @@ def read_jsonl(path: str | os.PathLike, strict: bool = True) -> list[dict]:
                 continue
             rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
     return rows
+
+
+def json_safe(obj: object) -> object:
+    """Strict-JSON copy of nested dicts/lists: non-finite floats become ``None`` (null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
