@@ -1,16 +1,19 @@
 """``hf-weightforces report`` on a real Trainer run: every figure it lists is written as a PNG and
-linked from the summary; without checkpoints the spline figure is skipped with its reason."""
+linked from the summary; without checkpoints the spline figure is skipped with its reason, without
+the trajectory-geometry probes the backbone and rank figures."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
 import re
 
 import pytest
 
 from hf_weightforces.analysis.records import RecordError
-from hf_weightforces.analysis.report import FIGURES, write_report
+from hf_weightforces.analysis.report import FIGURES, _fig_ranks, write_report
 from hf_weightforces.cli import main
 
 pytest.importorskip("matplotlib")
@@ -26,12 +29,14 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """50 steps with every row the callback can write: Weibull events, layers, both probes, checkpoints."""
     from conftest import train_tiny
 
-    from hf_weightforces import WeightForcesCallback
+    from hf_weightforces import BackboneProbe, RankProbe, WeightForcesCallback
 
     folder = tmp_path_factory.mktemp("run")
-    train_tiny(folder, [WeightForcesCallback(weibull_every=20)], max_steps=50, logging_steps=5,
+    probes = [BackboneProbe(every=10, snapshot_every=5), RankProbe(every=20)]
+    train_tiny(folder, [WeightForcesCallback(weibull_every=20, probes=probes)], max_steps=50, logging_steps=5,
                save_strategy="steps", save_steps=10, save_only_model=True, learning_rate=3e-3, warmup_steps=5)
     return folder
 
@@ -53,11 +58,55 @@ def test_report_writes_every_figure_it_lists(run, tmp_path):
 
 @pytest.mark.slow
 def test_report_without_checkpoints_says_what_it_left_out(run, tmp_path):
-    report = write_report(run, out_dir=tmp_path, checkpoints=False, dpi=50)
+    """Also: backbone estimates every 10 steps, per-step |cos| at every row after the first, rank
+    passes at the first row and every 20 steps; the geometry figures and tables take each from its rows."""
+    report = write_report(run, out_dir=tmp_path, checkpoints=False, dpi=40)
     assert set(report.figures) == set(FIGURES) - {"spline.png"}
     assert "spline.png" in report.skipped
     assert "spline.png" not in {p.name for p in tmp_path.glob("*.png")}
-    assert "`spline.png`" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "`spline.png`" in summary
+    assert "](backbone.png)" in summary and "](ranks.png)" in summary
+    rows = [json.loads(line) for line in (run / "weightforces" / "metrics.jsonl").read_text().splitlines()]
+    estimates = [r["step"] for r in rows if "weightforces/backbone/total/fraction" in r]
+    cosines = [r["step"] for r in rows if "weightforces/backbone/total/update_cos" in r]
+    ranks = [r["step"] for r in rows if "weightforces/rank/all/kq/stable_rank" in r]
+    assert estimates == [10, 20, 30, 40, 50] and cosines == list(range(15, 55, 5)) and ranks == [5, 20, 40]
+    table = summary.split("## Trajectory geometry: the backbone")[1].split("##")[0]
+    total = next(line for line in table.splitlines() if line.startswith("| total | 50 |")).split(" | ")
+    fraction, null = float(total[2]), float(total[3])
+    assert 0 < null < fraction <= 1  # the last estimate, beside its null
+    kq = next(line for line in summary.splitlines() if line.startswith("| kq | 5 |"))
+    assert "| 40 |" in kq  # layer-mean ranks at the first and last pass
+
+
+@pytest.mark.slow
+def test_run_without_probes_skips_the_geometry_figures(tmp_path):
+    from conftest import train_tiny
+
+    from hf_weightforces import WeightForcesCallback
+
+    train_tiny(tmp_path / "run", [WeightForcesCallback(per_layer=False, weibull_every=0)], max_steps=8,
+               logging_steps=4)
+    report = write_report(tmp_path / "run", out_dir=tmp_path / "report", dpi=40)
+    assert {"backbone.png", "ranks.png"} <= set(report.skipped)
+    assert "forces.png" in report.figures
+    assert not (tmp_path / "report" / "backbone.png").exists() and not (tmp_path / "report" / "ranks.png").exists()
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "- `backbone.png`: no backbone keys in metrics.jsonl (train with BackboneProbe" in summary
+    assert "- `ranks.png`: no rank keys in metrics.jsonl (train with RankProbe" in summary
+    assert "Trajectory geometry" not in summary and "](ranks.png)" not in summary
+
+
+def test_rank_figure_without_heads_and_with_many_layers(tmp_path):
+    """Fused QKV without known heads: the per-layer panels fall back to the whole ``qkv`` matrix;
+    more than eight layers get a colour bar instead of a legend."""
+    rows = [{"step": step, **{f"weightforces/rank/layer_{n:02d}/qkv/{stat}": value
+                              for n in range(12) for stat, value in (("stable_rank", 9.0 / step), ("top_share", 0.1))}}
+            for step in (1, 2, 3)]
+    caption = _fig_ranks(rows, tmp_path / "ranks.png", 40)
+    assert "fused QKV" in caption and (tmp_path / "ranks.png").read_bytes().startswith(PNG)
+    assert _fig_ranks([{"step": 1, "weightforces/rank/all/kq/stable_rank": math.nan}], tmp_path / "x.png", 40) is None
 
 
 def test_report_needs_metrics(tmp_path):

@@ -12,10 +12,13 @@ the spline estimators (:mod:`~hf_weightforces.analysis.spline`).  It writes PNG 
 ``layers.png``     per-layer heat maps of A per weight and of the alignment share
 ``offset.png``     RMS-to-Weibull offset components (integration, bridges, totals) per class
 ``spline.png``     A from checkpoints (spline, corrected, two-point) against the logged truth
+``backbone.png``   the AdamW backbone per class: captured fraction and stability beside their
+                   random-walk nulls, per-step |cos| of updates and gradients against the floor
+``ranks.png``      key-query rank collapse per layer (stable rank, top share) and layer means
 =================  ============================================================================
 
 and ``summary.md`` with the run's numbers and links to every figure.  A figure whose data the run
-does not have (no layer rows, no Weibull events, fewer than four checkpoints) is left out and the
+does not have (no layer rows, no Weibull events, fewer than four checkpoints, no probes) is left out and the
 summary says why.  Matplotlib is imported here only, through its object API (no pyplot state).
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,8 @@ FIGURES: dict[str, str] = {
     "layers.png": "Per-layer alignment",
     "offset.png": "RMS-to-Weibull offset components",
     "spline.png": "Alignment from checkpoints against the logged truth",
+    "backbone.png": "The AdamW backbone against its random-walk null",
+    "ranks.png": "Key-query rank collapse and condensation",
 }
 _FORCES = (("align", "A (alignment)", "tab:blue"), ("inject", "I (injection)", "tab:orange"),
            ("decay", "D (decay)", "tab:green"), ("rest", "R (rest)", "tab:gray"))
@@ -332,6 +338,144 @@ def _fig_spline(spline_report, path: Path, dpi: int) -> str | None:
             "interpolated w, against the exact A the callback logged; right: estimate / true per logging interval.")
 
 
+def _log_axis(ax, subs: tuple[float, ...] = (1.0,)) -> None:
+    """Log y axis with plain tick labels (0.01, 0.1 / 2, 5, 10) instead of 10ⁿ and 2×10ⁿ."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _backbone_classes(rows: Sequence[dict]) -> list[str]:
+    """Classes (SPEC order, then total) with a finite backbone fraction or per-step |cos| in some row."""
+    return [g for g in (*GROUPS, TOTAL)
+            if any(_column(rows, f"{PREFIX}/backbone/{g}/{k}")[0].size for k in ("fraction", "update_cos"))]
+
+
+def _fig_backbone(rows, path: Path, dpi: int) -> str | None:
+    names = _backbone_classes(rows)
+    if not names:
+        return None
+    last = max(r["step"] for r in rows)
+    restarts = sorted({v for v in _column(rows, f"{PREFIX}/backbone/start_step")[1] if v > 0})
+    null = {"color": "0.45", "ls": "--", "marker": "o", "mfc": "white", "ms": 4.5, "lw": 1.2}
+    fig, axes = _figure(len(names), 4, width=14.0, height=2.5)
+    for i, g in enumerate(names):
+        ax_f, ax_s, ax_st, ax_c = axes[4 * i : 4 * i + 4]
+        key = f"{PREFIX}/backbone/{g}/"
+        s, v = _column(rows, key + "fraction")
+        ax_f.plot(s, v, color="tab:blue", marker="o", ms=4.5, lw=1.5, label="captured fraction")
+        s, v = _column(rows, key + "fraction_null")
+        ax_f.plot(s, v, label="random-walk null", **null)
+        s, v = _column(rows, key + "fraction_score")
+        ax_s.plot(s, v, color="tab:purple", marker="o", ms=4.5, lw=1.5, label="(fraction − null) / (1 − null)")
+        ax_s.axhline(0.0, color="0.45", ls="--", lw=1.0, label="null level (0)")
+        ax_s.axhline(1.0, color="0.75", ls=":", lw=1.0)
+        ax_s.set_ylim(min(-0.05, *(v - 0.05)) if v.size else -0.05, 1.05)
+        s, v = _column(rows, key + "stability")
+        ax_st.plot(s, v, color="tab:green", marker="o", ms=4.5, lw=1.5, label="stability (cos with previous)")
+        s, v = _column(rows, key + "stability_null")
+        ax_st.plot(s, v, label="random-walk null", **null)
+        for k, label, color, ls in (("update_cos", "updates", "tab:red", "-"), ("grad_cos", "gradients", "tab:orange", "-"),
+                                     ("cos_floor", "independent floor ≈ √(2/πk)", "0.45", "--")):
+            s, v = _column(rows, key + k)
+            if s.size:
+                ax_c.plot(s, v, color=color, ls=ls, lw=1.3, label=label)
+        if ax_c.lines:
+            _log_axis(ax_c)
+        ax_f.set_title(f"{g}: share of ‖d‖² on the backbone", fontsize=9.5)
+        ax_s.set_title(f"{g}: fraction score", fontsize=9.5)
+        ax_st.set_title(f"{g}: stability of the direction", fontsize=9.5)
+        ax_c.set_title(f"{g}: per-step |cos| with the backbone", fontsize=9.5)
+        for ax in (ax_f, ax_s, ax_st, ax_c):
+            ax.set_xlim(0, last)
+            ax.set_xlabel("optimizer step")
+            for step in restarts:
+                ax.axvline(step, color="tab:brown", ls=":", lw=1.0)
+            if i == 0 and ax.lines:
+                ax.legend(fontsize=7, loc="best")
+    fig.suptitle("AdamW backbone (top direction of the displacements from the start); grey dashed, open circles: "
+                 "random walk with the same step sizes")
+    _save(fig, path, dpi)
+    return ("Per class, at each backbone estimate: the share of the displacement ‖d_T‖² on the top direction and "
+            "of the random-walk null with the run's own step sizes (grey dashed), the normalised score "
+            "(fraction − null)/(1 − null) (0: no better than the walk), and the cosine of the direction with the "
+            "previous estimate beside its null; right: mean |cos| of each step's update and gradient with the "
+            "latest backbone, against the floor of an independent direction (log axis)."
+            + (" Brown dotted: the backbone restarted at a resume." if restarts else ""))
+
+
+_RANK_LAYER = re.compile(rf"^{PREFIX}/rank/(layer_(\d+))/([^/]+)/stable_rank$")
+_RANK_KINDS = (("q", "$W_Q$", "tab:blue"), ("k", "$W_K$", "tab:orange"),
+               ("kq", r"$W_Q^\top W_K$ (mean over heads)", "tab:red"), ("outer", "outer ($W_V$, transmission)", "tab:green"))
+
+
+def _fig_ranks(rows, path: Path, dpi: int) -> str | None:
+    keys = set().union(*(r.keys() for r in rows))
+    roles: dict[str, set[str]] = {}
+    for key in keys:
+        m = _RANK_LAYER.match(key)
+        if m and _column(rows, key)[0].size:
+            roles.setdefault(m.group(3), set()).add(m.group(1))
+    kinds = [kind for kind in _RANK_KINDS if _column(rows, f"{PREFIX}/rank/all/{kind[0]}/stable_rank")[0].size]
+    if not roles and not kinds:
+        return None
+    from matplotlib import colormaps
+
+    role = next((r for r in ("kq", "q", "qkv") if r in roles), None)
+    layers = sorted(roles.get(role, ()), key=lambda name: int(name.split("_")[1]))
+    what = {"kq": "key-query W_Qᵀ·W_K, mean over heads", "q": "W_Q (no heads known: no key-query products)",
+            "qkv": "fused QKV (no heads known)"}.get(role, "")
+    title = {"kq": r"key-query $W_Q^\top W_K$, mean over heads", "q": r"$W_Q$ (no heads known: no key-query products)",
+             "qkv": "fused QKV (no heads known)"}.get(role, "")
+    fig, axes = _figure(2, 2, width=11.0, height=3.4)
+    depth = colormaps["viridis"](np.linspace(0.0, 0.9, max(1, len(layers))))  # no pale yellow on white
+    colors = dict(zip(layers, depth))
+    for ax, stat, label in ((axes[0], "stable_rank", "stable rank Σ s² / max s²"),
+                            (axes[1], "top_share", "top-direction energy share")):
+        for name in layers:
+            s, v = _column(rows, f"{PREFIX}/rank/{name}/{role}/{stat}")
+            ax.plot(s, v, color=colors[name], marker="o", ms=4, lw=1.4, label=name.replace("layer_", "layer "))
+        ax.set_title(f"per layer: {label}\n{title}", fontsize=9.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(stat.replace("_", " "))
+        if stat == "top_share":
+            ax.set_ylim(0, 1.02)
+    if len(layers) > 8:  # a colour bar says depth where a legend would not fit
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import BoundaryNorm, ListedColormap
+
+        index = [int(name.split("_")[1]) for name in layers]
+        bounds = np.arange(len(layers) + 1) - 0.5
+        bar = fig.colorbar(ScalarMappable(BoundaryNorm(bounds, len(layers)), ListedColormap(depth)),
+                           ax=axes[:2].tolist(), label="layer", shrink=0.8)
+        ticks = range(0, len(layers), math.ceil(len(layers) / 6))
+        bar.set_ticks(ticks, labels=[str(index[t]) for t in ticks])
+    elif layers:
+        axes[0].legend(fontsize=7, ncols=2)
+    for ax, stat, label in ((axes[2], "stable_rank", "stable rank, mean over layers"),
+                            (axes[3], "top_share", "top-direction share, mean over layers")):
+        for kind, kind_label, color in kinds:
+            s, v = _column(rows, f"{PREFIX}/rank/all/{kind}/{stat}")
+            ax.plot(s, v, color=color, marker="o", ms=4, lw=1.4, label=kind_label)
+        ax.set_title(label, fontsize=9.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(stat.replace("_", " "))
+        if stat == "stable_rank" and ax.lines:
+            _log_axis(ax, (1.0, 2.0, 5.0))
+        if stat == "top_share":
+            ax.set_ylim(0, 1.02)
+    if kinds:
+        axes[2].legend(fontsize=7)
+    fig.suptitle("Condensation and key-query rank collapse (falling stable rank, rising top share)")
+    _save(fig, path, dpi)
+    return ("Top: per attention layer, the stable rank and top-direction energy share of " + (what or "–")
+            + " at each rank pass. Bottom: means over layers of W_Q, W_K, the key-query products and the outer "
+            "matrices (V and the transmission matrices), stable rank on a log axis.")
+
+
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
@@ -389,12 +533,17 @@ def write_report(
         "layers.png": lambda p: _fig_layers(rows, layers, p, dpi),
         "offset.png": lambda p: _fig_offset(rows, classes, p, dpi),
         "spline.png": lambda p: _fig_spline(spline_report, p, dpi),
+        "backbone.png": lambda p: _fig_backbone(rows, p, dpi),
+        "ranks.png": lambda p: _fig_ranks(rows, p, dpi),
     }
     reasons = {
         "weibull.png": "no Weibull events in metrics.jsonl (weibull_every=0) and no checkpoints",
         "layers.png": "no per-layer rows in metrics.jsonl (train with per_layer=True)",
         "offset.png": "no offset keys in metrics.jsonl (they come with the Weibull events)",
         "spline.png": spline_reason,
+        "backbone.png": "no backbone keys in metrics.jsonl (train with BackboneProbe, "
+                        "--weight_forces_backbone_every N)",
+        "ranks.png": "no rank keys in metrics.jsonl (train with RankProbe, --weight_forces_rank_every N)",
     }
     for name, make in makers.items():
         caption = make(out / name)
@@ -452,6 +601,7 @@ def _summary(run_dir, records, rows, classes, layers, trajectory, spline_report,
             for j in (0, steps.size - 1) if steps.size > 1 else (0,):
                 lines.append(f"| {g} | {steps[j]} | {k[j]:.4f} | {lam[j]:.4g} | {sigma[j]:.4g} | {lam[j] / sigma[j]:.4f} |")
         lines.append("")
+    lines += _geometry_summary(rows)
     lines += ["## Figures", ""]
     for name, caption in report.figures.items():
         lines += [f"### {FIGURES[name]}", "", f"![{FIGURES[name]}]({name})", "", caption, ""]
@@ -460,3 +610,43 @@ def _summary(run_dir, records, rows, classes, layers, trajectory, spline_report,
         lines += [f"- `{name}`: {reason}" for name, reason in report.skipped.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _geometry_summary(rows) -> list[str]:
+    """The backbone at its last estimate and the layer-mean ranks at the first and last pass."""
+    lines: list[str] = []
+    names = [g for g in _backbone_classes(rows) if _column(rows, f"{PREFIX}/backbone/{g}/fraction")[0].size]
+    if names:
+        lines += ["## Trajectory geometry: the backbone", "",
+                  "| class | step | fraction | null | score | stability | null | update \\|cos\\| | gradient \\|cos\\| | floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for g in names:
+            key = f"{PREFIX}/backbone/{g}/"
+            cols = {k: _column(rows, key + k)[1] for k in ("fraction", "fraction_null", "fraction_score", "stability",
+                                                            "stability_null", "update_cos", "grad_cos", "cos_floor")}
+
+            def at(k: str, mean: bool = False, cols=cols) -> float:
+                v = cols[k]
+                return math.nan if v.size == 0 else float(np.mean(v)) if mean else float(v[-1])
+
+            step = _column(rows, key + "fraction")[0][-1]
+            lines.append(f"| {g} | {step} | {_fmt(at('fraction'), '.4f')} | "
+                         f"{_fmt(at('fraction_null'), '.4f')} | {_fmt(at('fraction_score'), '.3f')} | "
+                         f"{_fmt(at('stability'), '.4f')} | {_fmt(at('stability_null'), '.4f')} | "
+                         f"{_fmt(at('update_cos', True))} | {_fmt(at('grad_cos', True))} | {_fmt(at('cos_floor'))} |")
+        lines += ["", ("Fraction, score and stability at the last estimate (stability needs two); |cos| are means "
+                       "over the logged rows, beside the floor of an independent direction."), ""]
+    kinds = [(k, label) for k, label, _ in _RANK_KINDS if _column(rows, f"{PREFIX}/rank/all/{k}/stable_rank")[0].size]
+    if kinds:
+        lines += ["## Trajectory geometry: ranks (means over layers)", "",
+                  "| matrices | first step | stable rank | top share | last step | stable rank | top share |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, _ in kinds:
+            s, sr = _column(rows, f"{PREFIX}/rank/all/{k}/stable_rank")
+            s2, ts = _column(rows, f"{PREFIX}/rank/all/{k}/top_share")
+            share = dict(zip(s2.tolist(), ts.tolist()))
+            cells = [f"{s[j]} | {_fmt(float(sr[j]), '.3f')} | {_fmt(share.get(s[j], math.nan), '.3f')}" for j in (0, -1)]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines += ["", ("`kq`: the key-query products W_Qᵀ·W_K, mean over heads; `outer`: W_V and the transmission "
+                       "matrices."), ""]
+    return lines
