@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from types import SimpleNamespace
 
@@ -205,3 +206,66 @@ def test_flags_make_the_probes():
         WeightForcesArguments(weight_forces_rank_every=-1)
     with pytest.raises(ValueError):
         BackboneProbe(every=10, snapshot_every=3)
+
+
+def _backbone_cb():
+    return WeightForcesCallback(per_layer=False, weibull_every=0,
+                                probes=[BackboneProbe(every=4, snapshot_every=2, capacity=4)])
+
+
+@pytest.fixture(scope="module")
+def backbone_checkpoints(tmp_path_factory):
+    """12 steps, estimates at 4, 8, 12, logs every 3 steps, checkpoints every 4: checkpoint-8 holds
+    an estimate not logged yet and |cos| sums of steps 7-8; the stack (capacity 4) was thinned at 10."""
+    from hf_weightforces.integrations.sinks import read_jsonl
+
+    full = tmp_path_factory.mktemp("backbone_full")
+    train_tiny(full, [_backbone_cb()], max_steps=12, logging_steps=3, save_strategy="steps", save_steps=4)
+    return full, read_jsonl(full / "weightforces" / "metrics.jsonl")
+
+
+def _resume_backbone(full, out):
+    from transformers import GPTNeoXForCausalLM
+
+    shutil.copytree(full / "checkpoint-8", out / "checkpoint-8")
+    shutil.copytree(full / "weightforces", out / "weightforces")  # holds rows past the resume point
+    # GPT-NeoX's head is not restored by resume_from_checkpoint alone (DISTRIBUTED.md): load the model
+    model = GPTNeoXForCausalLM.from_pretrained(out / "checkpoint-8")
+    train_tiny(out, [_backbone_cb()], model=model, max_steps=12, logging_steps=3, save_strategy="no",
+               resume=str(out / "checkpoint-8"))
+
+
+def test_resumed_backbone_continues_the_trajectory(backbone_checkpoints, tmp_path, wf_rows, caplog):
+    full, rows = backbone_checkpoints
+    assert (full / "checkpoint-8" / "weightforces_probe_0.safetensors").is_file()
+    with caplog.at_level("WARNING"):
+        _resume_backbone(full, tmp_path)
+    assert not [r for r in caplog.records if "backbone" in r.getMessage() or "safetensors" in r.getMessage()]
+    resumed = wf_rows(tmp_path)
+    assert [r["step"] for r in resumed] == [r["step"] for r in rows] == [3, 6, 9, 12]
+    for ra, rb in zip(rows[2:], resumed[2:]):
+        keys = sorted(k for k in ra if k.startswith(B))
+        assert keys == sorted(k for k in rb if k.startswith(B))
+        assert f"{B}total/fraction" in keys and f"{B}total/update_cos" in keys
+        for k in keys:
+            if math.isnan(ra[k]):
+                assert math.isnan(rb[k]), k
+            else:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-12), k
+        assert rb[f"{B}start_step"] == 0
+
+
+def test_resume_with_a_corrupt_backbone_file_warns_and_trains_on(backbone_checkpoints, tmp_path, wf_rows, caplog):
+    full, _ = backbone_checkpoints
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(full, corrupt)
+    (corrupt / "checkpoint-8" / "weightforces_probe_0.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
+    out = tmp_path / "resumed"
+    with caplog.at_level("WARNING"):
+        _resume_backbone(corrupt, out)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot use" in m and "weightforces_probe_0.safetensors" in m for m in messages)
+    assert any("backbone probe: resuming at step 8" in m for m in messages)
+    rows = wf_rows(out)
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    assert rows[-1][f"{B}start_step"] == 8 and math.isfinite(rows[-1][f"{B}total/fraction"])

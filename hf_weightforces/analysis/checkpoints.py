@@ -60,7 +60,7 @@ def weight_files(path: PathLike) -> list[Path]:
     for name in WEIGHT_FILES:
         if (p / name).is_file():
             return [p / name]
-    loose = sorted(p.glob("*.safetensors"))
+    loose = sorted(f for f in p.glob("*.safetensors") if not f.name.startswith("weightforces_"))  # not our probe state
     if loose:
         return loose
     hint = ""

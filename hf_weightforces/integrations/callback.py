@@ -39,6 +39,7 @@ from transformers.trainer_callback import CallbackHandler
 import json
 
 import numpy as np
+import safetensors.torch
 
 from ..core.groups import Grouping, layer_index
 from ..core.integral import RunIntegral
@@ -57,6 +58,7 @@ METRICS_FILE = "metrics.jsonl"
 SCHEDULE_FILE = "schedule.jsonl"  # lr and weight decay per param group at every optimizer step
 PARAMS_FILE = "params.json"  # names, classes, shapes and optimizer group of the monitored tensors
 STATE_FILE = "weightforces_state.json"  # written into each Trainer checkpoint folder
+PROBE_TENSORS_FILE = "weightforces_probe_{}.safetensors"  # a probe's tensors_state(), beside STATE_FILE
 
 
 class Probe(Protocol):
@@ -64,6 +66,12 @@ class Probe(Protocol):
 
     Every method is called on every rank; anything collective must run in the same order on all
     of them.  Errors are caught by the callback (warn once, monitor off), like its own.
+
+    Optional, for tensor state that does not belong in JSON: ``tensors_state() -> dict[str,
+    torch.Tensor]`` (written with each checkpoint as ``weightforces_probe_<i>.safetensors``, main
+    rank only; an empty dict writes nothing) and ``load_tensors_state(tensors) -> None``, called at
+    resume before ``load_state_dict`` and only when that file was read; a missing or unreadable
+    file warns and the probe gets ``load_state_dict`` alone.  Probes without them are fine.
     """
 
     def setup(self, entries: list[ParamEntry], infos: list[ParamInfo], ctx: ShardContext, args, state) -> None: ...
@@ -262,6 +270,7 @@ class WeightForcesCallback(TrainerCallback):
                 logger.warning("weight forces: cannot use %s (%s); the force integrals restart here", path, exc)
                 return None
             logger.info("weight forces: resumed run integrals from %s", path)
+            data["_folder"] = folder  # where the probes' tensor files are
             return data
         logger.warning(
             "weight forces: resuming at step %d without %s in the checkpoint; the force integrals "
@@ -276,9 +285,19 @@ class WeightForcesCallback(TrainerCallback):
             return
         self.integral = data["integral"]
         self._next_weibull = int(data.get("next_weibull", state.global_step))
-        for probe, probe_state in zip(self._all_probes, data.get("probes", [])):
-            if probe_state:
-                probe.load_state_dict(probe_state)
+        tensor_files = data.get("probe_tensors")  # absent in older checkpoints: try the usual names
+        for i, (probe, probe_state) in enumerate(zip(self._all_probes, data.get("probes", []))):
+            if not probe_state:
+                continue
+            name = PROBE_TENSORS_FILE.format(i) if tensor_files is None else (tensor_files[i:i + 1] or [None])[0]
+            if name and hasattr(probe, "load_tensors_state"):
+                path = os.path.join(data["_folder"], name)
+                try:  # safetensors only: no pickle
+                    probe.load_tensors_state(safetensors.torch.load_file(path))
+                except Exception as exc:  # missing or corrupt: this probe restarts here, training goes on
+                    logger.warning("weight forces: cannot use %s (%s); %s restarts at step %d",
+                                   path, exc, type(probe).__name__, state.global_step)
+            probe.load_state_dict(probe_state)
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero or not self.ctx.is_main:
@@ -287,7 +306,20 @@ class WeightForcesCallback(TrainerCallback):
         if not os.path.isdir(folder):
             return
         data = {"integral": self.integral.to_dict(), "next_weibull": self._next_weibull, "step": state.global_step,
-                "probes": [probe.state_dict() if probe in self.probes else {} for probe in self._all_probes]}
+                "probes": [probe.state_dict() if probe in self.probes else {} for probe in self._all_probes],
+                "probe_tensors": [None] * len(self._all_probes)}
+        for i, probe in enumerate(self._all_probes):
+            if probe not in self.probes or not hasattr(probe, "tensors_state"):
+                continue
+            name = PROBE_TENSORS_FILE.format(i)
+            try:  # before the JSON, which names only the files written whole
+                tensors = {k: v.detach().cpu().contiguous() for k, v in probe.tensors_state().items()}
+                if tensors:
+                    safetensors.torch.save_file(tensors, os.path.join(folder, name + ".tmp"))
+                    os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+                    data["probe_tensors"][i] = name
+            except Exception as exc:  # a probe that cannot save restarts at resume; training goes on
+                logger.warning("weight forces: cannot save %s of %s (%s)", name, type(probe).__name__, exc)
         tmp = os.path.join(folder, STATE_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)

@@ -31,13 +31,15 @@ for now: they need whole matrices (ranks) or a fixed coordinate sample of the fu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
 
+import numpy as np
 import torch
 
-from ..core.geometry import FUSED_LAYOUTS, BackboneTracker, coordinate_sample, layer_spectra, matrix_role, rank_rows
+from ..core.geometry import FUSED_LAYOUTS, BackboneStats, BackboneTracker, coordinate_sample, layer_spectra, matrix_role, rank_rows
 from ..core.groups import GROUPS, TOTAL
 
 __all__ = ["BackboneProbe", "RankProbe"]
@@ -79,8 +81,12 @@ class BackboneProbe:
     steps ``update_cos``, ``grad_cos`` (mean |cos| per step) and ``cos_floor``;
     ``weightforces/backbone/start_step`` (where displacements are measured from).
 
-    Resuming from a checkpoint restarts the trajectory at the resume step (the initial sample and
-    the snapshots are not in the checkpoint); ``start_step`` says so in the rows.
+    Resuming from a checkpoint continues the trajectory: the initial sample, the previous one, the
+    snapshot stack, the step-size record of the null and the latest backbone are saved with each
+    checkpoint (:meth:`tensors_state`, written by the callback as safetensors) and ``start_step``
+    stays at the run's start.  Without them (an older checkpoint, an unreadable file, another
+    coordinate sample) the trajectory restarts at the resume step, with a warning, and
+    ``start_step`` says so in the rows.
     """
 
     def __init__(self, every: int = 100, snapshot_every: int = 10, capacity: int = 32, coords: int = 1 << 16,
@@ -228,15 +234,101 @@ class BackboneProbe:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"probe": "backbone", "start_step": getattr(self, "start_step", 0)}
+        """Scalars (JSON); the tensors are in :meth:`tensors_state`."""
+        if not self._on:
+            return {"probe": "backbone", "start_step": getattr(self, "start_step", 0)}
+        pending = None
+        if self._pending is not None:
+            pending = {"step": self._pending["step"],
+                       "stats": {name: dataclasses.asdict(st) for name, st in self._pending["stats"].items()}}
+        return {
+            "probe": "backbone", "start_step": self.start_step, "names": self.names, "sizes": self.sizes,
+            "coords": self.coords, "seed": self.seed, "capacity": self.capacity, "interval": self._interval,
+            "next_snapshot": self._next_snapshot, "times": list(self.tracker.times), "n_upd": self._n_upd,
+            "n_grad": self._n_grad, "floor": dict(self._floor), "pending": pending,
+        }
+
+    def tensors_state(self) -> dict[str, torch.Tensor]:
+        """What continuing the trajectory exactly needs besides :meth:`state_dict` (copies)."""
+        if not self._on:
+            return {}
+        tr = self.tracker
+        m = len(tr.times)
+        out = {"x0": self._x0, "x_prev": self._x_prev, "cumvar": self._cumvar, "upd": self._upd,
+               "grad": self._grad, "stack": tr.stack[:m], "stack_cumvar": tr.cumvar[:m]}
+        if tr.directions is not None:
+            out["directions"] = tr.directions
+        if tr._prev_cumvar is not None:
+            out["prev_cumvar"] = torch.from_numpy(np.stack(tr._prev_cumvar))
+        return {k: v.detach().clone() for k, v in out.items()}
+
+    def load_tensors_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep ``tensors`` for :meth:`load_state_dict` (called after this), which applies both."""
+        self._saved_tensors = dict(tensors)
 
     def load_state_dict(self, state: dict) -> None:
-        if self._on and state.get("probe") == "backbone":
-            logger.warning(
-                "backbone probe: resuming at step %d; displacements are measured from here (the run "
-                "started its trajectory at step %s; initial weights are not stored in checkpoints)",
-                self.start_step, state.get("start_step"),
-            )
+        tensors, self._saved_tensors = getattr(self, "_saved_tensors", None), None
+        if not self._on or state.get("probe") != "backbone":
+            return
+        if tensors is not None and "times" in state:
+            try:
+                self._continue(state, tensors)
+                logger.info("backbone probe: continuing the trajectory from step %d at step %d",
+                            self.start_step, self.tracker.times[-1] if self.tracker.times else self.start_step)
+                return
+            except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+                reason = f"saved state unusable: {exc}"
+        else:
+            reason = "initial weights not in the checkpoint"
+        logger.warning(
+            "backbone probe: resuming at step %d; displacements are measured from here (the run "
+            "started its trajectory at step %s; %s)", self.start_step, state.get("start_step"), reason,
+        )
+
+    def _continue(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Validate everything, then replace the fresh state of :meth:`setup` with the saved one."""
+        if list(state["names"]) != self.names or list(state["sizes"]) != self.sizes:
+            raise ValueError(f"classes {state['names']} {state['sizes']} != {self.names} {self.sizes}")
+        if (state.get("coords"), state.get("seed")) != (self.coords, self.seed):
+            raise ValueError("a different coordinate sample (coords, seed)")
+        tr, K, nb = self.tracker, self.tracker.K, len(self.sizes)
+        times = [int(t) for t in state["times"]]
+        m = len(times)
+        if m > self.capacity:
+            raise ValueError(f"{m} snapshots, capacity {self.capacity}")
+        shapes = {"x0": (K,), "x_prev": (K,), "cumvar": (nb,), "upd": (nb + 1,), "grad": (nb + 1,),
+                  "stack": (m, K), "stack_cumvar": (m, nb)}
+        if "directions" in tensors:
+            shapes["directions"] = (nb + 1, K)
+        if "prev_cumvar" in tensors:
+            shapes["prev_cumvar"] = (nb + 1, tensors["prev_cumvar"].shape[-1])
+        for key, shape in shapes.items():
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        pending = state.get("pending")
+        if pending is not None:
+            pending = {"step": int(pending["step"]),
+                       "stats": {name: BackboneStats(**st) for name, st in pending["stats"].items()}}
+        floor = {str(k): float(v) for k, v in state.get("floor", {}).items()}
+        interval, next_snapshot = int(state["interval"]), int(state["next_snapshot"])
+        n_upd, n_grad, start = int(state["n_upd"]), int(state["n_grad"]), int(state["start_step"])
+
+        dev = self._device
+        f32 = {k: tensors[k].to(dev, torch.float32) for k in ("x0", "x_prev", "stack")}
+        f64 = {k: tensors[k].to(dev, torch.float64) for k in ("cumvar", "upd", "grad", "stack_cumvar")}
+        self._x0, self._x_prev = f32["x0"], f32["x_prev"]
+        self._cumvar, self._upd, self._grad = f64["cumvar"], f64["upd"], f64["grad"]
+        tr.stack.zero_()
+        tr.cumvar.zero_()
+        tr.stack[:m] = f32["stack"]
+        tr.cumvar[:m] = f64["stack_cumvar"]
+        tr.times = times
+        tr.directions = tensors["directions"].to(dev, torch.float32) if "directions" in tensors else None
+        prev = tensors.get("prev_cumvar")
+        tr._prev_cumvar = None if prev is None else [row.copy() for row in prev.double().cpu().numpy()]
+        self._n_upd, self._n_grad = n_upd, n_grad
+        self.start_step, self._interval, self._next_snapshot = start, interval, next_snapshot
+        self._pending, self._floor = pending, floor
 
 
 class RankProbe:
