@@ -116,10 +116,12 @@ def test_flags_switch_it_on(tmp_path, wf_rows):
     parser = HfArgumentParser((TrainingArguments, WeightForcesArguments))
     _, wf = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--weight_forces", "--weight_forces_every", "2", "--weight_forces_patterns",
-         '{"value": ["query_key_value"]}']
+         '{"value": ["query_key_value"]}', "--weight_forces_weibull_every", "0", "--weight_forces_super_weights", "4",
+         "--weight_forces_offset_sample_every", "4"]
     )
     (cb,) = wf.make_callbacks()
     assert isinstance(cb, WeightForcesCallback) and cb.every == 2
+    assert (cb.weibull_every, cb.super_weights, cb.offset_sample_every) == (0, 4, 4)
     assert WeightForcesArguments().make_callbacks() == []
     train_tiny(tmp_path, [cb], max_steps=8, logging_steps=4)
     rows = wf_rows(tmp_path)

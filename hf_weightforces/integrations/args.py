@@ -55,6 +55,18 @@ class WeightForcesArguments:
     weight_forces_rank_per_head: bool = field(
         default=True, metadata={"help": "Also log each head's key-query spectrum."}
     )
+    weight_forces_weibull_every: int = field(
+        default=100, metadata={"help": "Fit Weibull (k, lambda) per class every N steps (0 = off)."}
+    )
+    weight_forces_weibull_per_matrix: bool = field(
+        default=False, metadata={"help": "Also fit every weight matrix at those events."}
+    )
+    weight_forces_offset_sample_every: int = field(
+        default=10, metadata={"help": "Sparse-recording variant of the RMS prediction: forces every N steps."}
+    )
+    weight_forces_super_weights: int = field(
+        default=0, metadata={"help": "Also report shares and fits without the N largest |w| (0 = off)."}
+    )
 
     def __post_init__(self) -> None:
         if self.weight_forces_every < 1:
@@ -98,6 +110,10 @@ class WeightForcesArguments:
                 per_matrix=self.weight_forces_per_matrix,
                 patterns=self._patterns,
                 to_all_integrations=self.weight_forces_to_all_integrations,
+                weibull_every=self.weight_forces_weibull_every,
+                weibull_per_matrix=self.weight_forces_weibull_per_matrix,
+                offset_sample_every=self.weight_forces_offset_sample_every,
+                super_weights=self.weight_forces_super_weights,
                 probes=self.make_probes(),
             )
         ]
