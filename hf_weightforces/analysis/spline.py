@@ -65,8 +65,9 @@ from hf_weightforces.analysis.records import (
     Schedule,
     truth_intervals,
 )
-from hf_weightforces.core.groups import GROUPS, TOTAL, Grouping, canonical_name, layer_index
+from hf_weightforces.core.groups import Grouping, canonical_name, layer_index
 
+from hf_weightforces.core.monitor import aggregate_masks
 from hf_weightforces.core.records import json_safe
 
 __all__ = [
@@ -385,20 +386,7 @@ class SplineForces:
 
     def aggregates(self, per_layer: bool = False, per_matrix: bool = False) -> dict[str, np.ndarray]:
         """Name -> boolean mask over tensors: classes present, ``total``, then layers and matrices."""
-        groups = np.array([t.group for t in self.tensors])
-        out = {g: groups == g for g in GROUPS if (groups == g).any()}
-        out.update({g: groups == g for g in sorted(set(groups) - set(GROUPS))})
-        out[TOTAL] = np.ones(len(self.tensors), dtype=bool)
-        if per_layer:
-            layers = sorted({t.layer for t in self.tensors if t.layer is not None})
-            for layer in layers:
-                out[f"layer_{layer:02d}"] = np.array([t.layer == layer for t in self.tensors])
-        if per_matrix:
-            for p, t in enumerate(self.tensors):
-                mask = np.zeros(len(self.tensors), dtype=bool)
-                mask[p] = True
-                out[f"matrix/{t.name}"] = mask
-        return out
+        return aggregate_masks(self.tensors, per_layer, per_matrix)
 
     def series(self, estimator: str, mask: np.ndarray) -> np.ndarray:
         """The estimate summed over the tensors in ``mask``, one value per step."""

@@ -25,7 +25,7 @@ import torch
 from .budget import BUDGET_TERMS, bias_scales, budget_from_dots, squared_norms, step_dots
 from .groups import GROUPS, TOTAL
 
-__all__ = ["ForceMonitor", "Packed", "ParamInfo", "summarize_sums"]
+__all__ = ["ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
 
 _NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta
 
@@ -192,24 +192,7 @@ class ForceMonitor:
 
     def aggregates(self, per_layer: bool = True, per_matrix: bool = False) -> dict[str, np.ndarray]:
         """Name → boolean mask over parameters: the classes, ``total``, layers and matrices."""
-        groups = np.array([i.group for i in self.infos])
-        out: dict[str, np.ndarray] = {}
-        for g in GROUPS:
-            mask = groups == g
-            if mask.any():
-                out[g] = mask
-        out[TOTAL] = np.ones(len(self.infos), dtype=bool)
-        if per_layer:
-            layers = sorted({i.layer for i in self.infos if i.layer is not None})
-            width = max(2, len(str(layers[-1]))) if layers else 2
-            for layer in layers:
-                out[f"layer_{layer:0{width}d}"] = np.array([i.layer == layer for i in self.infos])
-        if per_matrix:
-            for k, info in enumerate(self.infos):
-                mask = np.zeros(len(self.infos), dtype=bool)
-                mask[k] = True
-                out[f"matrix/{info.name}"] = mask
-        return out
+        return aggregate_masks(self.infos, per_layer, per_matrix)
 
     def summarize(
         self, flat: np.ndarray, steps: int, *, per_layer: bool = True, per_matrix: bool = False, prefix: str = "weightforces"
@@ -254,3 +237,23 @@ def summarize_sums(sums: np.ndarray, nonfinite: float, norm2: float, numel: floa
     row["rms"] = math.sqrt(norm2 / numel) if numel > 0 and math.isfinite(norm2) and norm2 >= 0 else nan
     row["numel"] = numel
     return row
+
+
+def aggregate_masks(infos: Sequence, per_layer: bool = True, per_matrix: bool = False) -> dict[str, np.ndarray]:
+    """Name → boolean mask over tensors (anything with ``group``, ``layer``, ``name``): the classes
+    present, ``total``, then ``layer_NN`` and ``matrix/<name>``.  The one place these key names
+    are made, live and offline."""
+    groups = np.array([i.group for i in infos])
+    out: dict[str, np.ndarray] = {g: groups == g for g in GROUPS if (groups == g).any()}
+    out[TOTAL] = np.ones(len(infos), dtype=bool)
+    if per_layer:
+        layers = sorted({i.layer for i in infos if i.layer is not None})
+        width = max(2, len(str(layers[-1]))) if layers else 2
+        for layer in layers:
+            out[f"layer_{layer:0{width}d}"] = np.array([i.layer == layer for i in infos])
+    if per_matrix:
+        for k, info in enumerate(infos):
+            mask = np.zeros(len(infos), dtype=bool)
+            mask[k] = True
+            out[f"matrix/{info.name}"] = mask
+    return out
