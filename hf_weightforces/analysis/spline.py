@@ -67,7 +67,7 @@ from hf_weightforces.analysis.records import (
 )
 from hf_weightforces.core.groups import Grouping, canonical_name, layer_index
 
-from hf_weightforces.core.monitor import aggregate_masks
+from hf_weightforces.core.aggregates import aggregate_masks
 from hf_weightforces.core.records import json_safe
 
 __all__ = [

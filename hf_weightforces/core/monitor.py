@@ -16,28 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .budget import BUDGET_TERMS, bias_scales, budget_from_dots, squared_norms, step_dots
-from .groups import GROUPS, TOTAL
+from .aggregates import ParamInfo, aggregate_masks
 
 __all__ = ["ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
 
 _NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    """Static facts about one monitored parameter (full, unsharded sizes)."""
-
-    name: str
-    group: str
-    layer: int | None
-    numel: int
 
 
 class Packed(NamedTuple):
@@ -237,23 +226,3 @@ def summarize_sums(sums: np.ndarray, nonfinite: float, norm2: float, numel: floa
     row["rms"] = math.sqrt(norm2 / numel) if numel > 0 and math.isfinite(norm2) and norm2 >= 0 else nan
     row["numel"] = numel
     return row
-
-
-def aggregate_masks(infos: Sequence, per_layer: bool = True, per_matrix: bool = False) -> dict[str, np.ndarray]:
-    """Name → boolean mask over tensors (anything with ``group``, ``layer``, ``name``): the classes
-    present, ``total``, then ``layer_NN`` and ``matrix/<name>``.  The one place these key names
-    are made, live and offline."""
-    groups = np.array([i.group for i in infos])
-    out: dict[str, np.ndarray] = {g: groups == g for g in GROUPS if (groups == g).any()}
-    out[TOTAL] = np.ones(len(infos), dtype=bool)
-    if per_layer:
-        layers = sorted({i.layer for i in infos if i.layer is not None})
-        width = max(2, len(str(layers[-1]))) if layers else 2
-        for layer in layers:
-            out[f"layer_{layer:0{width}d}"] = np.array([i.layer == layer for i in infos])
-    if per_matrix:
-        for k, info in enumerate(infos):
-            mask = np.zeros(len(infos), dtype=bool)
-            mask[k] = True
-            out[f"matrix/{info.name}"] = mask
-    return out

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,12 +33,9 @@ from typing import Protocol
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
 
-import json
 
 import numpy as np
-import safetensors.torch
 
 from ..core.groups import Grouping, layer_index
 from ..core.integral import RunIntegral
@@ -47,6 +43,9 @@ from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import check_supported
 from ..core.pools import WeibullPools
 from ..distributed import ParamEntry, ShardContext, ShardFailureError
+from .ordering import find_callback_handler, place_before_reporters
+from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
+from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, write_params_file  # noqa: F401
 from .sinks import JsonlSink, NullSink, Sink, WandbSink
 from .superweights import SuperWeightTracker
 
@@ -55,10 +54,6 @@ __all__ = ["WeightForcesCallback"]
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-SCHEDULE_FILE = "schedule.jsonl"  # lr and weight decay per param group at every optimizer step
-PARAMS_FILE = "params.json"  # names, classes, shapes and optimizer group of the monitored tensors
-STATE_FILE = "weightforces_state.json"  # written into each Trainer checkpoint folder
-PROBE_TENSORS_FILE = "weightforces_probe_{}.safetensors"  # a probe's tensors_state(), beside STATE_FILE
 
 
 class Probe(Protocol):
@@ -89,27 +84,6 @@ class Probe(Protocol):
         """JSON-serialisable state saved with each checkpoint."""
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def _find_callback_handler() -> CallbackHandler | None:
-    """The CallbackHandler that is calling us (it is our caller's ``self``)."""
-    frame = sys._getframe(1)
-    for _ in range(6):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
-def _reporter_types() -> tuple[type, ...]:
-    try:
-        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-    except ImportError:  # pragma: no cover
-        return ()
-    return tuple(INTEGRATION_TO_CALLBACK.values())
 
 
 class WeightForcesCallback(TrainerCallback):
@@ -182,18 +156,9 @@ class WeightForcesCallback(TrainerCallback):
     # ------------------------------------------------------------------ set-up
     def _place_before_reporters(self) -> None:
         """Move ourselves before the first reporting integration, so our keys reach its row."""
-        handler = _find_callback_handler()
-        if handler is None or self not in handler.callbacks:
-            return
-        cbs = handler.callbacks
-        reporters = _reporter_types()
-        first = next((i for i, cb in enumerate(cbs) if isinstance(cb, reporters)), None)
-        me = cbs.index(self)
-        if first is not None and first < me:
-            cbs.remove(self)  # moving backwards keeps call_event's iteration intact
-            cbs.insert(first, self)
-            me = first
-        self._ordered = not any(isinstance(cb, reporters) for cb in cbs[:me])
+        ordered = place_before_reporters(self, find_callback_handler())
+        if ordered is not None:
+            self._ordered = ordered
 
     def on_init_end(self, args, state, control, **kwargs):
         self._place_before_reporters()
@@ -227,10 +192,9 @@ class WeightForcesCallback(TrainerCallback):
         self._active = self.ctx.computes
         self._owes_reduction = False
         self._sinks = self._make_sinks(args, state)
-        self._schedule: list[tuple[int, list, list, bool]] = []
         self._group_of = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
         if self._writes(state):
-            self._write_params_file(args, opt, entries, infos)
+            write_params_file(Path(args.output_dir) / self.output_subdir, opt, entries, infos, self.every, self._group_of)
         self.probes = list(self._all_probes)
         for probe in self.probes:
             probe.setup(entries, infos, self.ctx, args, state)
@@ -254,50 +218,14 @@ class WeightForcesCallback(TrainerCallback):
             self._next_weibull = state.global_step + self.weibull_every
 
     # ------------------------------------------------------------------ checkpoints
-    def _load_saved_state(self, args, state) -> dict | None:
-        """The state saved in the checkpoint we resume from; a missing or unreadable one warns."""
-        folders = [getattr(args, "resume_from_checkpoint", None),
-                   os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
-        for folder in filter(None, folders):
-            path = os.path.join(folder, STATE_FILE)
-            if not os.path.isfile(path):
-                continue
-            try:
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-                data["integral"] = RunIntegral.from_dict(data["integral"], self.integral.names)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("weight forces: cannot use %s (%s); the force integrals restart here", path, exc)
-                return None
-            logger.info("weight forces: resumed run integrals from %s", path)
-            data["_folder"] = folder  # where the probes' tensor files are
-            return data
-        logger.warning(
-            "weight forces: resuming at step %d without %s in the checkpoint; the force integrals "
-            "(rms_pred, offsets) restart here", state.global_step, STATE_FILE,
-        )
-        return None
-
     def _restore(self, args, state) -> None:
         """Continue the run's integrals (and the probes' state) from the checkpoint."""
-        data = self._load_saved_state(args, state)
+        data = load_state(args, state, self.integral.names)
         if data is None:
             return
         self.integral = data["integral"]
         self._next_weibull = int(data.get("next_weibull", state.global_step))
-        tensor_files = data.get("probe_tensors")  # absent in older checkpoints: try the usual names
-        for i, (probe, probe_state) in enumerate(zip(self._all_probes, data.get("probes", []))):
-            if not probe_state:
-                continue
-            name = PROBE_TENSORS_FILE.format(i) if tensor_files is None else (tensor_files[i:i + 1] or [None])[0]
-            if name and hasattr(probe, "load_tensors_state"):
-                path = os.path.join(data["_folder"], name)
-                try:  # safetensors only: no pickle
-                    probe.load_tensors_state(safetensors.torch.load_file(path))
-                except Exception as exc:  # missing or corrupt: this probe restarts here, training goes on
-                    logger.warning("weight forces: cannot use %s (%s); %s restarts at step %d",
-                                   path, exc, type(probe).__name__, state.global_step)
-            probe.load_state_dict(probe_state)
+        restore_probes(data, self._all_probes, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero or not self.ctx.is_main:
@@ -305,65 +233,17 @@ class WeightForcesCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
             return
-        data = {"integral": self.integral.to_dict(), "next_weibull": self._next_weibull, "step": state.global_step,
-                "probes": [probe.state_dict() if probe in self.probes else {} for probe in self._all_probes],
-                "probe_tensors": [None] * len(self._all_probes)}
-        for i, probe in enumerate(self._all_probes):
-            if probe not in self.probes or not hasattr(probe, "tensors_state"):
-                continue
-            name = PROBE_TENSORS_FILE.format(i)
-            try:  # before the JSON, which names only the files written whole
-                tensors = {k: v.detach().cpu().contiguous() for k, v in probe.tensors_state().items()}
-                if tensors:
-                    safetensors.torch.save_file(tensors, os.path.join(folder, name + ".tmp"))
-                    os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-                    data["probe_tensors"][i] = name
-            except Exception as exc:  # a probe that cannot save restarts at resume; training goes on
-                logger.warning("weight forces: cannot save %s of %s (%s)", name, type(probe).__name__, exc)
-        tmp = os.path.join(folder, STATE_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, os.path.join(folder, STATE_FILE))
+        save_state(folder, self.integral, self._next_weibull, state.global_step, self._all_probes, self.probes)
 
     def _writes(self, state) -> bool:
         return bool(state.is_world_process_zero and self.ctx is not None and self.ctx.is_main)
 
-    def _write_params_file(self, args, opt, entries: list[ParamEntry], infos: list[ParamInfo]) -> None:
-        """What offline tools need to read this run's records without the model at hand."""
-        folder = Path(args.output_dir) / self.output_subdir
-        folder.mkdir(parents=True, exist_ok=True)
-        beta1, beta2 = opt.param_groups[0]["betas"]
-        data = {
-            "optimizer": type(opt).__name__,
-            "betas": [float(beta1), float(beta2)],
-            "eps": float(opt.param_groups[0]["eps"]),
-            "every": self.every,
-            "params": [
-                {"name": e.name, "group": i.group, "layer": i.layer, "shape": list(e.shape), "numel": e.numel,
-                 "optimizer_group": self._group_of.get(id(e.param))}
-                for e, i in zip(entries, infos)
-            ],
-        }
-        (folder / PARAMS_FILE).write_text(json.dumps(data, indent=1))
-
-    def _flush_schedule(self) -> None:
-        """lr and weight decay of every optimizer step since the last log event, one row a step."""
-        if not self._schedule:
-            return
-        lrs = [lr for _, lr, _, _ in self._schedule]
-        if any(isinstance(x, torch.Tensor) for row in lrs for x in row):  # device lr: one transfer
-            lrs = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in row])
-                               for row in lrs]).tolist()
-        for (step, _, wds, skipped), lr in zip(self._schedule, lrs):
-            self._schedule_sink.log({"lr": lr, "weight_decay": wds, "skipped": skipped}, step)
-        self._schedule = []
-
     def _make_sinks(self, args, state) -> list[Sink]:
         if not self._writes(state):
-            self._schedule_sink: JsonlSink | NullSink = NullSink()
+            self._schedule = ScheduleLog(NullSink())
             return [NullSink()]
         folder = Path(args.output_dir) / self.output_subdir
-        self._schedule_sink = JsonlSink(folder / SCHEDULE_FILE, state.global_step)
+        self._schedule = ScheduleLog(JsonlSink(folder / SCHEDULE_FILE, state.global_step))
         sinks: list[Sink] = [JsonlSink(folder / METRICS_FILE, state.global_step)]
         report_to = args.report_to or []
         if ("wandb" in report_to or "all" in report_to) and not self.to_all_integrations:
@@ -460,13 +340,9 @@ class WeightForcesCallback(TrainerCallback):
             self._fail("on_optimizer_step", exc)
 
     def _note_schedule(self, step_id: int, optimizer, skipped: bool) -> None:
-        if isinstance(self._schedule_sink, NullSink):
-            return
-        opt = check_supported(optimizer)
-        groups = opt.param_groups
-        lr = [x if isinstance(x, torch.Tensor) and x.device.type != "cpu" else float(x)
-              for x in self.ctx.step_lrs(opt)]  # the lr the step used, whatever a scheduler did since
-        self._schedule.append((step_id, lr, [float(g.get("weight_decay", 0.0)) for g in groups], skipped))
+        if self._schedule.enabled:
+            opt = check_supported(optimizer)  # the lr the step used, whatever a scheduler did since
+            self._schedule.note(step_id, self.ctx.step_lrs(opt), opt.param_groups, skipped)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self._active or not self.probes:
@@ -531,7 +407,7 @@ class WeightForcesCallback(TrainerCallback):
             metrics.update(self._super_metrics(packed, steps, flat[mon.packed_size :] if weibull_due else None))
         for probe_metrics in self._call_probes("collect", state.global_step):
             metrics.update(probe_metrics)
-        self._flush_schedule()
+        self._schedule.flush()
         metrics["weightforces/skipped_steps"] = float(self._skipped)
         self._skipped = 0
         return metrics
@@ -554,5 +430,7 @@ class WeightForcesCallback(TrainerCallback):
         for sink in self._sinks:
             sink.close()
         self._sinks = []
+        if getattr(self, "_schedule", None) is not None:
+            self._schedule.close()
         if self.ctx is not None:
             self.ctx.close()  # the step hook it put on the optimizer
