@@ -23,7 +23,8 @@ def _group_weights(model, group):
 def test_live_fit_equals_the_exact_fit_of_the_final_weights(tmp_path, wf_rows):
     trainer = train_tiny(tmp_path, [WeightForcesCallback(weibull_every=8)], max_steps=16, logging_steps=4)
     rows = wf_rows(tmp_path)
-    assert [("weightforces/total/weibull_k" in r) for r in rows] == [False, True, False, True]
+    assert [("weightforces/matrices/weibull_k" in r) for r in rows] == [False, True, False, True]
+    assert not any("weightforces/total/weibull_k" in r for r in rows)  # total: every trained tensor, no fit
     last = rows[-1]
     for group in ("transmission", "selection", "embedding"):
         exact = fit_weibull(_group_weights(trainer.model, group))
@@ -31,11 +32,11 @@ def test_live_fit_equals_the_exact_fit_of_the_final_weights(tmp_path, wf_rows):
         assert last[f"weightforces/{group}/weibull_scale"] == pytest.approx(exact.scale, rel=2e-4)
         assert 0.9 < last[f"weightforces/{group}/weibull_r2"] <= 1
         assert 0 < last[f"weightforces/{group}/weibull_ks"] < 0.2
-    # biases and norm scales are not fitted; the Weibull "total" pools every weight matrix
+    # biases and norm scales are not fitted; the "matrices" pool holds every weight matrix
     assert "weightforces/other/weibull_k" not in last
     matrices = torch.cat([p.detach().reshape(-1) for n, p in trainer.model.named_parameters()
                           if classify(n, p.dim()) != "other"])
-    assert last["weightforces/total/weibull_k"] == pytest.approx(fit_weibull(matrices).k, abs=1e-3)
+    assert last["weightforces/matrices/weibull_k"] == pytest.approx(fit_weibull(matrices).k, abs=1e-3)
     # the start fit of freshly initialised N(0, 0.02^2) matrices sits at the Gaussian anchor
     first = rows[0]
     assert first["weightforces/transmission/start_weibull_k"] == pytest.approx(1.2054, abs=0.02)
@@ -101,7 +102,7 @@ def test_resume_continues_the_curves_without_a_seam(tmp_path, wf_rows):
                 assert math.isnan(rb[k]), k
             else:
                 assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-12), k
-    assert np.isfinite(b[-1]["weightforces/total/offset_total_klock"])
+    assert np.isfinite(b[-1]["weightforces/matrices/offset_total_klock"])
 
 
 def test_super_weights_left_out(tmp_path, wf_rows):

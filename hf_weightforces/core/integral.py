@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .groups import MATRICES, TOTAL
 from .offset import offset_components, predicted_rms
 from .weibull import WeibullFit
 
@@ -77,9 +78,14 @@ class RunIntegral:
             norm2_start=None if start is None else np.asarray(start, dtype=np.float64),
             dense=np.asarray(data["dense"], dtype=np.float64),
             sampled=np.asarray(data["sampled"], dtype=np.float64),
-            lock_ratio={k: float(v) for k, v in data.get("lock_ratio", {}).items()},
-            start_fit={k: (float(v[0]), float(v[1])) for k, v in data.get("start_fit", {}).items()},
+            lock_ratio={_pool_name(k): float(v) for k, v in data.get("lock_ratio", {}).items()},
+            start_fit={_pool_name(k): (float(v[0]), float(v[1])) for k, v in data.get("start_fit", {}).items()},
         )
+
+
+def _pool_name(name: str) -> str:
+    """Checkpoints written before the ``matrices`` pool called it ``total`` (docs/aggregates.md)."""
+    return MATRICES if name == TOTAL else name
 
 
 def weibull_row(

@@ -1,10 +1,13 @@
 """Pooled Weibull fits during training: which aggregates are fitted, and from which tensors.
 
 Only weight matrices are fitted (SPEC section 4): the ``other`` class (biases, norm scales near 1)
-is not Weibull-distributed and would swamp a pool, so the Weibull ``total`` pools every matrix
-class.  Counts of |w| in fixed log-spaced bins are additive over tensors and shards, so each rank
-adds its local pieces into one row per aggregate and the rows travel in the log event's single
-all-reduce; the fits and the offset rows (SPEC section 5) are then plain host arithmetic.
+is not Weibull-distributed and would swamp a pool, so the fits run per matrix class and on
+``matrices``, the pool of every class but ``other`` (the same tensors as the ``matrices`` row of
+the force budget, so λ/σ, ``rms_pred`` and the offsets of a row all describe one set; ``total``
+has no Weibull keys: docs/aggregates.md).  Counts of |w| in fixed log-spaced bins are additive
+over tensors and shards, so each rank adds its local pieces into one row per aggregate and the
+rows travel in the log event's single all-reduce; the fits and the offset rows (SPEC section 5)
+are then plain host arithmetic.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .groups import GROUPS, TOTAL
+from .aggregates import ParamInfo
+from .groups import GROUPS, MATRICES
 from .integral import RunIntegral, weibull_row
-from .monitor import ParamInfo
 from .weibull import MagnitudeHistogram, WeibullFit, fit_weibull_histogram, histogram_counts
 
 __all__ = ["WeibullPools"]
@@ -30,14 +33,14 @@ class WeibullPools:
         self.edges = self.hist.edges_tensor(device)
         self.device = torch.device(device)
         classes = [g for g in GROUPS if g != "other" and any(i.group == g for i in infos)]
-        self.names = classes + [TOTAL]
+        self.names = classes + ([MATRICES] if classes else [])
         if per_matrix:
             self.names += [f"matrix/{i.name}" for i in infos if i.group != "other"]
         row = {name: k for k, name in enumerate(self.names)}
         #: per parameter, the aggregate rows its counts feed (none for ``other``)
         self.rows = [
             [] if i.group == "other" else
-            [row[i.group], row[TOTAL]] + ([row[f"matrix/{i.name}"]] if f"matrix/{i.name}" in row else [])
+            [row[i.group], row[MATRICES]] + ([row[f"matrix/{i.name}"]] if f"matrix/{i.name}" in row else [])
             for i in infos
         ]
         self.masks = np.zeros((len(self.names), len(infos)), dtype=bool)

@@ -37,12 +37,14 @@ from transformers import TrainerCallback
 
 import numpy as np
 
-from ..core.groups import Grouping, layer_index
+from ..core.aggregates import describe
+from ..core.groups import Grouping
 from ..core.integral import RunIntegral
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import check_supported
 from ..core.pools import WeibullPools
 from ..distributed import ParamEntry, ShardContext, ShardFailureError
+from .frozen import find_frozen
 from .ordering import find_callback_handler, place_before_reporters
 from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
 from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, write_params_file  # noqa: F401
@@ -170,7 +172,7 @@ class WeightForcesCallback(TrainerCallback):
         opt = check_supported(optimizer)  # raises with what is supported
         self.ctx = ShardContext()  # raises for a backend without a reader
         entries = self.ctx.entries(model, opt)
-        infos = [ParamInfo(e.name, self.grouping.classify(e.name, len(e.shape)), layer_index(e.name), e.numel) for e in entries]
+        infos = [describe(e.name, len(e.shape), e.numel, self.grouping) for e in entries]
         if not entries:
             raise ValueError("WeightForcesCallback: the optimizer has no parameters to monitor")
         self._entries = entries
@@ -192,9 +194,11 @@ class WeightForcesCallback(TrainerCallback):
         self._active = self.ctx.computes
         self._owes_reduction = False
         self._sinks = self._make_sinks(args, state)
+        self._frozen = find_frozen(model, opt, self.ctx.backend.value if self.ctx.backend.sharded else None)
         self._group_of = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
         if self._writes(state):
-            write_params_file(Path(args.output_dir) / self.output_subdir, opt, entries, infos, self.every, self._group_of)
+            write_params_file(Path(args.output_dir) / self.output_subdir, opt, entries, infos, self.every, self._group_of,
+                              self._frozen)
         self.probes = list(self._all_probes)
         for probe in self.probes:
             probe.setup(entries, infos, self.ctx, args, state)
@@ -405,6 +409,8 @@ class WeightForcesCallback(TrainerCallback):
             self._next_weibull = (state.global_step // self.weibull_every + 1) * self.weibull_every
         if self._super is not None:
             metrics.update(self._super_metrics(packed, steps, flat[mon.packed_size :] if weibull_due else None))
+        if self._writes(state):  # whole frozen tensors, the same on every rank: read once
+            metrics.update(self._frozen.metrics())
         for probe_metrics in self._call_probes("collect", state.global_step):
             metrics.update(probe_metrics)
         self._schedule.flush()

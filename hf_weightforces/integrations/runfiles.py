@@ -1,7 +1,8 @@
 """The run's own record files beside ``metrics.jsonl``, for the offline tools.
 
-* ``params.json``: names, classes, layers, shapes and optimizer group of the monitored tensors,
-  with the optimizer's betas and eps, so a run can be read without the model at hand;
+* ``params.json``: names, classes, layers (and stack), adapter flags, shapes and optimizer group
+  of the monitored tensors, the frozen tensors' names and shapes, with the optimizer's betas and
+  eps, so a run can be read without the model at hand;
 * ``schedule.jsonl``: the lr and weight decay of every parameter group at every optimizer step
   (the lr the step used), and whether the step was skipped.
 """
@@ -21,8 +22,9 @@ SCHEDULE_FILE = "schedule.jsonl"  # lr and weight decay per param group at every
 PARAMS_FILE = "params.json"  # names, classes, shapes and optimizer group of the monitored tensors
 
 
-def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: dict[int, int]) -> None:
-    """What offline tools need to read this run's records without the model at hand."""
+def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: dict[int, int], frozen=None) -> None:
+    """What offline tools need to read this run's records without the model at hand; ``frozen``
+    (:class:`~hf_weightforces.integrations.frozen.FrozenTensors`) lists the untrained tensors."""
     folder.mkdir(parents=True, exist_ok=True)
     beta1, beta2 = opt.param_groups[0].get("betas", (float("nan"), float("nan")))
     data = {
@@ -32,9 +34,12 @@ def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: d
         "every": every,
         "params": [
             {"name": e.name, "group": i.group, "layer": i.layer, "shape": list(e.shape), "numel": e.numel,
-             "optimizer_group": group_of.get(id(e.param))}
+             "optimizer_group": group_of.get(id(e.param)), "adapter": bool(getattr(i, "adapter", False)),
+             "stack": getattr(i, "stack", None) or None}
             for e, i in zip(entries, infos)
         ],
+        "frozen": [] if frozen is None else
+        [{"name": n, "shape": list(t.shape), "numel": t.numel()} for n, t in zip(frozen.names, frozen.tensors)],
     }
     (folder / PARAMS_FILE).write_text(json.dumps(data, indent=1))
 
