@@ -8,8 +8,12 @@ and each weight matrix (floating point, at least 2-D, or 1-D with at least
   ln(-ln(1-F)) on ln|w|: slope k, λ = exp(-intercept / k)), ``method="exact"``;
 * σ = sqrt(||w||² / numel) in float64 and λ/σ (0.8875 for Gaussian weights, SPEC section 5).
 
-Per class (SPEC section 3) and for ``total``, the pooled fit covers every floating-point tensor,
-1-D ones included (they land in ``other``), as the live callback's fits do, so the two agree; it is by default
+Aggregates carry the live rows' names and meanings (docs/aggregates.md): one pooled fit per class
+(SPEC section 3; ``other`` holds the 1-D tensors and is fitted here, not live) and one over
+``matrices``, every class but ``other``, the live callback's Weibull pool; ``total`` covers every
+floating-point tensor of the checkpoint for σ only (no fit: a pool of norm gains near 1 and weight
+matrices is no Weibull sample).  A checkpoint does not say which tensors were trained, so offline
+``total`` also covers what the live rows report as ``frozen``.  The pooled fit is by default
 the histogram fit of the merged counts (``method="histogram"``: within 1e-4 of the exact pooled k,
 see :mod:`hf_weightforces.core.weibull`), which needs memory for one tensor only; with
 ``exact_groups=True`` the group's magnitudes are kept and sorted together (``method="exact"``,
@@ -28,7 +32,7 @@ import numpy as np
 from hf_weightforces.analysis.checkpoints import iter_tensors
 from hf_weightforces.analysis.fit import MIN_1D_NUMEL
 from hf_weightforces.analysis.records import Checkpoint, find_checkpoints
-from hf_weightforces.core.groups import GROUPS, TOTAL, Grouping, classify, layer_index
+from hf_weightforces.core.groups import GROUPS, MATRICES, TOTAL, Grouping, classify, layer_index
 from hf_weightforces.core.weibull import MagnitudeHistogram, WeibullFit, fit_weibull_sorted, sorted_magnitudes
 
 from hf_weightforces.core.records import json_safe
@@ -98,22 +102,29 @@ class ScaleTrajectory:
         })
 
 
+_NOT_FITTED = WeibullFit(math.nan, math.nan, math.nan, math.nan, 0, "histogram", False,
+                         "not fitted: total covers every tensor; the Weibull pool is matrices")
+
+
 class _Pool:
-    def __init__(self, exact: bool) -> None:
+    def __init__(self, exact: bool, fitted: bool = True) -> None:
+        self.fitted = fitted
         self.hist = MagnitudeHistogram()
         self.parts: list[np.ndarray] | None = [] if exact else None
         self.sumsq = 0.0
         self.numel = 0
 
     def add(self, xs: np.ndarray, sumsq: float, numel: int) -> None:
-        if self.parts is None:
+        if self.fitted and self.parts is None:
             self.hist.add_sorted(xs)
-        else:
+        elif self.fitted:
             self.parts.append(xs)
         self.sumsq += sumsq
         self.numel += numel
 
     def fit(self) -> WeibullFit:
+        if not self.fitted:
+            return _NOT_FITTED
         if self.parts is None:
             return self.hist.fit()
         xs = np.sort(np.concatenate(self.parts)) if self.parts else np.zeros(0)
@@ -134,10 +145,10 @@ def _fits(ck: Checkpoint, grouping: Grouping | None, exact_groups: bool, per_mat
         if per_matrix and (tensor.ndim >= 2 or numel >= MIN_1D_NUMEL):
             matrices.append(ScalePoint(ck.step, name, "matrix", group, layer_index(name), numel, sigma,
                                        fit_weibull_sorted(xs)))
-        for pool in (group, TOTAL):
-            pools.setdefault(pool, _Pool(exact_groups)).add(xs, sumsq, numel)
+        for pool in (group, MATRICES, TOTAL) if group != "other" else (group, TOTAL):
+            pools.setdefault(pool, _Pool(exact_groups, fitted=pool != TOTAL)).add(xs, sumsq, numel)
         del tensor, flat, xs
-    order = {g: i for i, g in enumerate((*GROUPS, TOTAL))}
+    order = {g: i for i, g in enumerate((*GROUPS, MATRICES, TOTAL))}
     groups = [ScalePoint(ck.step, g, "group", g, None, pools[g].numel, math.sqrt(pools[g].sumsq / pools[g].numel),
                          pools[g].fit())
               for g in sorted(pools, key=lambda g: (order.get(g, len(order)), g))]
@@ -187,7 +198,9 @@ def format_scale(traj: ScaleTrajectory, *, per_matrix: bool = True) -> str:
     change = []
     for name in traj.names("group"):
         steps, k, lam, sigma = traj.series(name)
-        if steps.size >= 2:
+        if steps.size >= 2 and name == TOTAL:
+            change.append(f"{name}: sigma x{sigma[-1] / sigma[0]:.4f} (steps {steps[0]} -> {steps[-1]})")
+        elif steps.size >= 2:
             change.append(f"{name}: k {k[0]:.4f} -> {k[-1]:.4f}, lambda x{lam[-1] / lam[0]:.4f}, "
                           f"sigma x{sigma[-1] / sigma[0]:.4f} (steps {steps[0]} -> {steps[-1]})")
     return "\n".join(lines + change)

@@ -41,6 +41,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -48,13 +49,32 @@ __all__ = [
     "ForceBudget",
     "adamw_direction",
     "budget_from_dots",
+    "budget_from_intended",
+    "decay_factor",
     "force_budget",
+    "intended_dots",
     "squared_norms",
     "step_dots",
 ]
 
-#: Per-tensor, per-step columns produced by :func:`budget_from_dots`, in order.
-BUDGET_TERMS: tuple[str, ...] = ("align", "inject", "decay", "rest", "delta")
+#: Per-tensor, per-step columns produced by :func:`budget_from_dots` and :func:`budget_from_intended`,
+#: in order.  ``rounding`` is the part of the observed Δ that rounding of low-precision stored weights
+#: took away or added (zero where the budget is rebuilt from the stored weights); ``decay_nominal``
+#: is D with the group's nominal weight decay (``decay`` uses the factor the optimizer applied);
+#: ``align_post`` is the research code's alignment at the post-step weights, -2η<w_{t+1}, u_t>.
+BUDGET_TERMS: tuple[str, ...] = ("align", "inject", "decay", "rest", "delta", "rounding", "decay_nominal", "align_post")
+
+
+def decay_factor(lr: float, weight_decay: float, dtype: torch.dtype = torch.float32) -> float:
+    """The factor c that AdamW really multiplies a parameter by (SPEC section 9).
+
+    PyTorch's AdamW (for-loop, foreach and fused alike, float32, bfloat16 and float16 parameters)
+    computes ``1 - lr * weight_decay`` as a Python float and multiplies in float32, so the factor
+    applied is fl32(1 - lr·λ): near 1 float32 numbers are 5.96e-8 apart, so at lr 5e-5, λ 0.01 the
+    decay really applied is 4.6% weaker than the nominal one.  Float64 parameters keep it exact.
+    """
+    c = 1.0 - float(lr) * float(weight_decay)
+    return c if dtype == torch.float64 else float(np.float32(c))
 
 
 @dataclass(frozen=True)
@@ -104,17 +124,20 @@ def force_budget(
     lr: float,
     weight_decay: float,
     w_after: torch.Tensor | None = None,
+    factor: float | None = None,
 ) -> ForceBudget:
     """The budget of one tensor from w_t and u_t, in float64 (SPEC section 2).
 
-    ``w_after`` defaults to the AdamW update (1-ηλ) w_t - η u_t; pass the tensor the optimizer
-    really produced to make the closure an observation.
+    ``w_after`` defaults to the AdamW update c w_t - η u_t; pass the tensor the optimizer really
+    produced to make the closure an observation.  ``factor`` is the decay factor c the optimizer
+    applied (:func:`decay_factor`); by default the nominal 1 - ηλ.
     """
     w = w_before.detach().to(torch.float64)
     u = u.detach().to(torch.float64)
-    eta, lam = float(lr), float(weight_decay)
+    eta = float(lr)
+    d = eta * float(weight_decay) if factor is None else 1.0 - float(factor)  # the decay applied, ηλ
     if w_after is None:
-        w_next = (1.0 - eta * lam) * w - eta * u
+        w_next = (1.0 - d) * w - eta * u
     else:
         w_next = w_after.detach().to(torch.float64)
     wu = float(torch.sum(w * u))
@@ -123,61 +146,68 @@ def force_budget(
     return ForceBudget(
         align=-2.0 * eta * wu,
         inject=eta * eta * uu,
-        decay=-2.0 * eta * lam * ww,
-        rest=eta * eta * lam * lam * ww + 2.0 * eta * eta * lam * wu,
+        decay=-2.0 * d * ww,
+        rest=d * d * ww + 2.0 * eta * d * wu,
         norm2_before=ww,
         norm2_after=float(torch.sum(w_next * w_next)),
     )
 
 
-#: Elements per BLAS dot: float32 accumulation over 2^18 values errs ~1e-6 relative; the chunk
-#: results are summed in float64, so the error does not grow with the tensor (a single dot over
-#: 1.6e7 values errs ~5e-4).
-_DOT_CHUNK = 1 << 18
+#: Elements converted to float64 at a time by the exact passes (1 MiB a float64 buffer on CPU):
+#: memory stays bounded by a few chunks whatever the tensor size, and the working set stays in
+#: cache.  Accelerators take larger chunks (fewer launches).
+_CHUNK_CPU = 1 << 17
+_CHUNK_ACCEL = 1 << 22
 
 
-def _chunked_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """<x, y> of two flat float32 tensors, float64 result, one read pass (no product written)."""
-    n = x.numel()
-    if n <= _DOT_CHUNK:
-        return torch.dot(x, y).to(torch.float64)
-    parts = [torch.dot(x[i : i + _DOT_CHUNK], y[i : i + _DOT_CHUNK]) for i in range(0, n, _DOT_CHUNK)]
-    return torch.stack(parts).sum(dtype=torch.float64)
+def _chunk(device: torch.device) -> int:
+    return _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCEL
 
 
-def _dots_loop(
+class _Scratch:
+    """``k`` reusable float64 buffers of one chunk each, allocated once per pass."""
+
+    def __init__(self, k: int, size: int, device: torch.device) -> None:
+        self.bufs = [torch.empty(size, dtype=torch.float64, device=device) for _ in range(k)]
+
+    def load(self, slot: int, src: torch.Tensor) -> torch.Tensor:
+        """``src`` (any float dtype, flat) as float64 in buffer ``slot``: exact for float32,
+        bfloat16 and float16 values."""
+        buf = self.bufs[slot][: src.numel()]
+        buf.copy_(src)
+        return buf
+
+
+def _dots_exact(
     weights: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     second_moments: Sequence[torch.Tensor],
     eps_terms: Sequence[float | torch.Tensor],
 ) -> torch.Tensor:
-    """CPU path: one tensor at a time through two reusable scratch buffers.
+    """(||w'||², <w', ũ>, ||ũ||²) with every product and sum in float64, one read of w, m, v.
 
-    On CPU a fresh full-size allocation per step costs more than the arithmetic (first-touch page
-    faults), so the scratch is sized by the largest tensor, not the model.
+    Squares and products of float32 (or bfloat16) values are exact in float64, so the observed
+    norm differs from the true one only by float64 summation (~1e-16): far below the budget even
+    at fine-tuning learning rates, where float32 products (6e-8 relative per element) were not.
+    Works on any device without a host synchronisation (the sums stay device tensors).
     """
-    biggest = max(1, max(w.numel() for w in weights))
     dev = weights[0].device
-    # two separate (aligned) buffers: the ||w'||² reduction then matches squared_norms bit for bit
-    u_buf = torch.empty(biggest, dtype=torch.float32, device=dev)
-    prod_buf = torch.empty(biggest, dtype=torch.float32, device=dev)
+    biggest = max(1, max(w.numel() for w in weights))
+    scratch = _Scratch(3, min(biggest, _chunk(dev)), dev)
+    step = _chunk(dev)
     rows = []
     for w, m, v, e in zip(weights, exp_avgs, second_moments, eps_terms):
         n = w.numel()
-        if n == 0:  # a shard this rank does not hold
-            rows.append(torch.zeros(3, dtype=torch.float64, device=dev))
-            continue
-        w32 = w.detach().reshape(-1).float() if w.dtype != torch.float32 else w.detach().reshape(-1)
-        u = u_buf[:n]
-        torch.sqrt(v.reshape(-1), out=u)
-        u.add_(e)
-        torch.div(m.reshape(-1), u, out=u)  # ũ = m / (sqrt(v) + ε')
-        prod = prod_buf[:n]
-        torch.mul(w32, w32, out=prod)
-        a = prod.sum(dtype=torch.float64)  # ||w'||²: the closure needs ~1e-9, so float64 sums
-        b = _chunked_dot(w32, u)  # <w', ũ> and ||ũ||² enter the forces linearly: ~1e-6 is plenty
-        c = _chunked_dot(u, u)
-        rows.append(torch.stack((a, b, c)))
+        acc = torch.zeros(3, dtype=torch.float64, device=dev)
+        wf, mf, vf = w.detach().reshape(-1), m.detach().reshape(-1), v.detach().reshape(-1)
+        for i in range(0, n, step):
+            x = scratch.load(0, wf[i : i + step])
+            u = scratch.load(1, mf[i : i + step])
+            d = scratch.load(2, vf[i : i + step])
+            d.sqrt_().add_(e)
+            u.div_(d)  # ũ = m / (sqrt(v) + ε')
+            acc += torch.stack((torch.dot(x, x), torch.dot(x, u), torch.dot(u, u)))
+        rows.append(acc)
     return torch.stack(rows)
 
 
@@ -187,11 +217,11 @@ def _dots_foreach(
     second_moments: Sequence[torch.Tensor],
     eps_terms: Sequence[float | torch.Tensor],
 ) -> torch.Tensor:
-    """Accelerator path: fused multi-tensor kernels, no per-tensor launches.
+    """Approximate accelerator path: fused multi-tensor kernels, no per-tensor launches.
 
-    <w', ũ> comes from the polarisation ||w' + ũ||² = ||w'||² + 2<w', ũ> + ||ũ||² with float64
-    accumulation; ũ is O(1) per element and w' small, so the float32 rounding of w' + ũ costs
-    about 1e-7/sqrt(n) of ||ũ||², far below the forces.
+    <w', ũ> comes from the polarisation ||w' + ũ||² = ||w'||² + 2<w', ũ> + ||ũ||².  The kernels
+    square in the input precision, so norms carry float32 rounding (~1e-7 relative): fine at
+    pre-training learning rates, not at fine-tuning ones (use the default exact path there).
     """
     w32 = [w.detach().float() for w in weights]
     u = torch._foreach_sqrt([v.detach() for v in second_moments])
@@ -210,29 +240,26 @@ def _dots_foreach(
 
 
 def squared_norms(weights: Sequence[torch.Tensor], *, method: str = "auto") -> torch.Tensor:
-    """||w||² per tensor, float64 [P], computed exactly as :func:`step_dots` computes ||w'||².
+    """||w||² per tensor, float64 [P]: exact squares, float64 sums, bounded memory.
 
-    Using the same arithmetic for the norm observed before a step and the one rebuilt after it
-    keeps the closure a comparison of like with like (and a resumed run equal to an unbroken one).
+    The same arithmetic as the ``||w'||²`` column of :func:`step_dots`, so the norm observed
+    before a step and the one after it are compared like with like.
     """
     if not weights:
         return torch.zeros(0, dtype=torch.float64)
-    if method == "auto":
-        method = "loop" if weights[0].device.type == "cpu" else "foreach"
     if method == "foreach":
-        w32 = [w.detach().float() for w in weights]
-        return torch.stack(torch._foreach_norm(w32, 2, dtype=torch.float64)).square()
-    biggest = max(w.numel() for w in weights)
-    prod = torch.empty(biggest, dtype=torch.float32, device=weights[0].device)
+        return torch.stack(torch._foreach_norm([w.detach().float() for w in weights], 2, dtype=torch.float64)).square()
+    dev = weights[0].device
+    step = _chunk(dev)
+    scratch = _Scratch(1, min(max(1, max(w.numel() for w in weights)), step), dev)
     out = []
     for w in weights:
-        if w.numel() == 0:
-            out.append(torch.zeros((), dtype=torch.float64, device=w.device))
-            continue
-        w32 = w.detach().reshape(-1).float()
-        p = prod[: w32.numel()]
-        torch.mul(w32, w32, out=p)
-        out.append(p.sum(dtype=torch.float64))
+        wf = w.detach().reshape(-1)
+        acc = torch.zeros((), dtype=torch.float64, device=w.device)
+        for i in range(0, wf.numel(), step):
+            x = scratch.load(0, wf[i : i + step])
+            acc += torch.dot(x, x)
+        out.append(acc)
     return torch.stack(out)
 
 
@@ -249,18 +276,31 @@ def step_dots(
     ``weights`` are the post-step tensors w' (any float dtype; the fp32 master where mixed
     precision keeps one), ``second_moments`` are ``exp_avg_sq`` (or ``max_exp_avg_sq`` under
     AMSGrad), and ``eps_terms[i] = ε sqrt(1-β2^t_i)``.  All tensors must share one device; no
-    host synchronisation happens here.  ``method`` is ``"loop"`` (CPU default), ``"foreach"``
-    (accelerator default) or ``"auto"``.
+    host synchronisation happens here.  ``method``: ``"exact"`` (the default, ``"auto"``) or
+    ``"foreach"`` (fewer kernels, float32-rounded norms; see :func:`_dots_foreach`).
     """
     if not weights:
         return torch.zeros(0, 3, dtype=torch.float64)
-    if method == "auto":
-        method = "loop" if weights[0].device.type == "cpu" else "foreach"
-    if method == "loop":
-        return _dots_loop(weights, exp_avgs, second_moments, eps_terms)
+    if method in ("auto", "exact", "loop"):
+        return _dots_exact(weights, exp_avgs, second_moments, eps_terms)
     if method == "foreach":
         return _dots_foreach(weights, exp_avgs, second_moments, eps_terms)
-    raise ValueError(f"unknown method {method!r}; expected 'auto', 'loop' or 'foreach'")
+    raise ValueError(f"unknown method {method!r}; expected 'auto', 'exact' or 'foreach'")
+
+
+def _forces(ww, wu, uu, eta, factor, weight_decay):
+    """(A, I, D, R, D_nominal) from ||w_t||², <w_t, u_t>, ||u_t||² and the applied decay factor c.
+
+    With d = 1 - c (the decay really applied, η λ_eff): D = -2 d ||w||², R = d² ||w||² + 2 η d <w, u>,
+    so A + I + D + R = ||c w - η u||² - ||w||² exactly.
+    """
+    d = 1.0 - factor
+    align = -2.0 * eta * wu
+    inject = eta * eta * uu
+    decay = -2.0 * d * ww
+    rest = d * d * ww + 2.0 * eta * d * wu
+    decay_nominal = -2.0 * eta * weight_decay * ww
+    return align, inject, decay, rest, decay_nominal
 
 
 def budget_from_dots(
@@ -269,28 +309,98 @@ def budget_from_dots(
     weight_decay: torch.Tensor,
     u_scale: torch.Tensor,
     norm2_before: torch.Tensor,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-tensor budget [P, 5] = (A, I, D, R, Δ_observed) from :func:`step_dots` output.
+    """Per-tensor budget [P, len(BUDGET_TERMS)] from :func:`step_dots` output (post-step weights).
 
-    ``lr``, ``weight_decay``, ``u_scale`` (s = sqrt(1-β2^t)/(1-β1^t)) and ``norm2_before`` (the
-    squared norm observed before the step) are float64 vectors of length P on the same device.
-    The reconstructed ||w_t||² is the only place the observation enters, through Δ.
+    ``lr``, ``weight_decay``, ``u_scale`` (s = sqrt(1-β2^t)/(1-β1^t)), ``norm2_before`` (the
+    squared norm observed before the step) and ``factor`` (the decay factor c the optimizer
+    applied, :func:`decay_factor`; default the nominal 1 - ηλ) are float64 vectors of length P
+    on one device.  w_t = (w' + η u) / c is rebuilt; the observation enters only through Δ.
     """
     a, b, c = dots.unbind(1)
-    eta, lam, s = lr, weight_decay, u_scale
-    inv = 1.0 / (1.0 - eta * lam)
+    eta, s = lr, u_scale
+    cf = 1.0 - eta * weight_decay if factor is None else factor
+    inv = 1.0 / cf
     wu = inv * (s * b + eta * s * s * c)  # <w_t, u_t>
     uu = s * s * c  # ||u_t||²
     ww = inv * inv * (a + 2.0 * eta * s * b + eta * eta * s * s * c)  # ||w_t||² (reconstructed)
-    align = -2.0 * eta * wu
-    inject = eta * eta * uu
-    decay = -2.0 * eta * lam * ww
-    rest = eta * eta * lam * lam * ww + 2.0 * eta * eta * lam * wu
+    align, inject, decay, rest, decay_nominal = _forces(ww, wu, uu, eta, cf, weight_decay)
     delta = a - norm2_before
-    return torch.stack((align, inject, decay, rest, delta), dim=1)
+    align_post = -2.0 * eta * s * b  # -2η<w_{t+1}, u_t>, the research code's convention
+    return torch.stack((align, inject, decay, rest, delta, torch.zeros_like(a), decay_nominal, align_post), dim=1)
 
 
 def bias_scales(step: float, beta1: float, beta2: float, eps: float) -> tuple[float, float]:
     """(s, ε') for one tensor: s = sqrt(1-β2^t)/(1-β1^t), ε' = ε sqrt(1-β2^t)."""
     bc2_sqrt = math.sqrt(1.0 - beta2**step)
     return bc2_sqrt / (1.0 - beta1**step), eps * bc2_sqrt
+
+
+# ------------------------------------------------------------------ the intended update (pre-step)
+def intended_dots(
+    weights: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor | None],
+    exp_avg_sqs: Sequence[torch.Tensor | None],
+    max_exp_avg_sqs: Sequence[torch.Tensor | None],
+    steps: Sequence[float],
+    betas: Sequence[tuple[float, float]],
+    eps: Sequence[float],
+    maximize: Sequence[bool],
+    grad_scale: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Before the step: (||w_t||², <w_t, u_t>, ||u_t||²) of the update AdamW is about to make, [P, 3].
+
+    For parameters the optimizer stores in low precision (bfloat16/float16 with no float32
+    master), where the stored w_{t+1} is rounded and w_t cannot be rebuilt from it (SPEC section
+    9).  From the true w_t, the final gradients (after clipping) and the moments before the
+    step, in float64 (exact squares, float64 sums), the moments advanced the way AdamW advances
+    them:  m_t = β1 m + (1-β1) g,  v_t = β2 v + (1-β2) g² (AMSGrad: max with the running max),
+    u_t = (m_t/(1-β1^t)) / (sqrt(v_t/(1-β2^t)) + ε), ``steps[i]`` = t, the step about to be
+    taken.  ``maximize`` flips g; ``grad_scale`` divides it (a fused AdamW under a GradScaler
+    unscales inside its kernel).  Missing moments (the first step) are zeros.
+    """
+    if not weights:
+        return torch.zeros(0, 3, dtype=torch.float64)
+    dev = weights[0].device
+    step = _chunk(dev)
+    biggest = max(1, max(w.numel() for w in weights))
+    scratch = _Scratch(5, min(biggest, step), dev)
+    rows = []
+    for k, w in enumerate(weights):
+        b1, b2 = betas[k]
+        t = float(steps[k])
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        n = w.numel()
+        flat = [x.detach().reshape(-1) if x is not None else None
+                for x in (w, grads[k], exp_avgs[k], exp_avg_sqs[k], max_exp_avg_sqs[k])]
+        acc = torch.zeros(3, dtype=torch.float64, device=dev)
+        for i in range(0, n, step):
+            x = scratch.load(0, flat[0][i : i + step])
+            g = scratch.load(1, flat[1][i : i + step])
+            if maximize[k]:
+                g.neg_()
+            if grad_scale is not None:
+                g.div_(grad_scale)
+            m = scratch.load(2, flat[2][i : i + step]) if flat[2] is not None else scratch.bufs[2][: x.numel()].zero_()
+            v = scratch.load(3, flat[3][i : i + step]) if flat[3] is not None else scratch.bufs[3][: x.numel()].zero_()
+            m.mul_(b1).add_(g, alpha=1.0 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            if flat[4] is not None:
+                torch.maximum(v, scratch.load(4, flat[4][i : i + step]), out=v)
+            v.div_(bc2).sqrt_().add_(eps[k])
+            m.div_(bc1).div_(v)  # u_t
+            acc += torch.stack((torch.dot(x, x), torch.dot(x, m), torch.dot(m, m)))
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def budget_from_intended(
+    dots: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, factor: torch.Tensor
+) -> torch.Tensor:
+    """Per tensor [P, 6] = (A, I, D, R, D_nominal, A_post) of the intended update, from
+    :func:`intended_dots`; A_post = -2η<c w_t - η u_t, u_t> = c A + 2 I."""
+    ww, wu, uu = dots.unbind(1)
+    align, inject, decay, rest, decay_nominal = _forces(ww, wu, uu, lr, factor, weight_decay)
+    return torch.stack((align, inject, decay, rest, decay_nominal, factor * align + 2.0 * inject), dim=1)

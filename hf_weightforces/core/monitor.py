@@ -21,18 +21,27 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .budget import BUDGET_TERMS, bias_scales, budget_from_dots, squared_norms, step_dots
+from .budget import (
+    BUDGET_TERMS,
+    bias_scales,
+    budget_from_dots,
+    budget_from_intended,
+    decay_factor,
+    intended_dots,
+    squared_norms,
+    step_dots,
+)
 from .aggregates import ParamInfo, aggregate_masks
 
-__all__ = ["ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
+__all__ = ["FORCE_KEYS", "ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
 
-_NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta
+_NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta, rounding, decay_nominal, align_post
 
 
 class Packed(NamedTuple):
     """Host view of :meth:`ForceMonitor.pack` after the reduction."""
 
-    sums: np.ndarray  # [P, 5] interval sums of align, inject, decay, rest, delta
+    sums: np.ndarray  # [P, len(BUDGET_TERMS)] interval sums
     nonfinite: np.ndarray  # [P] steps left out as non-finite
     norm2: np.ndarray  # [P] latest observed squared norm
     sampled: np.ndarray  # [P] interval sum of N·(A + I + D) at sampled steps
@@ -94,16 +103,21 @@ class ForceMonitor:
         betas: Sequence[tuple[float, float]],
         eps: Sequence[float],
         step_id: int | None = None,
+        factors: Sequence[float] | None = None,
     ) -> None:
         """Add one optimizer step's budget for the parameters the optimizer updated.
 
         Inputs are the post-step local weights and the optimizer's own moments; nothing is
-        copied and nothing is synchronised with the host.
+        copied and nothing is synchronised with the host.  ``factors`` are the decay factors the
+        optimizer applied (:func:`~hf_weightforces.core.budget.decay_factor`); by default the
+        float32-rounded factor of each tensor's dtype.
         """
         self.steps += 1
         if not indices:
             return
         dev = weights[0].device
+        if factors is None:
+            factors = [decay_factor(lr, wd, w.dtype) for lr, wd, w in zip(lrs, weight_decays, weights)]
         if all(_is_host(s) for s in steps):
             scales = [bias_scales(float(s), b1, b2, e) for s, (b1, b2), e in zip(steps, betas, eps)]
             u_scale = _to_device([s for s, _ in scales], dev)
@@ -114,7 +128,7 @@ class ForceMonitor:
             b2 = _to_device([b[1] for b in betas], dev)
             bc2_sqrt = torch.sqrt(1.0 - b2**t)
             u_scale = bc2_sqrt / (1.0 - b1**t)
-            eps_terms = list((_to_device(list(eps), dev) * bc2_sqrt).float().unbind())
+            eps_terms = list((_to_device(list(eps), dev) * bc2_sqrt).unbind())
         dots = step_dots(weights, exp_avgs, second_moments, eps_terms, method=self.dots_method)
         idx = torch.tensor(list(indices), device=self.device)
         terms = budget_from_dots(
@@ -123,19 +137,85 @@ class ForceMonitor:
             _to_device(list(weight_decays), self.device),
             u_scale.to(self.device),
             self.norm2[idx],
+            _to_device(list(factors), self.device),
         )
+        self._add(idx, terms, step_id)
+        self.norm2[idx] = dots[:, 0].to(self.device)
+
+    def _add(self, idx: torch.Tensor, terms: torch.Tensor, step_id: int | None) -> None:
         finite = torch.isfinite(terms).all(dim=1)
         terms = torch.where(finite[:, None], terms, torch.zeros_like(terms))
         self.sums.index_add_(0, idx, terms)
         if self.sample_every and step_id is not None and step_id % self.sample_every == 0:
             self.sampled.index_add_(0, idx, terms[:, :3].sum(dim=1) * self.sample_every)
         self.nonfinite.index_add_(0, idx, (~finite).to(torch.float64))
-        self.norm2[idx] = dots[:, 0].to(self.device)
+
+    # ------------------------------------------------------------------ the intended update
+    def stage_intended(
+        self,
+        indices: Sequence[int],
+        weights: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        exp_avgs: Sequence[torch.Tensor | None],
+        exp_avg_sqs: Sequence[torch.Tensor | None],
+        max_exp_avg_sqs: Sequence[torch.Tensor | None],
+        steps: Sequence[float],
+        lrs: Sequence[float],
+        weight_decays: Sequence[float],
+        betas: Sequence[tuple[float, float]],
+        eps: Sequence[float],
+        maximize: Sequence[bool],
+        grad_scale: float | torch.Tensor | None = None,
+        factors: Sequence[float] | None = None,
+    ) -> None:
+        """Before the step: the budget of the update AdamW intends, from the true w_t (SPEC
+        section 9).  Kept until :meth:`record_intended` sees which tensors were really updated;
+        ``steps`` are the counters of the step about to be taken (the stored one + 1)."""
+        self._staged = None
+        if not indices:
+            return
+        if factors is None:
+            factors = [decay_factor(lr, wd, w.dtype) for lr, wd, w in zip(lrs, weight_decays, weights)]
+        dots = intended_dots(weights, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, betas, eps,
+                             maximize, grad_scale).to(self.device)
+        terms = budget_from_intended(dots, _to_device(list(lrs), self.device),
+                                     _to_device(list(weight_decays), self.device), _to_device(list(factors), self.device))
+        self._staged = ({int(i): k for k, i in enumerate(indices)}, terms, dots[:, 0])
+
+    def record_intended(
+        self, indices: Sequence[int], weights_after: Sequence[torch.Tensor], step_id: int | None = None
+    ) -> list[int]:
+        """After the step: add the staged intended budget of the tensors in ``indices`` (those
+        the optimizer really updated), with the observed Δ and ``rounding`` = Δ - (A + I + D + R).
+        Returns the indices that had nothing staged (to be recorded the post-step way)."""
+        staged = getattr(self, "_staged", None)
+        self._staged = None
+        rows = {} if staged is None else staged[0]
+        have = [i for i in indices if i in rows]
+        missing = [i for i in indices if i not in rows]
+        if not have:
+            return missing
+        pick = torch.tensor([rows[i] for i in have], device=self.device)
+        intended, before = staged[1][pick], staged[2][pick]
+        after = squared_norms([w for i, w in zip(indices, weights_after) if i in rows], method=self.dots_method).to(self.device)
+        delta = after - before
+        align, inject, decay, rest, decay_nominal, align_post = intended.unbind(1)
+        rounding = delta - (align + inject + decay + rest)
+        terms = torch.stack((align, inject, decay, rest, delta, rounding, decay_nominal, align_post), dim=1)
+        idx = torch.tensor(have, device=self.device)
+        self._add(idx, terms, step_id)
+        self.norm2[idx] = after
+        return missing
 
     def record_views(self, views: Sequence, step_id: int | None = None, pick=None) -> None:
         """:meth:`record_step` from view objects (``index``, ``weight``, ``exp_avg``,
         ``second_moment``, ``step`` and ``hyper`` with lr, weight_decay, beta1, beta2, eps), one
-        call per device; ``pick(view, tensor)`` may select elements of each tensor first."""
+        call per device; ``pick(view, tensor)`` may select elements of each tensor first.  Tensors
+        whose intended update was staged before the step (:meth:`stage_intended`) are recorded
+        from that instead."""
+        if getattr(self, "_staged", None) is not None and pick is None:
+            missing = set(self.record_intended([v.index for v in views], [v.weight for v in views], step_id))
+            views = [v for v in views if v.index in missing]
         pick = pick or (lambda view, t: t)
         by_device: dict[torch.device, list] = {}
         for v in views:
@@ -155,12 +235,13 @@ class ForceMonitor:
                 [(v.hyper.beta1, v.hyper.beta2) for v in group],
                 [v.hyper.eps for v in group],
                 step_id,
+                [decay_factor(v.hyper.lr, v.hyper.weight_decay, v.weight.dtype) for v in group],
             )
         self.steps -= len(by_device) - 1  # one optimizer step, however many devices
 
     # ------------------------------------------------------------------ reporting
     def pack(self) -> torch.Tensor:
-        """One flat float64 tensor: sums [P*5], non-finite counts [P], squared norms [P],
+        """One flat float64 tensor: sums [P*len(BUDGET_TERMS)], non-finite counts [P], squared norms [P],
         sampled integral [P]."""
         return torch.cat((self.sums.reshape(-1), self.nonfinite, self.norm2, self.sampled))
 
@@ -195,15 +276,27 @@ class ForceMonitor:
         return metrics
 
 
+#: Keys of one aggregate's force row, in the order :func:`summarize_sums` writes them.
+FORCE_KEYS: tuple[str, ...] = ("align", "inject", "decay", "rest", "delta", "rounding", "closure", "closure_rel",
+                               "align_share", "inject_share", "decay_share", "decay_ratio", "align_post")
+
+
 def summarize_sums(sums: np.ndarray, nonfinite: float, norm2: float, numel: float, steps: int) -> dict[str, float]:
     """Metric row for one aggregate from its interval sums (SPEC section 2: sums first, ratios last).
 
-    Forces are means per budget step; shares come from the interval sums; ``closure`` is
-    Δ_observed - (A + I + D + R) per step and ``closure_rel`` divides it by |A| + |I| + |D|.
+    Forces are means per budget step; shares come from the interval sums.  ``rounding`` is the
+    part of the observed Δ that rounding of low-precision stored weights decided (zero where the
+    budget is rebuilt from float32 weights); ``closure`` = Δ - (A + I + D + R + rounding) per step,
+    bookkeeping only, and ``closure_rel`` divides it by |A| + |I| + |D|.  ``decay_ratio`` is the
+    decay the optimizer applied over the nominal -2ηλ||w||² (1.0 when they agree or both are 0);
+    ``align_post`` = -2η<w_{t+1}, u_t>, the research code's alignment (docs/budget.md).
     """
     nan = float("nan")
-    align, inject, decay, rest, delta = (float(x) for x in sums)
+    padded = np.zeros(len(BUDGET_TERMS))
+    padded[: len(sums)] = sums
+    align, inject, decay, rest, delta, rounding, decay_nominal, align_post = (float(x) for x in padded)
     budget = abs(align) + abs(inject) + abs(decay)
+    closure = delta - (align + inject + decay + rest + rounding)
     row: dict[str, float] = {}
     if steps > 0 and nonfinite == 0:
         row.update(
@@ -212,15 +305,17 @@ def summarize_sums(sums: np.ndarray, nonfinite: float, norm2: float, numel: floa
             decay=decay / steps,
             rest=rest / steps,
             delta=delta / steps,
-            closure=(delta - (align + inject + decay + rest)) / steps,
-            closure_rel=(delta - (align + inject + decay + rest)) / budget if budget > 0 else nan,
+            rounding=rounding / steps,
+            closure=closure / steps,
+            closure_rel=closure / budget if budget > 0 else nan,
             align_share=abs(align) / budget if budget > 0 else nan,
             inject_share=abs(inject) / budget if budget > 0 else nan,
             decay_share=abs(decay) / budget if budget > 0 else nan,
+            decay_ratio=decay / decay_nominal if decay_nominal != 0 else (1.0 if decay == 0 else nan),
+            align_post=align_post / steps,
         )
     elif steps > 0:  # non-finite values in this interval: report them as such
-        row.update({k: nan for k in ("align", "inject", "decay", "rest", "delta", "closure", "closure_rel",
-                                     "align_share", "inject_share", "decay_share")})
+        row.update({k: nan for k in FORCE_KEYS})
     row["nonfinite_steps"] = float(nonfinite)
     row["norm2"] = norm2
     row["rms"] = math.sqrt(norm2 / numel) if numel > 0 and math.isfinite(norm2) and norm2 >= 0 else nan
