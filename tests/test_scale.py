@@ -50,7 +50,7 @@ def run(tmp_path_factory):
 def test_fits_per_matrix_and_group(run):
     traj = scale_trajectory([run])
     assert [c.step for c in traj.checkpoints] == [20, 60, 100]
-    assert traj.names("group") == ["transmission", "selection", "embedding", "other", TOTAL_NAME]
+    assert traj.names("group") == ["transmission", "selection", "embedding", "other", "matrices", TOTAL_NAME]
     assert set(traj.names("matrix")) == set(MATRICES)  # a 256-element bias gets no matrix row
     from safetensors import safe_open
 
@@ -73,15 +73,18 @@ def test_histogram_groups_agree_with_the_exact_pooled_sort(run):
     hist = scale_trajectory([run], per_matrix=False)
     exact = scale_trajectory([run], per_matrix=False, exact_groups=True)
     assert hist.group_method == "histogram" and exact.group_method == "exact"
-    for name in ("transmission", "selection", "embedding", TOTAL_NAME):
+    for name in ("transmission", "selection", "embedding", "matrices"):
         _, k_h, lam_h, sig_h = hist.series(name)
         _, k_e, lam_e, sig_e = exact.series(name)
         np.testing.assert_allclose(k_h, k_e, atol=1e-4)
         np.testing.assert_allclose(lam_h, lam_e, rtol=5e-5)
         np.testing.assert_array_equal(sig_h, sig_e)
-    # total pools every tensor, the constant bias included (as the live callback's fits do)
+    # matrices pools every weight matrix (the live Weibull pool); total: every tensor, σ only
+    matrices = next(p for p in exact.points if p.name == "matrices" and p.step == 20)
+    assert matrices.numel == sum(math.prod(s) for s in MATRICES.values())
     total = next(p for p in exact.points if p.name == TOTAL_NAME and p.step == 20)
-    assert total.numel == sum(math.prod(s) for s in MATRICES.values()) + 256
+    assert total.numel == matrices.numel + 256 and not total.fit.success and math.isnan(total.k)
+    assert total.sigma ** 2 * total.numel == pytest.approx(matrices.sigma ** 2 * matrices.numel + 256 * 0.25, rel=1e-12)
 
 
 def test_cli_table_json_and_errors(run, tmp_path):

@@ -8,7 +8,8 @@ dimensions (and 1-D tensors of at least ``min_1d_numel`` elements),
 * records σ = RMS(w) = sqrt(||w||² / numel) over all elements (zeros included, float64) and λ/σ
   (0.8875 for Gaussian weights; SPEC section 5),
 * adds its magnitudes to its group's histogram (SPEC section 3 classes via
-  :func:`hf_weightforces.core.groups.classify`).
+  :func:`hf_weightforces.core.groups.classify`) and, unless it is ``other``, to the ``matrices``
+  pool (every class but ``other``: the live callback's Weibull pool, docs/aggregates.md).
 
 Each group's pooled fit is the histogram fit of the merged counts (``method="histogram"``, default
 absolute edges, tolerance in :mod:`hf_weightforces.core.weibull`), beside the median of its
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from hf_weightforces.analysis.checkpoints import PathLike, iter_tensors, read_step, weight_files
-from hf_weightforces.core.groups import GROUPS, Grouping, classify, layer_index
+from hf_weightforces.core.groups import GROUPS, MATRICES, Grouping, classify, layer_index
 from hf_weightforces.core.weibull import (
     MagnitudeHistogram,
     WeibullFit,
@@ -196,10 +197,11 @@ def fit_checkpoint(
         numel, sumsq = tensor.numel(), _sum_of_squares(tensor)
         rms = math.sqrt(sumsq / numel)
         rows.append(MatrixFit(name, group, layer_index(name), shape, dtype, numel, rms, fit, fit_all))
-        pools.setdefault(group, _Pool(exclude_top > 0)).add(kept, xs, sumsq, numel, fit.k)
+        for pool in (group, MATRICES) if group != "other" else (group,):  # matrices: the live Weibull pool
+            pools.setdefault(pool, _Pool(exclude_top > 0)).add(kept, xs, sumsq, numel, fit.k)
         del tensor, xs, kept
     rows.sort(key=lambda r: (-1 if r.layer is None else r.layer, r.name))
-    order = {g: i for i, g in enumerate(GROUPS)}
+    order = {g: i for i, g in enumerate((*GROUPS, MATRICES))}
     names = sorted(pools, key=lambda g: (order.get(g, len(order)), g))
     groups = tuple(pools[g].summary(g) for g in names)
     return FitReport(

@@ -344,7 +344,24 @@ def read_metrics(path: PathLike) -> list[dict]:
         if not isinstance(step, int) or step <= last:
             raise RecordError(f"{path}: row steps must be increasing integers (got {step!r} after {last})")
         last = step
-    return rows
+    return [_renamed_pool_keys(row) for row in rows]
+
+
+# Rows written before the ``matrices`` aggregate carried the Weibull pool's keys under ``total``
+# (over weight matrices only, while the row's forces and rms covered every parameter).
+_POOL_KEYS = ("weibull_", "start_weibull_", "rms_pred", "offset_")
+_OLD_POOL = "weightforces/total/"
+
+
+def _renamed_pool_keys(row: dict) -> dict:
+    """Map an older row's ``weightforces/total/<Weibull or offset key>`` to ``weightforces/matrices/``
+    (docs/aggregates.md), so that one name means one set of tensors in every run read."""
+    old = [k for k in row if k.startswith(_OLD_POOL) and k[len(_OLD_POOL):].startswith(_POOL_KEYS)]
+    if not old or any(k.startswith("weightforces/matrices/") for k in row):
+        return row
+    out = {k: v for k, v in row.items() if k not in old}
+    out.update({"weightforces/matrices/" + k[len(_OLD_POOL):]: row[k] for k in old})
+    return out
 
 
 @dataclass(frozen=True)

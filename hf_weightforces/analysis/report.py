@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from hf_weightforces.analysis.records import RecordError, Schedule, read_records
-from hf_weightforces.core.groups import GROUPS, TOTAL
+from hf_weightforces.core.groups import GROUPS, MATRICES, TOTAL
 
 __all__ = ["FIGURES", "Report", "write_report"]
 
@@ -91,7 +91,8 @@ def _aggregates(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
     """Classes (in SPEC order, then total) and layers that the rows hold forces for."""
     keys = set().union(*(r.keys() for r in rows))
     classes = [g for g in (*GROUPS, TOTAL) if f"{PREFIX}/{g}/align" in keys]
-    layers = sorted(k.split("/")[1] for k in keys if k.startswith(f"{PREFIX}/layer_") and k.endswith("/align"))
+    layers = sorted(k.split("/")[1] for k in keys if k.endswith("/align")
+                    and k.split("/")[1].startswith(("layer_", "encoder_layer_", "decoder_layer_")))
     return classes, layers
 
 
@@ -202,16 +203,18 @@ def _fig_balance(rows, classes, path: Path, dpi: int) -> str:
 
 
 def _group_colors(classes: Sequence[str]) -> dict[str, str]:
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "black"]
-    order = [*GROUPS, TOTAL]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "black"]
+    order = [*GROUPS, MATRICES, TOTAL]
     return {g: palette[order.index(g) % len(palette)] if g in order else "tab:gray" for g in classes}
 
 
 def _fig_weibull(rows, classes, trajectory, path: Path, dpi: int) -> str | None:
     panels = (("weibull_k", "k (shape)", 1.2054), ("weibull_scale", "λ (scale)", None),
               ("rms", "σ (RMS)", None), ("weibull_scale_over_rms", "λ / σ", 0.8875))
+    # the Weibull pools (docs/aggregates.md): matrix classes and matrices; biases and norm scales are not Weibull-like
+    classes = [g for g in (*GROUPS, MATRICES)
+               if g != "other" and (g in classes or any(f"{PREFIX}/{g}/weibull_k" in r for r in rows))]
     colors = _group_colors(classes)
-    classes = [g for g in classes if g != "other"]  # biases and norm scales: not Weibull-like
     have_live = any(_column(rows, f"{PREFIX}/{g}/weibull_k")[0].size for g in classes)
     if not have_live and trajectory is None:
         return None
@@ -281,7 +284,7 @@ def _fig_layers(rows, layers, path: Path, dpi: int) -> str | None:
 
 
 def _fig_offset(rows, classes, path: Path, dpi: int) -> str | None:
-    have = [g for g in classes if g != "other" and _column(rows, f"{PREFIX}/{g}/offset_total_klock")[0].size]
+    have = [g for g in (*GROUPS, MATRICES) if g != "other" and _column(rows, f"{PREFIX}/{g}/offset_total_klock")[0].size]
     if not have:
         return None
     fig, axes = _figure(*_grid(len(have)))
