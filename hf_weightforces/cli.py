@@ -78,17 +78,28 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help='JSON {"class": ["regex", ...]} overriding the weight classes (tried before the built-in rules)',
     )
+    _hub_flags(p, several=False)
     p.set_defaults(func=_run_fit)
 
 
 def _run_fit(args: argparse.Namespace) -> int:
     from hf_weightforces.analysis.fit import fit_checkpoint, format_table
 
-    report = fit_checkpoint(args.path, exclude_top=args.exclude_top, grouping=_load_grouping(args.groups_json))
+    inputs = _hub_inputs(args, [args.path], need_steps=False)
+    grouping = _load_grouping(args.groups_json)
+    if isinstance(inputs, list):
+        report = fit_checkpoint(args.path, exclude_top=args.exclude_top, grouping=grouping)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else format_table(report))
+        return 0
+    reports = []
+    for ck in inputs:  # one revision at a time
+        report = fit_checkpoint(ck.path, exclude_top=args.exclude_top, grouping=grouping)
+        if args.json:
+            reports.append({"revision": ck.label, **report.to_dict()})
+        else:
+            print(f"== {ck.label}\n{format_table(report)}\n")
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(format_table(report))
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     return 0
 
 
@@ -120,6 +131,7 @@ def _add_geometry(subparsers: argparse._SubParsersAction) -> None:
                    help="fused QKV layout (default: from config.json's model_type)")
     p.add_argument("--groups-json", metavar="FILE",
                    help='JSON {"class": ["regex", ...]} overriding the weight classes (tried before the built-in rules)')
+    _hub_flags(p)
     p.set_defaults(func=_run_geometry)
 
 
@@ -127,7 +139,7 @@ def _run_geometry(args: argparse.Namespace) -> int:
     from hf_weightforces.analysis.geometry import format_table, geometry_from_checkpoints
 
     report = geometry_from_checkpoints(
-        args.paths, coords=args.coords, seed=args.seed, ranks=not args.no_ranks, per_head=args.per_head,
+        _hub_inputs(args, args.paths), coords=args.coords, seed=args.seed, ranks=not args.no_ranks, per_head=args.per_head,
         num_heads=args.num_heads, layout=args.layout, grouping=_load_grouping(args.groups_json),
     )
     if args.json:
@@ -145,6 +157,40 @@ def _run_paths(p: argparse.ArgumentParser) -> None:
                    help='JSON {"class": ["regex", ...]} overriding the weight classes (tried before the built-in rules)')
 
 
+def _hub_flags(p: argparse.ArgumentParser, *, several: bool = True) -> None:
+    """Flags that turn a positional ``org/name`` into Hub revisions (``analysis/hub.py``)."""
+    g = p.add_argument_group("Hub revisions (give a repository id such as EleutherAI/pythia-160m instead of paths)")
+    g.add_argument("--revisions", metavar="SPEC",
+                   help="comma list (step0,step1000) and/or START:STOP:STRIDE ranges (step1000:step143000:1000, "
+                   "stop included); the step of each comes from its name" + ("" if several else "; default main"))
+    g.add_argument("--delete-after", action="store_true",
+                   help="remove each revision from the Hub cache once it has been read (disk holds one at a time)")
+    g.add_argument("--cache-dir", metavar="DIR", help="Hub cache folder (default: HF_HUB_CACHE, else HF_HOME/hub)")
+
+
+def _hub_inputs(args: argparse.Namespace, paths: list[str], *, need_steps: bool = True):
+    """``paths`` as given, or :class:`~hf_weightforces.analysis.hub.HubCheckpoints` when they name a
+    repository (with ``--revisions``, or ``main`` where ``need_steps`` is False)."""
+    from hf_weightforces.analysis.hub import HubCheckpoints, looks_like_repo_id, parse_revisions
+
+    repo = paths[0] if len(paths) == 1 and looks_like_repo_id(paths[0]) else None
+    if args.revisions is None and repo is None:
+        if args.delete_after:
+            raise ValueError("--delete-after applies to Hub revisions (a repository id with --revisions)")
+        return paths
+    if repo is None:
+        raise ValueError(f"--revisions needs one Hub repository id (org/name), got {' '.join(paths)}"
+                         + (" (a local path)" if len(paths) == 1 else ""))
+    if args.revisions is None and need_steps:
+        raise ValueError(f"{repo}: no such local path; for a Hub repository give --revisions "
+                         "(e.g. step1000:step143000:1000)")
+    revisions = parse_revisions(args.revisions) if args.revisions else ["main"]
+    source = HubCheckpoints(repo, revisions, delete_after=args.delete_after, cache_dir=args.cache_dir,
+                            progress=lambda line: print(line, file=sys.stderr, flush=True), need_steps=need_steps)
+    args.__dict__.setdefault("hub_sources", []).append(source)  # main() closes it (removes the last one read)
+    return source
+
+
 def _schedule_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("schedule (only for runs without the callback's schedule.jsonl)")
     g.add_argument("--lr", type=float, help="peak learning rate")
@@ -152,13 +198,27 @@ def _schedule_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up steps (default 0)")
     g.add_argument("--lr-decay", choices=("constant", "linear", "cosine"), default="constant",
                    help="lr shape after warm-up, as the Trainer's lr_scheduler_type (default constant)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of >= 2-D tensors (default 0)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay of >= 2-D tensors (default 0)")
     g.add_argument("--ignore-record", action="store_true", help="use these flags even when the run has a record")
+    g.add_argument("--preset", metavar="NAME", help="a published schedule (pythia-70m, pythia-160m, ...; inferred "
+                   "from an EleutherAI/pythia-* repository id); --weight-decay, if given, overrides its decay")
 
 
-def _flags_schedule(args: argparse.Namespace):
+def _flags_schedule(args: argparse.Namespace, paths=None):
     from hf_weightforces.analysis.records import schedule_from_flags
 
+    preset = getattr(args, "preset", None)
+    if preset is None and args.lr is None and getattr(paths, "repo_id", None):
+        from hf_weightforces.analysis.presets import preset_for_repo
+
+        preset = preset_for_repo(paths.repo_id)  # EleutherAI/pythia-* publish their schedule
+    if preset is not None:
+        from hf_weightforces.analysis.presets import get_preset
+
+        if args.lr is not None:
+            raise ValueError("--preset and --lr both give the schedule: choose one")
+        wd = args.weight_decay  # None: the preset's own
+        return get_preset(preset).schedule(weight_decay=wd)
     if args.lr is None:
         if args.ignore_record:
             raise ValueError("--ignore-record needs the schedule flags (--lr, --total-steps, ...)")
@@ -166,7 +226,7 @@ def _flags_schedule(args: argparse.Namespace):
     if args.total_steps is None:
         raise ValueError("--lr needs --total-steps (the run's max_steps)")
     return schedule_from_flags(args.lr, args.total_steps, warmup_steps=args.warmup_steps, decay=args.lr_decay,
-                               weight_decay=args.weight_decay)
+                               weight_decay=args.weight_decay or 0.0)
 
 
 def _add_spline(subparsers: argparse._SubParsersAction) -> None:
@@ -190,6 +250,7 @@ def _add_spline(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     p.add_argument("--series", action="store_true", help="with --json: add every step's estimates")
     _run_paths(p)
+    _hub_flags(p)
     _schedule_flags(p)
     p.set_defaults(func=_run_spline)
 
@@ -197,7 +258,8 @@ def _add_spline(subparsers: argparse._SubParsersAction) -> None:
 def _run_spline(args: argparse.Namespace) -> int:
     from hf_weightforces.analysis.spline import analyze, format_spline
 
-    report = analyze(args.paths, records=args.records, flags_schedule=_flags_schedule(args),
+    paths = _hub_inputs(args, args.paths)
+    report = analyze(paths, records=args.records, flags_schedule=_flags_schedule(args, paths),
                      use_record=not args.ignore_record, sample_size=args.sample, seed=args.seed, beta1=args.beta1,
                      grouping=_load_grouping(args.groups_json), keep_every=args.keep_every,
                      per_layer=args.per_layer, per_matrix=args.per_matrix)
@@ -222,13 +284,14 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--groups-only", action="store_true", help="leave out the per-matrix rows")
     p.add_argument("--json", action="store_true", help="print the fits as JSON instead of tables")
     _run_paths(p)
+    _hub_flags(p)
     p.set_defaults(func=_run_lambda)
 
 
 def _run_lambda(args: argparse.Namespace) -> int:
     from hf_weightforces.analysis.scale import format_scale, scale_trajectory
 
-    traj = scale_trajectory(args.paths, grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
+    traj = scale_trajectory(_hub_inputs(args, args.paths), grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
                             per_matrix=not args.groups_only, keep_every=args.keep_every)
     print(json.dumps(traj.to_dict(), indent=2) if args.json else format_scale(traj, per_matrix=not args.groups_only))
     return 0
@@ -295,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for source in getattr(args, "hub_sources", ()):
+            source.close()  # --delete-after: the last revision read leaves the cache too
 
 
 if __name__ == "__main__":

@@ -157,12 +157,15 @@ def geometry_from_checkpoints(
 ) -> GeometryReport:
     """Backbone and rank rows for checkpoints (``checkpoint-N`` folders, or run folders holding
     them), in step order; the first is the reference of every displacement."""
-    found = checkpoint_paths(paths)
+    from hf_weightforces.analysis.hub import HubCheckpoints, checkpoint_label
+
+    hub = isinstance(paths, HubCheckpoints)  # Hub revisions: each fetched when read, in step order
+    found = [(c.step, c) for c in paths] if hub else checkpoint_paths(paths)
     if len(found) < 2:
         raise CheckpointError(f"need at least two checkpoints for a trajectory, found {len(found)}")
     steps = [s for s, _ in found]
     grouping = grouping or Grouping()
-    config = _config(found[-1][1])
+    config = _config(found[0][1].path if hub else found[-1][1])
     if num_heads is None:
         num_heads = config.get("num_attention_heads") or config.get("n_head")
         num_kv_heads = num_kv_heads or config.get("num_key_value_heads")
@@ -172,10 +175,11 @@ def geometry_from_checkpoints(
     plan = None
     tracker = None
     x0 = x_prev = None
-    run_dirs = list(dict.fromkeys(c.parent for _, c in found))
+    run_dirs = [] if hub else list(dict.fromkeys(c.parent for _, c in found))
     cumvar, null_schedule = _schedule_cumvar(run_dirs, steps)
     rows: list[dict[str, float]] = []
-    for i, (step, folder) in enumerate(found):
+    for i, (step, ck) in enumerate(found):
+        folder = ck.path if hub else ck
         tensors: dict[str, torch.Tensor] = {}
         layers = _Layers(num_heads, num_kv_heads, layout, per_head) if ranks else None
         sample_of: dict[str, torch.Tensor] = {}
@@ -230,7 +234,7 @@ def geometry_from_checkpoints(
     sizes = {g: plan["sizes"][g] for g in plan["groups"]}
     sizes[TOTAL] = sum(sizes.values())
     return GeometryReport(
-        paths=[str(c) for _, c in found], steps=steps, reference_step=steps[0], null_schedule=null_schedule,
+        paths=[checkpoint_label(c) if hub else str(c) for _, c in found], steps=steps, reference_step=steps[0], null_schedule=null_schedule,
         coords=sizes, num_heads=num_heads, layout=layout, rows=rows,
     )
 

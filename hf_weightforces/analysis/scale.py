@@ -31,7 +31,8 @@ import numpy as np
 
 from hf_weightforces.analysis.checkpoints import iter_tensors
 from hf_weightforces.analysis.fit import MIN_1D_NUMEL
-from hf_weightforces.analysis.records import Checkpoint, find_checkpoints
+from hf_weightforces.analysis.hub import checkpoint_label, resolve_checkpoints
+from hf_weightforces.analysis.records import Checkpoint
 from hf_weightforces.core.groups import GROUPS, MATRICES, TOTAL, Grouping, classify, layer_index
 from hf_weightforces.core.weibull import MagnitudeHistogram, WeibullFit, fit_weibull_sorted, sorted_magnitudes
 
@@ -95,7 +96,7 @@ class ScaleTrajectory:
 
     def to_dict(self) -> dict[str, object]:
         return json_safe({
-            "checkpoints": [{"path": str(c.path), "step": c.step} for c in self.checkpoints],
+            "checkpoints": [{"path": checkpoint_label(c), "step": c.step} for c in self.checkpoints],
             "matrix_method": "exact",
             "group_method": self.group_method,
             "points": [p.to_dict() for p in self.points],
@@ -156,7 +157,7 @@ def _fits(ck: Checkpoint, grouping: Grouping | None, exact_groups: bool, per_mat
 
 
 def scale_trajectory(
-    paths: Sequence[str | os.PathLike],
+    paths: Sequence[str | os.PathLike] | Sequence[Checkpoint],
     *,
     grouping: Grouping | None = None,
     exact_groups: bool = False,
@@ -164,14 +165,16 @@ def scale_trajectory(
     keep_every: int = 0,
 ) -> ScaleTrajectory:
     """Fit every checkpoint of ``paths`` (a run folder, a folder of checkpoints or a list of them;
-    see :func:`~hf_weightforces.analysis.records.find_checkpoints`), in step order."""
-    checkpoints = find_checkpoints(paths)
+    see :func:`~hf_weightforces.analysis.records.find_checkpoints`; or Hub revisions,
+    :class:`~hf_weightforces.analysis.hub.HubCheckpoints`), in step order."""
+    checkpoints = resolve_checkpoints(paths)
     if keep_every > 0:
         checkpoints = [c for c in checkpoints if c.step % keep_every == 0]
     points: list[ScalePoint] = []
-    for ck in checkpoints:
+    for ck in checkpoints:  # in step order, each read once: Hub revisions are fetched one at a time
         points += _fits(ck, grouping, exact_groups, per_matrix)
     return ScaleTrajectory(tuple(checkpoints), tuple(points), "exact" if exact_groups else "histogram")
+
 
 
 def _num(x: float, spec: str) -> str:

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from hf_weightforces.analysis.checkpoints import iter_tensors
+from hf_weightforces.analysis.hub import checkpoint_label
 from hf_weightforces.analysis.records import (
     Checkpoint,
     ParamsRecord,
@@ -257,7 +258,7 @@ def sample_checkpoints(
             bad = next(t.name for t in tensors if not np.isfinite(values[k, t.offset : t.offset + t.sampled]).all())
             raise RecordError(f"{ck.path}: non-finite weights in {bad}")
     steps = np.array([c.step for c in checkpoints], dtype=np.int64)
-    return CheckpointSample(steps, tuple(str(c.path) for c in checkpoints), tuple(tensors), values, seed,
+    return CheckpointSample(steps, tuple(checkpoint_label(c) for c in checkpoints), tuple(tensors), values, seed,
                             time.perf_counter() - t0)
 
 
@@ -666,7 +667,7 @@ class SplineReport:
     def to_dict(self, series: bool = False, per_layer: bool = False, per_matrix: bool = False) -> dict[str, object]:
         f = self.forces
         out: dict[str, object] = {
-            "checkpoints": [{"path": str(c.path), "step": c.step} for c in self.checkpoints],
+            "checkpoints": [{"path": checkpoint_label(c), "step": c.step} for c in self.checkpoints],
             "records": self.records,
             "schedule": f.schedule_source,
             "beta1": f.beta1,
@@ -705,16 +706,18 @@ def analyze(
     ``flags_schedule``; neither is an error that says which flags to give.  ``keep_every`` keeps
     only checkpoints whose step is a multiple of it (to test sparser spacings of one run).
     """
-    from hf_weightforces.analysis.records import find_checkpoints, locate_records, read_records
+    from hf_weightforces.analysis.hub import HubCheckpoints, resolve_checkpoints
+    from hf_weightforces.analysis.records import locate_records, read_records
 
-    checkpoints = find_checkpoints(paths)
+    checkpoints = resolve_checkpoints(paths)  # Hub revisions: fetched one at a time, when read
     if keep_every > 0:
         checkpoints = [c for c in checkpoints if c.step % keep_every == 0]
     if len(checkpoints) < MIN_CHECKPOINTS:
         steps = [c.step for c in checkpoints]
         raise RecordError(f"a cubic spline needs at least {MIN_CHECKPOINTS} checkpoints; found {len(steps)} "
                           f"(steps {steps}): save more often or pass more checkpoints")
-    folder = records if records is not None else locate_records(paths, checkpoints)
+    hub = isinstance(paths, HubCheckpoints)  # no records beside Hub revisions, unless --records names them
+    folder = records if records is not None or hub else locate_records(paths, checkpoints)
     rec = read_records(folder)
     notes = []
     if use_record and rec.schedule is not None:
