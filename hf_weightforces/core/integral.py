@@ -67,20 +67,49 @@ class RunIntegral:
 
     @classmethod
     def from_dict(cls, data: Mapping, names: Sequence[str]) -> RunIntegral:
-        """Restore, checking that it describes the same parameters (clear error otherwise)."""
+        """Restore, checking every field: the same parameters (names, in order), arrays of one
+        number per parameter, numbers where numbers belong.  Raises ``ValueError`` saying which
+        field is wrong (a resume then restarts the integrals)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"the integral is a JSON {type(data).__name__}, not an object")
         if data.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported weight-forces state version {data.get('version')!r}")
-        if list(data["names"]) != list(names):
+        saved = data.get("names")
+        if not isinstance(saved, list) or list(saved) != list(names):
             raise ValueError("the saved weight-forces state describes different parameters than this model")
+        n = len(names)
         start = data.get("norm2_start")
         return cls(
             names=list(names),
-            norm2_start=None if start is None else np.asarray(start, dtype=np.float64),
-            dense=np.asarray(data["dense"], dtype=np.float64),
-            sampled=np.asarray(data["sampled"], dtype=np.float64),
-            lock_ratio={_pool_name(k): float(v) for k, v in data.get("lock_ratio", {}).items()},
-            start_fit={_pool_name(k): (float(v[0]), float(v[1])) for k, v in data.get("start_fit", {}).items()},
+            norm2_start=None if start is None else _numbers(start, n, "norm2_start"),
+            dense=_numbers(data.get("dense"), n, "dense"),
+            sampled=_numbers(data.get("sampled"), n, "sampled"),
+            lock_ratio={_pool_name(k): float(v) for k, v in _number_map(data.get("lock_ratio", {}), "lock_ratio").items()},
+            start_fit={_pool_name(k): (float(v[0]), float(v[1]))
+                       for k, v in _number_map(data.get("start_fit", {}), "start_fit", pair=True).items()},
         )
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _numbers(values: object, n: int, field: str) -> np.ndarray:
+    """A list of ``n`` numbers as float64, or ValueError naming the field."""
+    if not isinstance(values, list) or len(values) != n or not all(_is_number(x) for x in values):
+        got = f"a list of {len(values)}" if isinstance(values, list) else type(values).__name__
+        raise ValueError(f"{field} must be a list of {n} numbers (got {got})")
+    return np.asarray(values, dtype=np.float64)
+
+
+def _number_map(values: object, field: str, pair: bool = False) -> dict:
+    """``{aggregate: number}`` (or ``{aggregate: [number, number]}``), or ValueError naming the field."""
+    ok = isinstance(values, Mapping) and all(
+        isinstance(k, str) and (isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)) if pair else _is_number(v))
+        for k, v in values.items())
+    if not ok:
+        raise ValueError(f"{field} must map aggregate names to {'[k, scale] pairs' if pair else 'numbers'}")
+    return dict(values)
 
 
 def _pool_name(name: str) -> str:

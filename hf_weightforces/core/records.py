@@ -1,5 +1,10 @@
 """The record format shared by the live callback and the offline tools: JSON lines, one row per
-event, ``{"step": int, key: number-or-null, ...}`` (strict JSON: non-finite numbers are null)."""
+event, ``{"step": int, key: number-or-null, ...}`` (strict JSON: non-finite numbers are null).
+
+Readers are lenient where a run may have left damage (a torn last line after a crash, a line
+written by hand): :func:`read_rows` skips every line that is not a JSON object with an integer
+``step`` and counts it; nothing is ever ``eval``-ed or unpickled.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,67 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 
-__all__ = ["json_safe", "read_jsonl"]
+__all__ = ["RowsRead", "json_safe", "read_jsonl", "read_rows"]
 
 logger = logging.getLogger(__name__)
 
 
-def read_jsonl(path: str | os.PathLike, strict: bool = True) -> list[dict]:
-    """Rows of a metrics.jsonl file; nulls read back as NaN.  ``strict=False`` skips a torn last line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
+@dataclass(frozen=True)
+class RowsRead:
+    """The usable rows of a JSON-lines file (values exactly as stored: null stays ``None``) and
+    how many non-blank lines were skipped, with the first reason."""
+
+    rows: list[dict]
+    skipped: int
+    first_problem: str = ""
+
+
+def _problem(line: str) -> tuple[dict | None, str]:
+    """The row on this line, or None and why it is unusable."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; RecursionError: absurd nesting
+        return None, f"not JSON ({type(exc).__name__}: {str(exc)[:80]})"
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}, not an object"
+    step = row.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None, f"step {step!r} is not a non-negative integer"
+    return row, ""
+
+
+def read_rows(path: str | os.PathLike) -> RowsRead:
+    """Every line of ``path`` that is a JSON object with an integer ``step``; other lines are
+    skipped and counted.  Raises ``OSError`` when the file cannot be read at all."""
+    rows, skipped, first = [], 0, ""
+    with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if strict:
-                    raise ValueError(f"{path}:{lineno}: not a JSON row ({exc})") from exc
-                logger.warning("skipping unreadable row %d of %s", lineno, path)
+            row, why = _problem(line)
+            if row is None:
+                skipped += 1
+                first = first or f"line {lineno}: {why}"
                 continue
-            rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
-    return rows
+            rows.append(row)
+    return RowsRead(rows, skipped, first)
+
+
+def read_jsonl(path: str | os.PathLike, strict: bool = True) -> list[dict]:
+    """Rows of a metrics.jsonl file; nulls read back as NaN.
+
+    ``strict`` raises ``ValueError`` naming the file and line of the first unusable line;
+    ``strict=False`` skips such lines (a torn last line, a non-object, a step that is not an
+    integer) and logs one warning with their number.
+    """
+    read = read_rows(path)
+    if read.skipped:
+        if strict:
+            raise ValueError(f"{path}: {read.first_problem}")
+        logger.warning("%s: skipped %d unusable line(s) (first: %s)", path, read.skipped, read.first_problem)
+    return [{k: (math.nan if v is None else v) for k, v in row.items()} for row in read.rows]
 
 
 def json_safe(obj: object) -> object:

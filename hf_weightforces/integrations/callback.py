@@ -47,8 +47,9 @@ from ..distributed import ParamEntry, ShardContext, ShardFailureError
 from .frozen import find_frozen
 from .ordering import find_callback_handler, place_before_reporters
 from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
-from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, write_params_file  # noqa: F401
-from .sinks import JsonlSink, NullSink, Sink, WandbSink
+from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, open_record_sinks, write_params_file  # noqa: F401
+from .sinks import JsonlSink, NullSink, Sink, WandbSink, close_sinks, log_to_sinks  # noqa: F401
+from .guard import Faults
 from .superweights import SuperWeightTracker
 
 __all__ = ["WeightForcesCallback"]
@@ -150,6 +151,7 @@ class WeightForcesCallback(TrainerCallback):
         self._ordered = False
         self._active = False
         self._warned = False
+        self._faults = Faults()  # hooks that lose only their own output (saves, files, sinks) report here
         self._owes_reduction = False  # failed here, the other ranks not told yet (see _reduce)
         self.monitor: ForceMonitor | None = None
         self.ctx: ShardContext | None = None
@@ -197,13 +199,15 @@ class WeightForcesCallback(TrainerCallback):
         self._frozen = find_frozen(model, opt, self.ctx.backend.value if self.ctx.backend.sharded else None)
         self._group_of = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
         if self._writes(state):
-            write_params_file(Path(args.output_dir) / self.output_subdir, opt, entries, infos, self.every, self._group_of,
-                              self._frozen)
+            with self._faults.guard("params", f"writing {PARAMS_FILE}", "offline tools read this run without it"):
+                write_params_file(Path(args.output_dir) / self.output_subdir, opt, entries, infos, self.every,
+                                  self._group_of, self._frozen)
         self.probes = list(self._all_probes)
-        for probe in self.probes:
-            probe.setup(entries, infos, self.ctx, args, state)
+        self._call_probes("setup", entries, infos, self.ctx, args, state)
         if state.global_step > 0:
-            self._restore(args, state)
+            with self._faults.guard("restore", f"restoring the state at step {state.global_step}",
+                                    "the force integrals restart here"):
+                self._restore(args, state)
         logger.info(
             "weight forces: %d tensors, backend %s, every %d step(s), W&B row %s",
             len(entries), self.ctx.backend.value, self.every, "shared with train/loss" if self._ordered else "separate",
@@ -228,8 +232,8 @@ class WeightForcesCallback(TrainerCallback):
         if data is None:
             return
         self.integral = data["integral"]
-        self._next_weibull = int(data.get("next_weibull", state.global_step))
-        restore_probes(data, self._all_probes, state.global_step)
+        self._next_weibull = data["next_weibull"]
+        restore_probes(data, self._all_probes, state.global_step, self.probes)
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero or not self.ctx.is_main:
@@ -237,7 +241,9 @@ class WeightForcesCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
             return
-        save_state(folder, self.integral, self._next_weibull, state.global_step, self._all_probes, self.probes)
+        with self._faults.guard("save", f"writing {STATE_FILE} into {folder}",
+                                "a resume from that checkpoint restarts the force integrals"):
+            save_state(folder, self.integral, self._next_weibull, state.global_step, self._all_probes, self.probes)
 
     def _writes(self, state) -> bool:
         return bool(state.is_world_process_zero and self.ctx is not None and self.ctx.is_main)
@@ -246,9 +252,9 @@ class WeightForcesCallback(TrainerCallback):
         if not self._writes(state):
             self._schedule = ScheduleLog(NullSink())
             return [NullSink()]
-        folder = Path(args.output_dir) / self.output_subdir
-        self._schedule = ScheduleLog(JsonlSink(folder / SCHEDULE_FILE, state.global_step))
-        sinks: list[Sink] = [JsonlSink(folder / METRICS_FILE, state.global_step)]
+        schedule, metrics = open_record_sinks(Path(args.output_dir) / self.output_subdir, state.global_step)
+        self._schedule = ScheduleLog(schedule)
+        sinks: list[Sink] = [metrics]
         report_to = args.report_to or []
         if ("wandb" in report_to or "all" in report_to) and not self.to_all_integrations:
             sinks.append(WandbSink(ordered=self._ordered))
@@ -377,11 +383,7 @@ class WeightForcesCallback(TrainerCallback):
         self._last_logged = state.global_step
         if self.to_all_integrations and self._ordered:
             logs.update(metrics)
-        for sink in self._sinks:
-            try:
-                sink.log(metrics, state.global_step)
-            except Exception as exc:  # a broken sink must not take the others down
-                self._fail(f"{type(sink).__name__}.log", exc)
+        log_to_sinks(self._sinks, metrics, state.global_step)  # a broken sink is dropped alone
 
     def _collect(self, state) -> dict[str, float]:
         """One reduction, one host transfer, then plain float64 arithmetic on the host."""
@@ -433,10 +435,10 @@ class WeightForcesCallback(TrainerCallback):
         return metrics
 
     def on_train_end(self, args, state, control, **kwargs):
-        for sink in self._sinks:
-            sink.close()
-        self._sinks = []
+        close_sinks(self._sinks)  # each one guarded
         if getattr(self, "_schedule", None) is not None:
-            self._schedule.close()
+            with self._faults.guard("close", "closing schedule.jsonl", "its last rows may be missing"):
+                self._schedule.close()
         if self.ctx is not None:
-            self.ctx.close()  # the step hook it put on the optimizer
+            with self._faults.guard("close", "removing the monitor's optimizer hook", "nothing recorded is affected"):
+                self.ctx.close()  # the step hook it put on the optimizer

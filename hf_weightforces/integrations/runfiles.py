@@ -5,21 +5,35 @@
   eps, so a run can be read without the model at hand;
 * ``schedule.jsonl``: the lr and weight decay of every parameter group at every optimizer step
   (the lr the step used), and whether the step was skipped.
+
+No row is ever lost: :func:`continue_records` makes the files continue a resumed run (rows up to
+the resume step kept, later ones dropped because the run writes those steps again) or start over
+for a fresh run, and first copies whatever it drops into ``previous/<n>/`` beside them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from ..core.records import json_safe, read_rows
+from .guard import warn_fault
 from .sinks import JsonlSink, NullSink
 
-__all__ = ["PARAMS_FILE", "SCHEDULE_FILE", "ScheduleLog", "write_params_file"]
+__all__ = ["METRICS_FILE", "PARAMS_FILE", "PREVIOUS_DIR", "SCHEDULE_FILE", "ScheduleLog", "continue_records",
+           "open_record_sinks", "write_params_file"]
+
+logger = logging.getLogger(__name__)
 
 SCHEDULE_FILE = "schedule.jsonl"  # lr and weight decay per param group at every optimizer step
 PARAMS_FILE = "params.json"  # names, classes, shapes and optimizer group of the monitored tensors
+METRICS_FILE = "metrics.jsonl"
+PREVIOUS_DIR = "previous"  # rows a fresh or resumed run does not continue, kept whole
 
 
 def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: dict[int, int], frozen=None) -> None:
@@ -41,11 +55,82 @@ def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: d
         "frozen": [] if frozen is None else
         [{"name": n, "shape": list(t.shape), "numel": t.numel()} for n, t in zip(frozen.names, frozen.tensors)],
     }
-    (folder / PARAMS_FILE).write_text(json.dumps(data, indent=1))
+    replace_file(folder / PARAMS_FILE, json.dumps(json_safe(data), indent=1))
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name and rename it: a reader sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def continue_records(folder: Path, resume_step: int, names: tuple[str, ...] = (METRICS_FILE, SCHEDULE_FILE)) -> Path | None:
+    """Make the JSON-lines record files in ``folder`` continue a run at ``resume_step`` (0: a fresh run).
+
+    Rows with steps up to ``resume_step`` stay, exactly as written (null stays null), in
+    increasing step order; rows after it, repeated or out-of-order steps and unusable lines go.
+    When anything goes, every record file (and ``params.json``) is first copied whole into the
+    first free ``previous/<n>/``, which is returned.  Idempotent: a second call finds nothing to
+    drop.  Raises ``OSError`` when the folder cannot be read or written.
+    """
+    plans: dict[Path, list[dict]] = {}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        read = read_rows(path)
+        kept: list[dict] = []
+        for row in read.rows:
+            if (kept[-1]["step"] if kept else -1) < row["step"] <= resume_step:
+                kept.append(row)
+        if len(kept) != len(read.rows) or read.skipped:
+            plans[path] = kept
+    if not plans:
+        return None
+    n = 1
+    while (folder / PREVIOUS_DIR / str(n)).exists():
+        n += 1
+    archive = folder / PREVIOUS_DIR / str(n)
+    archive.mkdir(parents=True)
+    for name in (*names, PARAMS_FILE):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, archive / name)
+    for path, kept in plans.items():
+        replace_file(path, "".join(json.dumps(json_safe(row)) + "\n" for row in kept))
+    what = f"rows after step {resume_step}" if resume_step else "the rows of a previous run"
+    logger.warning("weight forces: %s in %s kept in %s", what, folder, archive)
+    return archive
+
+
+def open_record_sinks(folder: Path, resume_step: int) -> tuple[JsonlSink | NullSink, JsonlSink | NullSink]:
+    """The sinks of ``schedule.jsonl`` and ``metrics.jsonl``, continuing the run at ``resume_step``.
+
+    Never raises: a file that cannot be prepared (unwritable folder, full disk) warns, naming it,
+    and gets a :class:`NullSink`; the run and the other sinks go on."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        continue_records(folder, resume_step)  # both files at once: one previous/<n>/ for the pair
+    except Exception as exc:
+        warn_fault(f"preparing the records in {folder}", exc, "the files there are left as they are")
+    out = []
+    for name in (SCHEDULE_FILE, METRICS_FILE):
+        try:
+            out.append(JsonlSink(folder / name, resume_step))
+        except Exception as exc:
+            warn_fault(f"opening {folder / name}", exc, "its rows are not written (other sinks go on)")
+            out.append(NullSink())
+    return out[0], out[1]
 
 
 class ScheduleLog:
-    """Buffers each optimizer step's lr/decay; written at log events (one transfer for device lrs)."""
+    """Buffers each optimizer step's lr/decay; written at log events (one transfer for device lrs).
+
+    A file that cannot be written warns once and the log goes on without it (the metrics rows
+    do not depend on it)."""
 
     def __init__(self, sink: JsonlSink | NullSink) -> None:
         self.sink = sink
@@ -65,13 +150,17 @@ class ScheduleLog:
         """One row a step since the last flush."""
         if not self._rows:
             return
-        lrs = [lr for _, lr, _, _ in self._rows]
-        if any(isinstance(x, torch.Tensor) for row in lrs for x in row):  # device lr: one transfer
-            lrs = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in row])
-                               for row in lrs]).tolist()
         rows, self._rows = self._rows, []
-        for (step, _, wds, skipped), lr in zip(rows, lrs):
-            self.sink.log({"lr": lr, "weight_decay": wds, "skipped": skipped}, step)
+        try:
+            lrs = [lr for _, lr, _, _ in rows]
+            if any(isinstance(x, torch.Tensor) for row in lrs for x in row):  # device lr: one transfer
+                lrs = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in row])
+                                   for row in lrs]).tolist()
+            self.sink.write_rows([({"lr": lr, "weight_decay": wds, "skipped": skipped}, step)
+                                  for (step, _, wds, skipped), lr in zip(rows, lrs)])
+        except Exception as exc:  # the schedule file alone is lost; the metrics rows go on
+            warn_fault(f"writing {SCHEDULE_FILE}", exc, f"the schedule from step {rows[0][0]} on is not recorded")
+            self.sink = NullSink()
 
     def close(self) -> None:
         self.flush()

@@ -1,5 +1,9 @@
 """Where metric rows go.  A sink has two methods, ``log(metrics, step)`` and ``close()``;
-ranks that must not write get :class:`NullSink`, so no call site checks the rank."""
+ranks that must not write get :class:`NullSink`, so no call site checks the rank.
+
+:func:`log_to_sinks` and :func:`close_sinks` call every sink; one that raises is dropped alone
+(with one warning naming it and the first step it misses) and the others keep writing.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..core.records import read_jsonl
+from ..core.records import read_jsonl, read_rows
+from .guard import warn_fault
 
-__all__ = ["JsonlSink", "NullSink", "Sink", "WandbSink", "read_jsonl"]
+__all__ = ["JsonlSink", "NullSink", "Sink", "WandbSink", "close_sinks", "log_to_sinks", "read_jsonl"]
 
 
 logger = logging.getLogger(__name__)
@@ -27,6 +32,9 @@ class Sink(Protocol):
 
 class NullSink:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def write_rows(self, rows: Sequence[tuple[Mapping, int]]) -> None:
         pass
 
     def close(self) -> None:
@@ -44,32 +52,54 @@ def _json_value(v):
 
 
 class JsonlSink:
-    """``{"step": global_step, ...}`` per row, flushed as written.
+    """``{"step": global_step, ...}`` per row, appended as written.
 
-    On resume (``resume_step`` > 0) rows after the resume point are dropped first, so a resumed
-    run continues the file without duplicated steps; a fresh run (``resume_step`` 0) starts it anew.
+    The file is opened for each write and closed at once: nothing stays open between log events,
+    so a run that dies leaks no handle and a reader always sees whole rows.  Steps only increase:
+    a row for a step at or before the last one in the file is skipped (no step is written twice;
+    the Trainer's final summary re-fires ``on_log`` at the last step).
+
+    ``resume_step``: the file continues a run resumed there (0: a fresh run starts an empty file);
+    see :func:`~hf_weightforces.integrations.runfiles.continue_records`, which keeps whatever it
+    drops in ``previous/<n>/``.
     """
 
     def __init__(self, path: str | os.PathLike, resume_step: int = 0) -> None:
+        from .runfiles import continue_records
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept: list[str] = []
-        if resume_step > 0 and self.path.exists():
-            for row in read_jsonl(self.path, strict=False):
-                if row.get("step", math.inf) <= resume_step:
-                    kept.append(json.dumps(row))
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in kept)
-        self._f = open(self.path, "a", encoding="utf-8")
+        continue_records(self.path.parent, resume_step, (self.path.name,))  # no-op when already done
+        self.last_step = -1
+        if self.path.is_file():
+            steps = [row["step"] for row in read_rows(self.path).rows]
+            self.last_step = max(steps, default=-1)
+        else:
+            self.path.touch()
+
+    def __repr__(self) -> str:
+        return f"JsonlSink({str(self.path)!r})"
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        row = {"step": int(step), **{k: _json_value(v) for k, v in metrics.items()}}
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        self.write_rows([(metrics, step)])
+
+    def write_rows(self, rows: Sequence[tuple[Mapping, int]]) -> None:
+        """Append rows (one open and close for all of them), skipping steps already written."""
+        lines, last = [], self.last_step
+        for metrics, step in rows:
+            step = int(step)
+            if step <= last:
+                logger.debug("%s: step %d is already written; row skipped", self.path, step)
+                continue
+            lines.append(json.dumps({"step": step, **{k: _json_value(v) for k, v in metrics.items()}}, allow_nan=False))
+            last = step
+        if lines:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+            self.last_step = last
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        pass  # nothing is held open
 
 
 class WandbSink:
@@ -85,6 +115,9 @@ class WandbSink:
     def __init__(self, ordered: bool) -> None:
         self.ordered = ordered
 
+    def __repr__(self) -> str:
+        return "WandbSink()"
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         import wandb
 
@@ -97,3 +130,24 @@ class WandbSink:
 
     def close(self) -> None:
         pass
+
+
+def log_to_sinks(sinks: list, metrics: Mapping[str, float], step: int) -> None:
+    """``sink.log`` on every sink; one that raises warns once and is removed from ``sinks``."""
+    for sink in list(sinks):
+        try:
+            sink.log(metrics, step)
+        except Exception as exc:  # a broken sink must not take the others down
+            sinks.remove(sink)
+            warn_fault(f"{sink!r}.log at step {step}", exc, f"it is dropped: rows from step {step} on are not in it, "
+                       f"the other sinks ({', '.join(map(repr, sinks)) or 'none'}) go on")
+
+
+def close_sinks(sinks: list) -> None:
+    """``close()`` on every sink (a failure warns and the rest are still closed); empties ``sinks``."""
+    while sinks:
+        sink = sinks.pop(0)
+        try:
+            sink.close()
+        except Exception as exc:
+            warn_fault(f"closing {sink!r}", exc, "rows already written stay as they are")
