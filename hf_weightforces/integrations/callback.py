@@ -48,6 +48,7 @@ from .frozen import find_frozen
 from .ordering import find_callback_handler, place_before_reporters
 from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
 from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, open_record_sinks, write_params_file  # noqa: F401
+from .console import ConsoleSink, tracker_shows_keys
 from .sinks import JsonlSink, NullSink, Sink, WandbSink, close_sinks, log_to_sinks  # noqa: F401
 from .guard import Faults
 from .superweights import SuperWeightTracker
@@ -109,10 +110,13 @@ class WeightForcesCallback(TrainerCallback):
             of |w| (one sort of the weights: see the README for the cost); 0 turns it off.
         weibull_per_matrix: also fit every weight matrix at those events (bigger reduction).
         offset_sample_every: the sparse-recording variant of the σ prediction integrates forces
-            recorded every N steps (SPEC section 5); must be a multiple of ``every``.
+            recorded every N steps (SPEC section 5); must be a multiple of ``every`` (default: the
+            smallest multiple of ``every`` that is at least 10).
         probes: extra live quantities (see :class:`Probe`) logged in the same rows.
         super_weights: also report the budget shares and Weibull fits without the N largest |w|
             over all weight matrices (re-picked at each log event); 0 = off.  Single process/DDP.
+        quiet: no console summary (one line per log event when no tracker shows the keys, a table
+            at train end; see ``integrations/console.py``).
     """
 
     def __init__(
@@ -125,10 +129,13 @@ class WeightForcesCallback(TrainerCallback):
         output_subdir: str = "weightforces",
         weibull_every: int = 100,
         weibull_per_matrix: bool = False,
-        offset_sample_every: int = 10,
+        offset_sample_every: int | None = None,
         probes: Sequence[Probe] = (),
         super_weights: int = 0,
+        quiet: bool = False,
     ) -> None:
+        if offset_sample_every is None:  # the smallest multiple of every that is >= 10
+            offset_sample_every = every * -(-10 // every) if isinstance(every, int) and every > 0 else 10
         for label, value, low in (("every", every, 1), ("weibull_every", weibull_every, 0),
                                   ("offset_sample_every", offset_sample_every, 1), ("super_weights", super_weights, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -148,6 +155,7 @@ class WeightForcesCallback(TrainerCallback):
         self.grouping = Grouping(patterns)
         self.to_all_integrations = to_all_integrations
         self.output_subdir = output_subdir
+        self.quiet = bool(quiet)
         self._ordered = False
         self._active = False
         self._warned = False
@@ -258,6 +266,9 @@ class WeightForcesCallback(TrainerCallback):
         report_to = args.report_to or []
         if ("wandb" in report_to or "all" in report_to) and not self.to_all_integrations:
             sinks.append(WandbSink(ordered=self._ordered))
+        if not self.quiet:
+            shown = tracker_shows_keys(sinks[1:], self.to_all_integrations, self._ordered)  # sinks[0]: metrics.jsonl
+            sinks.append(ConsoleSink(lines=not shown))
         return sinks
 
     # ------------------------------------------------------------------ degrading

@@ -1,0 +1,140 @@
+"""The console sink: one line per log event when no tracker shows the keys, a short table at train end.
+
+Through ``logging`` (logger ``hf_weightforces.console``, INFO).  When that logger has no level of
+its own it gets INFO, and when neither it nor the root logger has a handler it gets one to
+stderr (as ``transformers`` does for its own logger), so the lines show in a plain script; a
+script that configures logging keeps its handlers and format.  ``quiet=True`` on the callback
+(``--weight_forces_quiet``, ``HF_WEIGHTFORCES_QUIET=1``) or a level above INFO on this logger
+silences it.
+
+The table's shares are over the whole run: |ΣA| / (|ΣA| + |ΣI| + |ΣD|) with each interval's mean
+multiplied back by its number of budget steps, i.e. the same sums-first ratio as a row's
+``align_share``, over every row of this ``train()`` call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Mapping, Sequence
+
+__all__ = ["CONSOLE_LOGGER", "ConsoleSink", "console_logger", "format_line", "format_table", "tracker_shows_keys"]
+
+CONSOLE_LOGGER = "hf_weightforces.console"
+_FORCES = ("align", "inject", "decay")
+_SUMMED = ("align", "inject", "decay", "delta")
+_ORDER = ("transmission", "selection", "value", "embedding", "other", "matrices", "total")
+
+
+def console_logger() -> logging.Logger:
+    """The logger the monitor speaks through, made visible at INFO unless the user said otherwise."""
+    log = logging.getLogger(CONSOLE_LOGGER)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[hf-weightforces] %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    return log
+
+
+def tracker_shows_keys(tracker_sinks: Sequence[object], to_all_integrations: bool, ordered: bool) -> bool:
+    """Whether a tracker (or the Trainer's own console printer) already shows the keys: with
+    ``to_all_integrations`` (and the callback placed before the reporters) they are in the
+    Trainer's ``logs``, which every integration and the console printer receive; otherwise the
+    trackers that have a sink of ours (W&B, TensorBoard, MLflow, trackio) get them."""
+    if to_all_integrations:
+        return ordered
+    return bool(tracker_sinks)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:5.1f}%" if math.isfinite(x) else "    -"
+
+
+def _num(x: float | None, spec: str = ".2e") -> str:
+    return format(x, spec) if x is not None and math.isfinite(x) else "-"
+
+
+def format_line(metrics: Mapping[str, float], step: int) -> str:
+    """``weight forces step 40 (4 budget steps): total align 82.1% inject ...``, from one row."""
+    get = lambda key: metrics.get(f"weightforces/total/{key}", math.nan)  # noqa: E731
+    shares = " ".join(f"{k} {_pct(get(f'{k}_share')).strip()}" for k in _FORCES)
+    line = (f"weight forces step {step} ({int(metrics.get('weightforces/steps', 0))} budget steps): total {shares}; "
+            f"delta {_num(get('delta'))}/step; closure {_num(get('closure_rel'))} of |A|+|I|+|D|; "
+            f"rms {_num(get('rms'), '.4g')}")
+    for pool in ("matrices", "total"):  # the pooled fit of every weight matrix
+        if f"weightforces/{pool}/weibull_k" in metrics:
+            line += f"; weibull k {_num(metrics[f'weightforces/{pool}/weibull_k'], '.3f')}"
+            break
+    return line
+
+
+class _Totals:
+    """Run sums of one aggregate: forces times budget steps, the largest |closure_rel|, the last rms and k."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(_SUMMED, 0.0)
+        self.steps = 0
+        self.closure = 0.0
+        self.rms = math.nan
+        self.k = math.nan
+
+    def add(self, row: Mapping[str, float], prefix: str, steps: int) -> None:
+        values = [row.get(f"{prefix}/{k}", math.nan) for k in _SUMMED]
+        if steps and all(v is not None and math.isfinite(v) for v in values):  # NaN rows: nonfinite steps
+            for k, v in zip(_SUMMED, values):
+                self.sums[k] += v * steps
+            self.steps += steps
+        rel = row.get(f"{prefix}/closure_rel")
+        if rel is not None and math.isfinite(rel):
+            self.closure = max(self.closure, abs(rel))
+        for attr, key in (("rms", "rms"), ("k", "weibull_k")):
+            value = row.get(f"{prefix}/{key}")
+            if value is not None and math.isfinite(value):
+                setattr(self, attr, value)
+
+    def share(self, force: str) -> float:
+        budget = sum(abs(self.sums[k]) for k in _FORCES)
+        return abs(self.sums[force]) / budget if budget > 0 else math.nan
+
+
+def format_table(totals: Mapping[str, _Totals], last: int, rows: int) -> str:
+    names = [g for g in _ORDER if g in totals] + sorted(set(totals) - set(_ORDER))
+    head = f"{'group':<13}{'align':>8}{'inject':>8}{'decay':>8}{'delta/step':>12}{'max|closure|':>14}{'rms':>10}{'k':>7}"
+    steps = max(t.steps for t in totals.values())
+    lines = [f"weight forces through step {last} ({rows} rows, {steps} budget steps; shares of |A|+|I|+|D| "
+             "summed over the run):", head]
+    for name in names:
+        t = totals[name]
+        delta = t.sums["delta"] / t.steps if t.steps else math.nan
+        lines.append(f"{name:<13}{_pct(t.share('align')):>8}{_pct(t.share('inject')):>8}{_pct(t.share('decay')):>8}"
+                     f"{_num(delta):>12}{_num(t.closure):>14}{_num(t.rms, '.4g'):>10}{_num(t.k, '.3f'):>7}")
+    return "\n".join(lines)
+
+
+class ConsoleSink:
+    """A sink (``log(metrics, step)``, ``close()``): a line per row when ``lines``, the table at close."""
+
+    def __init__(self, lines: bool, logger: logging.Logger | None = None) -> None:
+        self.lines = lines
+        self.logger = logger or console_logger()
+        self.totals: dict[str, _Totals] = {}
+        self.steps: list[int] = []
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        steps = int(metrics.get("weightforces/steps", 0) or 0)
+        for key in metrics:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] == "align" and not parts[1].startswith("layer_"):
+                self.totals.setdefault(parts[1], _Totals()).add(metrics, f"weightforces/{parts[1]}", steps)
+        self.steps.append(int(step))
+        if self.lines:
+            self.logger.info(format_line(metrics, step))
+
+    def close(self) -> None:
+        if self.totals:
+            self.logger.info(format_table(self.totals, self.steps[-1], len(self.steps)))
+        self.totals, self.steps = {}, []
