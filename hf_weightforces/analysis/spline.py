@@ -74,6 +74,7 @@ from hf_weightforces.core.records import json_safe
 __all__ = [
     "DEFAULT_SAMPLE",
     "ESTIMATORS",
+    "POST_ESTIMATORS",
     "MIN_CHECKPOINTS",
     "ORACLE",
     "SplineReport",
@@ -90,7 +91,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS: tuple[str, ...] = ("spline", "spline_lr", "corrected", "two_point", "two_point_interp")
+ESTIMATORS: tuple[str, ...] = ("spline", "spline_lr", "corrected", "two_point", "two_point_interp", "spline_post")
+#: The estimators of the research code's convention, A at the post-step weights (docs/budget.md):
+#: compared with the logged ``align_post`` as well as with ``align``.
+POST_ESTIMATORS: tuple[str, ...] = ("spline_post",)
 #: Not an estimator: the true A summed over each checkpoint interval, spread over its logged rows
 #: in proportion to Σ η.  The best any estimator that only knows the checkpoints can do per row.
 ORACLE = "interval_oracle"
@@ -465,7 +469,7 @@ def spline_forces(sample: CheckpointSample, schedule: Schedule, *, beta1: float 
         el = eta * lam
         return 2.0 * s_wd + 2.0 * el * s_ww, s_dd + 2.0 * el * s_wd + el**2 * s_ww, -2.0 * el * s_ww
 
-    a_step, _, _ = spline_terms("step")
+    a_step, i_step, _ = spline_terms("step")
     a_lr, i_lr, d_lr = spline_terms("lr")
     drift = _drift_energy(gram_act, decay_factor[:, opt], lr_sum[:, opt])  # [P, K-1]
     n_active = n_act[:, interval].T  # [S, P]
@@ -492,6 +496,8 @@ def spline_forces(sample: CheckpointSample, schedule: Schedule, *, beta1: float 
         "corrected": a_lr + i_lr - inject_model,
         "two_point": two,
         "two_point_interp": two_i,
+        # the research code (NPM-Weibull-public) evaluates A at w(t+1): -2η<W(t+1), û> = c Â + 2 Î
+        "spline_post": (1.0 - eta * lam) * a_step + 2.0 * i_step,
     }
     inactive = 1.0 - n_act.sum(axis=0) / sum(t.numel for t in sample.tensors)
     if inactive.max() > 0.001:
@@ -540,6 +546,7 @@ class Accuracy:
     estimate: np.ndarray
     true: np.ndarray
     weight: np.ndarray
+    truth: str = "align"  # the logged key compared with: ``align`` (at w_t) or ``align_post`` (at w_{t+1})
 
     @property
     def ratio(self) -> np.ndarray:
@@ -574,7 +581,7 @@ class Accuracy:
     def to_dict(self, series: bool = False) -> dict[str, object]:
         out: dict[str, object] = {
             "estimator": self.estimator, "aggregate": self.aggregate, "resolution": self.resolution,
-            "intervals": self.n, "median": self.median, "p25": self.p25, "p75": self.p75, "pooled": self.pooled,
+            "truth": self.truth, "intervals": self.n, "median": self.median, "p25": self.p25, "p75": self.p75, "pooled": self.pooled,
         }
         if series:
             out.update(end=self.end.tolist(), estimate=self.estimate.tolist(), true=self.true.tolist())
@@ -608,34 +615,35 @@ def accuracy(
            for e, a in forces.align.items()}
     count = np.concatenate([[0], np.cumsum(budget)])
     for name, mask in forces.aggregates(per_layer, per_matrix).items():
-        truth = truth_intervals(metrics, f"{prefix}/{name}/align")
-        keep = (truth.start >= lo) & (truth.end <= hi) & np.isfinite(truth.value)
-        a, b = truth.start[keep] - lo, truth.end[keep] - lo  # rows of cum: steps (start, end]
-        n = (count[b] - count[a]).astype(np.float64)
-        ok = n > 0
-        if not ok.any():
-            continue
-        a, b, n, end, true_sum = a[ok], b[ok], n[ok], truth.end[keep][ok], truth.value[keep][ok] * n[ok]
-        if resolution == "checkpoint":  # row end in (knots[g-1], knots[g]] -> interval g
-            labels, group = np.unique(np.searchsorted(knots, end, side="left"), return_inverse=True)
-            ends = knots[labels]
-        else:
-            group, ends = np.arange(end.size), end
-        weight = np.bincount(group, weights=n)
-        true = np.bincount(group, weights=true_sum) / weight
-        for est in ESTIMATORS:
-            sums = (cum[est][b] - cum[est][a])[:, mask].sum(axis=1)
-            estimate = np.bincount(group, weights=sums) / weight
-            out.append(Accuracy(est, name, resolution, ends, estimate, true, weight))
-        if resolution == "row":
-            numel = np.array([t.numel for t in forces.tensors], dtype=np.float64)[mask]
-            lr = (forces.lr[:, mask] @ numel) / numel.sum()
-            lr_cum = np.concatenate([[0.0], np.cumsum(np.where(budget, lr, 0.0))])
-            row_lr = lr_cum[b] - lr_cum[a]
-            interval = np.searchsorted(knots, end, side="left")
-            share = row_lr / np.bincount(interval, weights=row_lr)[interval]
-            oracle = np.bincount(interval, weights=true_sum)[interval] * share / n
-            out.append(Accuracy(ORACLE, name, resolution, end, oracle, true_sum / n, n))
+        for key, estimators in (("align", ESTIMATORS), ("align_post", POST_ESTIMATORS)):
+            truth = truth_intervals(metrics, f"{prefix}/{name}/{key}")
+            keep = (truth.start >= lo) & (truth.end <= hi) & np.isfinite(truth.value)
+            a, b = truth.start[keep] - lo, truth.end[keep] - lo  # rows of cum: steps (start, end]
+            n = (count[b] - count[a]).astype(np.float64)
+            ok = n > 0
+            if not ok.any():
+                continue
+            a, b, n, end, true_sum = a[ok], b[ok], n[ok], truth.end[keep][ok], truth.value[keep][ok] * n[ok]
+            if resolution == "checkpoint":  # row end in (knots[g-1], knots[g]] -> interval g
+                labels, group = np.unique(np.searchsorted(knots, end, side="left"), return_inverse=True)
+                ends = knots[labels]
+            else:
+                group, ends = np.arange(end.size), end
+            weight = np.bincount(group, weights=n)
+            true = np.bincount(group, weights=true_sum) / weight
+            for est in estimators:
+                sums = (cum[est][b] - cum[est][a])[:, mask].sum(axis=1)
+                estimate = np.bincount(group, weights=sums) / weight
+                out.append(Accuracy(est, name, resolution, ends, estimate, true, weight, key))
+            if key == "align" and resolution == "row":
+                numel = np.array([t.numel for t in forces.tensors], dtype=np.float64)[mask]
+                lr = (forces.lr[:, mask] @ numel) / numel.sum()
+                lr_cum = np.concatenate([[0.0], np.cumsum(np.where(budget, lr, 0.0))])
+                row_lr = lr_cum[b] - lr_cum[a]
+                interval = np.searchsorted(knots, end, side="left")
+                share = row_lr / np.bincount(interval, weights=row_lr)[interval]
+                oracle = np.bincount(interval, weights=true_sum)[interval] * share / n
+                out.append(Accuracy(ORACLE, name, resolution, end, oracle, true_sum / n, n))
     return out
 
 
@@ -776,14 +784,15 @@ def format_spline(report: SplineReport, *, per_layer: bool = False, per_matrix: 
     if report.accuracy:
         lines += ["", "Accuracy: estimate / true A (the callback's metrics.jsonl); median [p25, p75] over "
                   "logged rows, median over checkpoint intervals, pooled = sum est / sum true"]
-        header = ["aggregate", "estimator", "rows", "row median", "row p25-p75", "ckpt median", "pooled"]
-        by = {(a.aggregate, a.estimator, a.resolution): a for a in report.accuracy}
+        lines += ["(truth align: A at w_t, exact; align_post: the research code's A at w_{t+1}, docs/budget.md)"]
+        header = ["aggregate", "estimator", "truth", "rows", "row median", "row p25-p75", "ckpt median", "pooled"]
+        by = {(a.aggregate, a.estimator, a.truth, a.resolution): a for a in report.accuracy}
         rows = []
-        for (name, est, res), a in by.items():
+        for (name, est, key, res), a in by.items():
             if res != "row":
                 continue
-            c = by.get((name, est, "checkpoint"))
-            rows.append([name, est, str(a.n), _fmt(a.median), f"{_fmt(a.p25)}-{_fmt(a.p75)}",
+            c = by.get((name, est, key, "checkpoint"))
+            rows.append([name, est, key, str(a.n), _fmt(a.median), f"{_fmt(a.p25)}-{_fmt(a.p75)}",
                          _fmt(c.median) if c else "-", _fmt(a.pooled)])
         lines += _table(header, rows, left=2)
     return "\n".join(lines)
