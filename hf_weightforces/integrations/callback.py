@@ -12,8 +12,9 @@ the device, the signed contributions to Δ||w||² (SPEC section 2)::
     A = -2η<w_t, u_t>   I = η²||u_t||²   D = -2ηλ||w_t||²   R = η²λ²||w_t||² + 2η²λ<w_t, u_t>
 
 At each Trainer log event the sums go to the host once and become one row per aggregate
-(classes, total, layers): means per optimizer step like ``train/loss``, shares, the observed Δ
-and the closure.  Rows go into the W&B row that holds ``train/loss`` (same ``train/global_step``),
+(classes, ``matrices``, ``total``, layers: docs/aggregates.md): means per optimizer step like
+``train/loss``, shares, the observed Δ and the closure; parameters the optimizer does not train
+are reported as ``frozen`` (norm and count).  Rows go into the W&B row that holds ``train/loss`` (same ``train/global_step``),
 optionally into every ``report_to`` integration, and always into
 ``<output_dir>/weightforces/metrics.jsonl``.
 
