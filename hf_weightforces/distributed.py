@@ -11,8 +11,10 @@ so the fp32 master wherever mixed precision keeps one):
 
 =========  ===========================================================================
 single     one process: whole tensors.
-ddp        whole, identical tensors on every rank: rank 0 computes, nothing is reduced
-           (summing over ranks would double-count).
+ddp        whole, identical tensors on every rank.  The work is divided: at train start the
+           tensors are split into one disjoint share per rank, balanced by element count
+           (:func:`plan_shares`), each rank reads only its share (the others look empty to
+           it), and the log event's all-reduce sums the shares, so every sum is counted once.
 fsdp1      ``use_orig_params=True``: each optimizer parameter is this rank's 1-D slice of the
            flat parameter, possibly empty, then without gradient and without state.  Full
            shapes come from the flat parameter's ``_shapes``.
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +73,7 @@ __all__ = [
     "ShardFailureError",
     "UnsupportedBackendError",
     "detect_backend",
+    "plan_shares",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,6 +171,24 @@ def detect_backend() -> Backend:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def plan_shares(numels: Sequence[int], world_size: int) -> list[int]:
+    """The rank that computes each tensor: disjoint shares balanced by element count.
+
+    Largest tensors first, each to the rank with the fewest elements so far (ties: the lower
+    rank; equal sizes: the earlier tensor), the classic LPT rule: no share exceeds the mean by more
+    than the largest tensor.  Deterministic, so every rank plans the same shares without talking.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    load = [0] * world_size
+    owner = [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += numels[i]
+    return owner
+
+
 def _names(model: torch.nn.Module | None) -> dict[int, str]:
     from .core.groups import canonical_name
 
@@ -278,6 +300,15 @@ class _ReplicatedReader:
         """This rank's piece of a tensor the optimizer holds (a parameter or a moment)."""
         return t.detach()
 
+    def offset(self, p: torch.Tensor) -> int:
+        """Where this rank's piece of ``p`` starts in the full tensor flattened (row-major): every
+        backend holds one contiguous range of it."""
+        return 0
+
+    def local_grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """This rank's piece of ``p``'s gradient (None without one), before the optimizer step."""
+        return self.local(p.grad) if p.grad is not None and self.counts(p) else None
+
     def views(self, optimizer, index_of: dict[int, int]) -> list[ParamView]:
         views: list[ParamView] = []
         for group in optimizer.param_groups:
@@ -324,6 +355,18 @@ class _FSDP2Reader(_ReplicatedReader):
 
         return t.to_local().detach() if isinstance(t, DTensor) else t.detach()
 
+    def offset(self, p: torch.Tensor) -> int:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if not isinstance(p, DTensor):
+            return 0
+        full = tuple(p.shape)
+        local, start = compute_local_shape_and_global_offset(full, p.device_mesh, p.placements)
+        if tuple(local[1:]) != full[1:] and math.prod(local) > 0:
+            raise UnsupportedBackendError(f"a DTensor sharded off dim 0 ({p.placements}) is not one contiguous range")
+        return int(start[0]) * math.prod(full[1:]) if full else 0
+
 
 class _FSDP1Reader(_ReplicatedReader):
     """``use_orig_params=True``: 1-D local slices of each flat parameter, full shapes from it."""
@@ -331,6 +374,7 @@ class _FSDP1Reader(_ReplicatedReader):
     def __init__(self) -> None:
         super().__init__()
         self._replicated: set[int] = set()  # whole on every rank: NO_SHARD units, ignored modules
+        self._start: dict[int, int] = {}  # id(param) -> start of its local slice in the flat param
 
     def entries(self, model, optimizer) -> list[ParamEntry]:
         from torch.distributed.fsdp._flat_param import FlatParameter, HandleShardingStrategy
@@ -350,8 +394,9 @@ class _FSDP1Reader(_ReplicatedReader):
                 raise UnsupportedBackendError(
                     "weight forces need FSDP1 with use_orig_params=True (fsdp_config use_orig_params: true)"
                 )
-            for p, shape in zip(flat._params, flat._shapes):
+            for p, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos):
                 full[id(p)] = tuple(shape)
+                self._start[id(p)] = int(info.intra_param_start_idx or 0)
                 if strategy == HandleShardingStrategy.NO_SHARD:
                     self._replicated.add(id(p))
         self.attach(optimizer)
@@ -369,6 +414,9 @@ class _FSDP1Reader(_ReplicatedReader):
 
     def counts(self, p: torch.Tensor) -> bool:
         return id(p) not in self._replicated or torch.distributed.get_rank() == 0
+
+    def offset(self, p: torch.Tensor) -> int:
+        return 0 if id(p) in self._replicated else self._start.get(id(p), 0)
 
 
 class _DeepSpeedReader(_ReplicatedReader):
@@ -437,6 +485,9 @@ class _DeepSpeedReader(_ReplicatedReader):
             out.append(_EMPTY if loc is None else loc[3].detach().narrow(0, loc[1], loc[2]))
         return out
 
+    def local_grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        return None  # DeepSpeed steps inside backward: no hook sees its gradients before the step
+
 
 class _Zero12Reader(_DeepSpeedReader):
     """One flat fp32 partition per parameter group (``param_groups[i]["params"] == [flat]``);
@@ -447,6 +498,10 @@ class _Zero12Reader(_DeepSpeedReader):
 
     def dp_group(self, p):
         return getattr(p, "_dp_group", None)
+
+    def offset(self, p):
+        mapping = getattr(p, "_hp_mapping", None)
+        return 0 if mapping is None else int(mapping.lp_fragment_address.start)
 
     def locate(self, optimizer, p):
         mapping = getattr(p, "_hp_mapping", None)
@@ -476,6 +531,11 @@ class _Zero3Reader(_DeepSpeedReader):
     def dp_group(self, p):
         return p._z3_optimizer.dp_process_group
 
+    def offset(self, p):
+        z3 = p._z3_optimizer
+        n = z3.grad_position[z3.get_param_id(p)][2]
+        return torch.distributed.get_rank(group=z3.dp_process_group) * n
+
     def locate(self, optimizer, p):
         z3 = p._z3_optimizer
         sub, start, n = z3.grad_position[z3.get_param_id(p)]
@@ -497,9 +557,12 @@ _READERS = {
 
 # ---------------------------------------------------------------------------------- context
 class ShardContext:
-    """Backend, rank, local views and the one reduction, fixed at train start."""
+    """Backend, rank, local views and the one reduction, fixed at train start.
 
-    def __init__(self, backend: Backend | None = None) -> None:
+    ``divide`` (DDP only): split the work into disjoint per-rank shares (the default); with
+    ``divide=False`` rank 0 computes everything and nothing is reduced."""
+
+    def __init__(self, backend: Backend | None = None, divide: bool = True) -> None:
         self.backend = Backend(backend) if backend is not None else detect_backend()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.rank = torch.distributed.get_rank()
@@ -509,6 +572,10 @@ class ShardContext:
         if self.backend.sharded and self.world_size == 1 and not torch.distributed.is_initialized():
             raise UnsupportedBackendError(f"backend {self.backend.value} needs an initialised process group")
         self._reader = _READERS[self.backend]()
+        #: DDP: every rank computes a disjoint share of the tensors (planned at :meth:`entries`)
+        self.divides = bool(divide) and self.backend == Backend.DDP and self.world_size > 1
+        self._owned: set[int] | None = None  # ids of the parameters in this rank's share
+        self._index_cache: tuple[int, dict[int, int], dict[int, int]] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -517,12 +584,17 @@ class ShardContext:
 
     @property
     def computes(self) -> bool:
-        """Whether this rank evaluates the budget: all ranks when sharded, rank 0 when replicated."""
-        return self.backend.sharded or self.rank == 0
+        """Whether this rank evaluates the budget: all ranks when sharded or dividing, else rank 0."""
+        return self.backend.sharded or self.divides or self.rank == 0
 
     @property
     def reduces(self) -> bool:
-        return self.backend.sharded and self.world_size > 1
+        """Whether each log event sums the ranks' parts (sharded, or DDP divided)."""
+        return (self.backend.sharded or self.divides) and self.world_size > 1
+
+    def owns(self, entry: ParamEntry) -> bool:
+        """Whether this rank computes ``entry`` (always, unless the work is divided)."""
+        return self._owned is None or id(entry.param) in self._owned
 
     def entries(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> list[ParamEntry]:
         """The monitored parameters with names and full shapes, identical on every rank.
@@ -532,6 +604,13 @@ class ShardContext:
         entries = self._reader.entries(model, optimizer)
         if not self.computes:
             self._reader.close()  # DDP ranks but 0 never read a step
+        if self.divides:  # planned once; identical on every rank (checked with the fingerprint below)
+            owner = plan_shares([e.numel for e in entries], self.world_size)
+            self._owned = {id(e.param) for e, r in zip(entries, owner) if r == self.rank}
+            self._index_cache = None
+            mine = sum(e.numel for e, r in zip(entries, owner) if r == self.rank)
+            logger.info("weight forces: DDP rank %d computes %d of %d tensors (%.1f%% of the elements)", self.rank,
+                        len(self._owned), len(entries), 100 * mine / max(1, sum(e.numel for e in entries)))
         if self.reduces:
             text = "\n".join(f"{e.name}:{e.shape}" for e in entries)
             fp = float(zlib.crc32(text.encode()))
@@ -545,14 +624,67 @@ class ShardContext:
                 )
         return entries
 
-    def views(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int]) -> list[ParamView]:
-        """Local weights and moments of the parameters the optimizer updated this step."""
+    def views(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], whole: bool = False) -> list[ParamView]:
+        """Local weights and moments of the parameters the optimizer updated this step (this
+        rank's share when the work is divided; every tensor with ``whole``, replicated only)."""
+        if self._owned is not None and not whole:
+            index_of = self._share_index(index_of)
+        elif whole and self.backend.sharded:
+            raise UnsupportedBackendError(f"whole tensors are not held under {self.backend.value}")
         return self._reader.views(optimizer, index_of)
+
+    def _share_index(self, index_of: dict[int, int]) -> dict[int, int]:
+        """``index_of`` cut down to this rank's share (cached: the callback passes one dict)."""
+        cache = self._index_cache
+        if cache is None or cache[0] != id(index_of) or cache[1] is not index_of:
+            cache = (id(index_of), index_of, {k: v for k, v in index_of.items() if k in self._owned})
+            self._index_cache = cache
+        return cache[2]
 
     def local_weights(self, entries: Sequence[ParamEntry]) -> list[torch.Tensor]:
         """The local piece of every monitored parameter (whole tensors when replicated, an empty
-        tensor where this rank holds nothing of it), in the order of ``entries``."""
+        tensor where this rank holds nothing of it or, DDP divided, where another rank computes
+        it), in the order of ``entries``."""
+        if self._owned is not None:
+            return [e.param.detach() if id(e.param) in self._owned else _EMPTY for e in entries]
         return self._reader.local_weights(entries)
+
+    def whole_weights(self, entries: Sequence[ParamEntry]) -> list[torch.Tensor]:
+        """Every monitored parameter whole, on a replicated backend (single process, DDP)."""
+        if self.backend.sharded:
+            raise UnsupportedBackendError(f"whole tensors are not held under {self.backend.value}")
+        return [e.param.detach() for e in entries]
+
+    def local_grads(self, entries: Sequence[ParamEntry]) -> list[torch.Tensor | None]:
+        """The local piece of every monitored parameter's gradient, in the pieces of
+        :meth:`local_weights` (None without a gradient, or where this rank holds nothing)."""
+        if self._owned is not None:
+            return [e.param.grad if id(e.param) in self._owned else None for e in entries]
+        return [self._reader.local_grad(e.param) for e in entries]
+
+    def local_offsets(self, entries: Sequence[ParamEntry]) -> list[int]:
+        """Where each piece of :meth:`local_weights` starts in its full tensor, flattened
+        row-major: piece i is elements ``[offset_i, offset_i + numel_i)`` of the full tensor."""
+        if self._owned is not None:
+            return [0] * len(entries)
+        return [self._reader.offset(e.param) for e in entries]
+
+    def full_weight(self, entry: ParamEntry, local: torch.Tensor, offset: int) -> torch.Tensor:
+        """One whole weight, float32, in its full shape, on every rank (collective when reducing).
+
+        ``local`` and ``offset`` are this rank's piece and its place (:meth:`local_weights`,
+        :meth:`local_offsets`).  Each rank writes its piece into a zero buffer of the full size
+        and one all-reduce sums them: the memory of one matrix, used at sparse intervals only.
+        """
+        if not self.backend.sharded:
+            return entry.param.detach().float()  # whole on every rank
+        device = entry.param.device
+        buf = torch.zeros(entry.numel, dtype=torch.float32, device=device)
+        if local.numel():
+            buf[offset : offset + local.numel()] = local.reshape(-1).to(device, torch.float32)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+        return buf.view(entry.shape)
 
     def all_reduce_sum(self, flat: torch.Tensor, *, failed: bool = False) -> torch.Tensor:
         """Sum one flat tensor over ranks when sharded (a no-op when replicated); a host tensor.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -122,13 +121,11 @@ def test_probes_never_change_training(tmp_path):
     assert all(torch.equal(plain[k], probed[k]) for k in plain)
 
 
-def _probe_setup(probe, model, optimizer, backend=Backend.SINGLE):
+def _probe_setup(probe, model, optimizer):
     ctx = ShardContext(Backend.SINGLE)
     entries = ctx.entries(model, optimizer)
     grouping = Grouping()
     infos = [ParamInfo(e.name, grouping.classify(e.name, len(e.shape)), layer_index(e.name), e.numel) for e in entries]
-    if backend != Backend.SINGLE:
-        ctx = SimpleNamespace(backend=backend, is_main=True, computes=True)
     probe.setup(entries, infos, ctx, None, SimpleNamespace(global_step=0))
 
 
@@ -153,19 +150,6 @@ def test_rank_probe_splits_gpt2_heads_from_the_config():
     assert probe.collect(5)
 
 
-def test_probes_switch_off_under_sharding_with_one_warning():
-    model = tiny_model()
-    opt = torch.optim.AdamW(model.parameters())
-    for probe in (BackboneProbe(), RankProbe()):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _probe_setup(probe, model, opt, backend=Backend.FSDP2)
-        assert len([w for w in caught if "not available under fsdp2" in str(w.message)]) == 1
-        probe.on_gradients(1, model, opt)
-        probe.on_step(1, opt, False)
-        assert probe.collect(1) == {}
-
-
 def test_backbone_probe_memory_is_bounded_by_its_settings():
     model = tiny_model()
     probe = BackboneProbe(coords=1000, capacity=8, every=4, snapshot_every=2)
@@ -178,6 +162,7 @@ def test_backbone_probe_memory_is_bounded_by_its_settings():
             for p in model.parameters():
                 p.add_(0.01)
             probe.on_step(step, None, False)
+    assert probe.collect(4)[f"{B}total/snapshots"] == 2  # the estimate is made at the log event
     assert probe.tracker.directions is not None
 
     def nbytes(obj) -> int:
@@ -240,7 +225,7 @@ def test_resumed_backbone_continues_the_trajectory(backbone_checkpoints, tmp_pat
     assert (full / "checkpoint-8" / "weightforces_probe_0.safetensors").is_file()
     with caplog.at_level("WARNING"):
         _resume_backbone(full, tmp_path)
-    assert not [r for r in caplog.records if "backbone" in r.getMessage() or "safetensors" in r.getMessage()]
+    assert not [r for r in caplog.records if r.name.endswith(".probes") or "safetensors" in r.getMessage()]
     resumed = wf_rows(tmp_path)
     assert [r["step"] for r in resumed] == [r["step"] for r in rows] == [3, 6, 9, 12]
     for ra, rb in zip(rows[2:], resumed[2:]):

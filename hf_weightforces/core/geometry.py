@@ -456,47 +456,70 @@ class BackboneTracker:
         self.times.append(int(step))
         return thinned
 
-    def estimate(self) -> dict[str, BackboneStats]:
-        m = len(self.times)
-        if m == 0:
+    def estimate(self, reduce=None) -> dict[str, BackboneStats]:
+        """Update the backbone of every aggregate; its :class:`BackboneStats` (one host transfer).
+
+        ``reduce`` (optional) sums the flat float64 tensor of :meth:`estimate_sums` over the
+        processes that hold the other coordinates and returns it on the host (a sharded run)."""
+        if not self.times:
             return {}
+        local = self.estimate_sums()
+        return self.estimate_finish(reduce(local) if reduce is not None else local.cpu())
+
+    def estimate_sums(self) -> torch.Tensor:
+        """Everything an estimate needs from the coordinates, as sums over them (additive over
+        disjoint sets of coordinates): per block the Gram matrix G = D Dᵀ and the weighted Gram
+        D S² Dᵀ (S the coordinate weights: for the floor), per aggregate D·v_old (v_old the
+        previous backbone: for the stability), per block Σ S², then the cumulative variances."""
+        m, segs = len(self.times), self.segments()
         d = self.stack[:m]
-        segs = self.segments()
-        grams = torch.stack([_gram(d[:, s]) for s in segs[:-1]])  # [B, m, m] float64
-        host = torch.cat([grams.reshape(-1), self.cumvar[:m].reshape(-1)]).cpu().numpy()
+        s2 = self.scale.double() ** 2
+        grams = torch.stack([_gram(d[:, s]) for s in segs[:-1]])
+        weighted = torch.stack([_gram(d[:, s] * self.scale[s].float()) for s in segs[:-1]])
+        if self.directions is None:
+            d_old = torch.zeros(len(segs), m, dtype=torch.float64, device=self.device)
+        else:
+            d_old = torch.stack([d[:, s].double() @ self.directions[b, s].double() for b, s in enumerate(segs)])
+        den = torch.stack([s2[s].sum() for s in segs[:-1]])
+        return torch.cat([grams.reshape(-1), weighted.reshape(-1), d_old.reshape(-1), den,
+                          self.cumvar[:m].reshape(-1)])
+
+    def estimate_size(self) -> int:
+        """Length of :meth:`estimate_sums` with the snapshots held now."""
+        m, nb = len(self.times), len(self.names) - 1
+        return 2 * nb * m * m + (nb + 1) * m + nb + m * nb
+
+    def estimate_finish(self, sums) -> dict[str, BackboneStats]:
+        """The estimate from (reduced) :meth:`estimate_sums` on the host; sets :attr:`directions`."""
+        m, segs = len(self.times), self.segments()
         nb = len(segs) - 1
-        grams_h = host[: nb * m * m].reshape(nb, m, m)
-        cumvar_h = host[nb * m * m :].reshape(m, nb)
-        grams_h = np.concatenate([grams_h, grams_h.sum(0, keepdims=True)])
+        host = np.asarray(sums, dtype=np.float64)
+        parts = np.split(host, np.cumsum([nb * m * m, nb * m * m, (nb + 1) * m, nb]))
+        grams_h, weighted_h = parts[0].reshape(nb, m, m), parts[1].reshape(nb, m, m)
+        d_old, den, cumvar_h = parts[2].reshape(nb + 1, m), parts[3], parts[4].reshape(m, nb)
+        grams_h = np.concatenate([grams_h, grams_h.sum(0, keepdims=True)])  # blocks are disjoint
+        weighted_h = np.concatenate([weighted_h, weighted_h.sum(0, keepdims=True)])
+        den = np.append(den, den.sum())
         cumvar_h = np.concatenate([cumvar_h, cumvar_h.sum(1, keepdims=True)], axis=1)
-        coeff = torch.zeros(len(segs), m, dtype=torch.float64)
-        results = []
-        for b in range(len(segs)):
+        coeff = np.zeros((nb + 1, m))
+        out = {}
+        for b, name in enumerate(self.names):
             frac, lam, u = _fraction(grams_h[b])
             if lam > 0:
-                coeff[b] = torch.from_numpy(u / math.sqrt(lam))
+                coeff[b] = u / math.sqrt(lam)  # v = Dᵀ u / sqrt(λ_1), a unit vector
             prev = None if self._prev_cumvar is None else self._prev_cumvar[b]
             null = random_walk_null(cumvar_h[:, b], prev)
             last = grams_h[b][-1, -1]
             msd = last / cumvar_h[-1, b] if cumvar_h[-1, b] > 0 else math.nan
-            results.append((frac, null, msd))
-        coeff = coeff.to(self.device, torch.float32)
+            stab = float(coeff[b] @ d_old[b]) if self.directions is not None else math.nan
+            num = float(coeff[b] @ weighted_h[b] @ coeff[b])  # Σ S² v²
+            floor = math.sqrt(2 / math.pi * num / den[b]) if den[b] > 0 and num > 0 else math.nan
+            out[name] = BackboneStats(frac, null.fraction, stab, null.stability, float(msd), floor, m)
+        d = self.stack[:m]
+        coeff_t = torch.from_numpy(coeff).to(self.device, torch.float32)
         new = torch.zeros(len(segs), self.K, dtype=torch.float32, device=self.device)
         for b, s in enumerate(segs):
-            new[b, s] = coeff[b] @ d[:, s]
-        # cosine with the previous estimate and the isotropic floor, one more small transfer
-        stab = (new * self.directions).sum(1) if self.directions is not None else torch.full((len(segs),), math.nan)
-        s2 = (self.scale.double() ** 2)
-        floor_num = torch.stack([(new[b, s].double() ** 2 * s2[s]).sum() for b, s in enumerate(segs)])
-        floor_den = torch.stack([s2[s].sum() for s in segs])
-        extra = torch.cat([stab.double().to(self.device), floor_num, floor_den]).cpu().numpy()
-        nsegs = len(segs)
+            new[b, s] = coeff_t[b] @ d[:, s]
         self.directions = new
-        self._prev_cumvar = [cumvar_h[:, b].copy() for b in range(nsegs)]
-        out = {}
-        for b, name in enumerate(self.names):
-            frac, null, msd = results[b]
-            num, den = extra[nsegs + b], extra[2 * nsegs + b]
-            floor = math.sqrt(2 / math.pi * num / den) if den > 0 and num > 0 else math.nan
-            out[name] = BackboneStats(frac, null.fraction, float(extra[b]), null.stability, float(msd), floor, m)
+        self._prev_cumvar = [cumvar_h[:, b].copy() for b in range(nb + 1)]
         return out

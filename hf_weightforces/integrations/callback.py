@@ -192,13 +192,14 @@ class WeightForcesCallback(TrainerCallback):
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
         self.pools = WeibullPools(infos, self.monitor.device, per_matrix=self.weibull_per_matrix)
         self._next_weibull = 0
-        if self.super_weights:
-            if self.ctx.backend.sharded:
-                raise ValueError("super_weights needs whole tensors (single process or DDP), "
-                                 f"not {self.ctx.backend.value}")
+        if self.super_weights and self.ctx.backend.sharded:
+            raise ValueError("super_weights needs whole tensors (single process or DDP), "
+                             f"not {self.ctx.backend.value}")
+        self._super = None
+        if self.super_weights and self.ctx.is_main:  # whole tensors on the main rank (DDP: beside the shares)
             self._super = SuperWeightTracker(self.super_weights, infos, [len(e.shape) for e in entries],
                                              self.monitor.device)
-            self._super.select(self.ctx.local_weights(entries))
+            self._super.select(self.ctx.whole_weights(entries))
         self.integral = RunIntegral([e.name for e in entries])
         self._skipped = 0
         self._last_logged = state.global_step
@@ -335,7 +336,7 @@ class WeightForcesCallback(TrainerCallback):
             if first:
                 self._start_run_integral(state)  # collective: joined even after a failure above
             if self._active and self._super is not None and self._is_budget_step(state.global_step + 1):
-                self._super.observe(self.ctx.local_weights(self._entries))
+                self._super.observe(self.ctx.whole_weights(self._entries))
         except Exception as exc:  # a diagnostic never stops training
             self._fail("on_step_begin", exc)
 
@@ -378,7 +379,8 @@ class WeightForcesCallback(TrainerCallback):
         views = self.ctx.views(check_supported(optimizer), self._index_of)
         self.monitor.record_views(views, step_id)
         if self._super is not None:
-            self._super.record(views, step_id)
+            whole = self.ctx.views(check_supported(optimizer), self._index_of, whole=True) if self.ctx.divides else views
+            self._super.record(whole, step_id)
 
     # ------------------------------------------------------------------ per log event
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -436,7 +438,7 @@ class WeightForcesCallback(TrainerCallback):
         """How much the numbers move without the super weights; then re-pick them."""
         sup = self._super
         metrics = sup.metrics(packed.sums, self.monitor.aggregates(per_layer=False), steps)
-        weights = self.ctx.local_weights(self._entries)
+        weights = self.ctx.whole_weights(self._entries)
         if counts is not None:
             pools = self.pools
             rows = counts.reshape(len(pools.names), -1) - sup.counts(weights, pools.rows, len(pools.names), pools.edges)
