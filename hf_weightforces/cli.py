@@ -283,6 +283,12 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
                    "the histogram fit (within 1e-4 in k)")
     p.add_argument("--groups-only", action="store_true", help="leave out the per-matrix rows")
     p.add_argument("--json", action="store_true", help="print the fits as JSON instead of tables")
+    p.add_argument("--records", metavar="DIR", help="the run's metrics.jsonl / schedule.jsonl folder for the "
+                   "prediction from forces and lambda* (default: <run>/weightforces)")
+    p.add_argument("--predict-every", type=_non_negative_int, default=0, metavar="N",
+                   help="predict lambda(t) from the forces of every N-th step only (default 0: every logged row)")
+    p.add_argument("--preset", metavar="NAME", help="published schedule for lambda* when the run has no record "
+                   "(pythia-160m, ...; inferred from an EleutherAI/pythia-* repository id)")
     _run_paths(p)
     _hub_flags(p)
     p.set_defaults(func=_run_lambda)
@@ -291,9 +297,18 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
 def _run_lambda(args: argparse.Namespace) -> int:
     from hf_weightforces.analysis.scale import format_scale, scale_trajectory
 
-    traj = scale_trajectory(_hub_inputs(args, args.paths), grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
+    from hf_weightforces.analysis.dynamics import dynamics_of_run, format_dynamics
+
+    paths = _hub_inputs(args, args.paths)
+    traj = scale_trajectory(paths, grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
                             per_matrix=not args.groups_only, keep_every=args.keep_every)
-    print(json.dumps(traj.to_dict(), indent=2) if args.json else format_scale(traj, per_matrix=not args.groups_only))
+    dyn, source = dynamics_of_run(paths, traj, records=args.records, preset=args.preset, every=args.predict_every)
+    if args.json:
+        from hf_weightforces.core.records import json_safe
+
+        print(json.dumps({**traj.to_dict(), "schedule": source, "dynamics": json_safe(dyn)}, indent=2))
+    else:
+        print(format_scale(traj, per_matrix=not args.groups_only) + "\n\n" + format_dynamics(dyn, source))
     return 0
 
 
@@ -304,7 +319,9 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
         description="Draw the figures of a run trained with WeightForcesCallback from its metrics.jsonl and "
         "checkpoints, and write summary.md linking them.",
     )
-    p.add_argument("run_dir", help="the Trainer output_dir (holding weightforces/metrics.jsonl)")
+    p.add_argument("run_dir", nargs="+", help="the Trainer output_dir (holding weightforces/metrics.jsonl); several: "
+                   "overlay them (seeds, or an eta sweep when their peak lr differ) in --out "
+                   "(default: weightforces-compare beside the first)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run_dir>/weightforces/report)")
     p.add_argument("--no-checkpoints", action="store_true", help="do not read checkpoints (no offline fits, no spline)")
     p.add_argument("--sample", type=_non_negative_int, default=1_000_000, metavar="N",
@@ -318,13 +335,28 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from hf_weightforces.analysis.compare import compare_runs, write_run_dynamics
+    from hf_weightforces.analysis.dynamics import run_dynamics
+    from hf_weightforces.analysis.records import read_records
     from hf_weightforces.analysis.report import write_report
+
+    if len(args.run_dir) > 1:
+        comparison = compare_runs(args.run_dir, out_dir=args.out)
+        for name in comparison.figures:
+            print(comparison.out_dir / name)
+        print(comparison.summary())
+        return 0
+    args.run_dir = args.run_dir[0]
 
     report = write_report(args.run_dir, out_dir=args.out, checkpoints=not args.no_checkpoints,
                           sample_size=args.sample, seed=args.seed, keep_every=args.keep_every,
                           flags_schedule=_flags_schedule(args), dpi=args.dpi or 130)
     for name in report.figures:
         print(report.out_dir / name)
+    rec = read_records(args.run_dir)
+    if rec.metrics:  # lambda(t) predicted from the forces, lambda* and the phases (analysis/dynamics.py)
+        figure = write_run_dynamics(run_dynamics(None, rec.metrics, rec.schedule), report.out_dir)
+        print(figure if figure else "skipped dynamics.png: no live Weibull fits in metrics.jsonl")
     for name, reason in report.skipped.items():
         print(f"skipped {name}: {reason}")
     print(report.summary)

@@ -42,6 +42,11 @@ Gaussian anchors: for i.i.d. N(0, σ²) weights (|w| half-normal) the protocol c
 k0 = 1.2054 and λ0 = 0.8875 σ (:data:`WEIBULL_GAUSSIAN_K0`, :data:`WEIBULL_GAUSSIAN_LAMBDA_RATIO0`;
 both recomputed from the half-normal quantile function in the tests).
 
+Trims (``trim=`` of every fit, :data:`TRIMS`): ``"mid80"`` is the protocol above and the default;
+``"mid90"`` (0.05 <= F <= 0.95) and ``"full"`` (every rank) are the research code's alternatives
+(github tiexinding/NPM-Weibull-public, ``npm_weibull/core/weibull.py``), reported beside mid-80 to show
+how much of a departure sits in the tails.
+
 Nothing here raises on bad data: an unusable input gives ``success=False``, NaN numbers and a
 message (too few values, all zeros, no spread).  Non-finite values are dropped and counted.
 """
@@ -59,6 +64,7 @@ __all__ = [
     "DEFAULT_BINS_PER_DECADE",
     "DEFAULT_HI",
     "DEFAULT_LO",
+    "TRIMS",
     "WEIBULL_GAUSSIAN_K0",
     "WEIBULL_GAUSSIAN_LAMBDA_RATIO0",
     "MagnitudeHistogram",
@@ -92,6 +98,10 @@ DEFAULT_HI = 1e2
 DEFAULT_BINS_PER_DECADE = 1024
 
 _F_LO, _F_HI = 0.1, 0.9  # the middle-80% window
+#: Fit windows of plotting positions F = (i - 0.5)/n: the paper's middle 80% (the default everywhere), and
+#: the research code's alternatives (``npm_weibull.core.weibull``, ``trim="mid_90"`` / ``"full_range"``):
+#: the middle 90% and every rank.  Wider windows weigh the tails, where trained matrices depart most.
+TRIMS: dict[str, tuple[float, float]] = {"mid80": (_F_LO, _F_HI), "mid90": (0.05, 0.95), "full": (0.0, 1.0)}
 _MIN_N = 10
 _CHUNK = 1 << 22  # elements per chunk: bounds temporaries in histogram_counts and the KS scan
 
@@ -157,6 +167,38 @@ def _line_fit(
         dx, dy = lx - mx, y - my
         wdx = w * dx
         sxx, sxy, syy = float(wdx @ dx), float(wdx @ dy), float((w * dy) @ dy)
+    return _line_from_sums(mx, my, sxx, sxy, syy)
+
+
+_LINE_CHUNK = 1 << 20  # ranks per chunk of the exact line fit: its temporaries stay ~50 MB for any n
+
+
+def _window_line(xs: np.ndarray, start: int, stop: int, n: int) -> tuple[float, float, float] | None:
+    """:func:`_line_fit` of (ln x_i, ln(-ln(1 - F_i))), F_i = (i - 0.5)/n, over the sorted ranks
+    start..stop-1.  A window of more than :data:`_LINE_CHUNK` ranks is summed in chunks, two passes
+    (means, then centred sums), so memory does not grow with n; shorter ones are one chunk."""
+
+    def points(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        f = (np.arange(a + 1, b + 1, dtype=np.float64) - 0.5) / n
+        return np.log(xs[a:b].astype(np.float64)), np.log(-np.log1p(-f))
+
+    if stop - start <= _LINE_CHUNK:
+        return _line_fit(*points(start, stop))
+    chunks = [(a, min(a + _LINE_CHUNK, stop)) for a in range(start, stop, _LINE_CHUNK)]
+    sx = sy = 0.0
+    for a, b in chunks:
+        lx, y = points(a, b)
+        sx, sy = sx + float(lx.sum()), sy + float(y.sum())
+    mx, my = sx / (stop - start), sy / (stop - start)
+    sxx = sxy = syy = 0.0
+    for a, b in chunks:
+        lx, y = points(a, b)
+        dx, dy = lx - mx, y - my
+        sxx, sxy, syy = sxx + float(dx @ dx), sxy + float(dx @ dy), syy + float(dy @ dy)
+    return _line_from_sums(mx, my, sxx, sxy, syy)
+
+
+def _line_from_sums(mx: float, my: float, sxx: float, sxy: float, syy: float) -> tuple[float, float, float] | None:
     if not (sxx > 0.0 and syy > 0.0) or not math.isfinite(sxx * syy):
         return None
     k = sxy / sxx
@@ -174,41 +216,50 @@ def _to_numpy_abs(x: ArrayLike) -> np.ndarray:
             t = t.to(torch.float64)
         elif t.dtype not in (torch.float32, torch.float64):
             t = t.to(torch.float32)  # bf16/fp16/fp8 → float32 is exact
+        fresh = t.dtype != x.dtype or t.device.type != "cpu"  # already a copy: take |.| in place
         a = t.reshape(-1).cpu().numpy()
     else:
         a = np.asarray(x).reshape(-1)
-        if a.dtype not in (np.float32, np.float64):
+        fresh = a.dtype not in (np.float32, np.float64)
+        if fresh:
             a = a.astype(np.float64)
-    return np.abs(a)
+    return np.abs(a, out=a) if fresh else np.abs(a)
 
 
 def sorted_magnitudes(x: ArrayLike) -> tuple[np.ndarray, int]:
     """Sorted positive finite |x| as a CPU numpy array, and the number of non-finite values dropped.
 
     float32 data stays float32 (the order is the same as in float64 and sorting is ~2x faster);
-    the fits convert to float64 where they compute.
+    the fits convert to float64 where they compute.  Memory: one copy of |x| (float32 or float64),
+    sorted in place; the result is a view of it (zeros sort first, inf and NaN last).
     """
-    a = _to_numpy_abs(x)
-    finite = np.isfinite(a)
-    n_bad = int(a.size - np.count_nonzero(finite))
-    if n_bad:
-        a = a[finite]
-    a = a[a > 0]
-    return np.sort(a), n_bad
+    a = _to_numpy_abs(x)  # a new array, never a view of x
+    a.sort()
+    zero, inf = a.dtype.type(0), a.dtype.type(np.inf)  # keys of a's dtype: no float64 copy of a
+    lo = int(np.searchsorted(a, zero, side="right"))
+    hi = int(np.searchsorted(a, inf, side="left"))
+    return a[lo:hi], int(a.size - hi)
 
 
-def _window(n: int) -> tuple[int, int]:
-    """0-based [start, stop) of the ranks i (1-based) with 0.1 <= (i-0.5)/n <= 0.9, evaluated with
-    the same float64 comparison as the literal protocol."""
-    lo = max(1, math.ceil(_F_LO * n + 0.5) - 1)
-    while lo > 1 and (lo - 1 - 0.5) / n >= _F_LO:
+def _trim_bounds(trim: str) -> tuple[float, float]:
+    try:
+        return TRIMS[trim]
+    except KeyError:
+        raise ValueError(f"unknown trim {trim!r}; choose one of {', '.join(TRIMS)}") from None
+
+
+def _window(n: int, f_lo: float = _F_LO, f_hi: float = _F_HI) -> tuple[int, int]:
+    """0-based [start, stop) of the ranks i (1-based) with f_lo <= (i-0.5)/n <= f_hi (default the
+    middle 80%), evaluated with the same float64 comparison as the literal protocol."""
+    lo = max(1, math.ceil(f_lo * n + 0.5) - 1)
+    while lo > 1 and (lo - 1 - 0.5) / n >= f_lo:
         lo -= 1
-    while lo <= n and (lo - 0.5) / n < _F_LO:
+    while lo <= n and (lo - 0.5) / n < f_lo:
         lo += 1
-    hi = min(n, math.floor(_F_HI * n + 0.5) + 1)
-    while hi >= 1 and (hi - 0.5) / n > _F_HI:
+    hi = min(n, math.floor(f_hi * n + 0.5) + 1)
+    while hi >= 1 and (hi - 0.5) / n > f_hi:
         hi -= 1
-    while hi < n and (hi + 1 - 0.5) / n <= _F_HI:
+    while hi < n and (hi + 1 - 0.5) / n <= f_hi:
         hi += 1
     return lo - 1, hi
 
@@ -250,34 +301,35 @@ def _ks_sorted(xs: np.ndarray, k: float, scale: float, block: int = 64) -> float
     return best
 
 
-def fit_weibull_sorted(xs: np.ndarray, *, message: str = "") -> WeibullFit:
+def fit_weibull_sorted(xs: np.ndarray, *, message: str = "", trim: str = "mid80") -> WeibullFit:
     """The exact protocol on an already sorted array of positive finite magnitudes.
 
     For callers that fit the same sorted array more than once (with and without super weights:
-    ``fit_weibull_sorted(xs[:-N])``).  ``message`` is appended to the result's message.
+    ``fit_weibull_sorted(xs[:-N])``).  ``message`` is appended to the result's message.  ``trim``
+    picks the window of plotting positions (:data:`TRIMS`; default the paper's middle 80%).
     """
+    f_lo, f_hi = _trim_bounds(trim)
     n = int(xs.size)
     if n < _MIN_N:
         return _failed("exact", n, f"only {n} positive finite values (need >= {_MIN_N})" + message)
-    start, stop = _window(n)
-    xw = xs[start:stop].astype(np.float64)
-    f = (np.arange(start + 1, stop + 1, dtype=np.float64) - 0.5) / n
-    y = np.log(-np.log1p(-f))
-    line = _line_fit(np.log(xw), y)
+    start, stop = _window(n, f_lo, f_hi)
+    line = _window_line(xs, start, stop, n)
     if line is None:
-        return _failed("exact", n, "no spread in the middle 80% of |w| (constant values?)" + message)
+        return _failed("exact", n, f"no spread in the {trim} window of |w| (constant values?)" + message)
     k, scale, r2 = line
     return WeibullFit(k, scale, r2, _ks_sorted(xs, k, scale), n, "exact", True, message.lstrip("; "))
 
 
-def fit_weibull(x: ArrayLike, *, exclude_top: int = 0) -> WeibullFit:
+def fit_weibull(x: ArrayLike, *, exclude_top: int = 0, trim: str = "mid80") -> WeibullFit:
     """Fit Weibull(k, λ) to |x| with the paper's exact protocol (module docstring, SPEC §4).
 
     ``x`` is a torch tensor (any dtype or device; copied to CPU) or a numpy array.  Zeros and
     non-finite values are dropped; ``exclude_top`` further drops that many of the largest
     magnitudes ("super weights") before the plotting positions are assigned, so F uses the
-    remaining n.  Never raises on bad data: see :attr:`WeibullFit.success`.
+    remaining n.  ``trim``: the window of plotting positions (:data:`TRIMS`, default ``"mid80"``).
+    Never raises on bad data: see :attr:`WeibullFit.success`.
     """
+    _trim_bounds(trim)
     if exclude_top < 0:
         raise ValueError(f"exclude_top must be >= 0, got {exclude_top}")
     xs, n_bad = sorted_magnitudes(x)
@@ -285,7 +337,7 @@ def fit_weibull(x: ArrayLike, *, exclude_top: int = 0) -> WeibullFit:
     if exclude_top:
         xs = xs[: max(0, xs.size - exclude_top)]
         message += f"; excluded the {exclude_top} largest magnitudes"
-    return fit_weibull_sorted(xs, message=message)
+    return fit_weibull_sorted(xs, message=message, trim=trim)
 
 
 def fit_weibull_mle(x: ArrayLike) -> WeibullFit:
@@ -476,16 +528,16 @@ class MagnitudeHistogram:
 
     __add__ = merge
 
-    def fit(self) -> WeibullFit:
+    def fit(self, trim: str = "mid80") -> WeibullFit:
         """:func:`fit_weibull_histogram` of these counts."""
-        fit = fit_weibull_histogram(self.counts, self.edges)
+        fit = fit_weibull_histogram(self.counts, self.edges, trim=trim)
         if self.dropped_nonfinite:
             note = f"dropped {self.dropped_nonfinite} non-finite values"
             fit = replace(fit, message="; ".join(m for m in (fit.message, note) if m))
         return fit
 
 
-def fit_weibull_histogram(counts: ArrayLike, edges: ArrayLike) -> WeibullFit:
+def fit_weibull_histogram(counts: ArrayLike, edges: ArrayLike, *, trim: str = "mid80") -> WeibullFit:
     """The protocol on binned magnitudes: weighted least squares at geometric bin midpoints.
 
     ``counts`` follows :func:`histogram_counts` (length ``len(edges)+1``: underflow, bins,
@@ -503,8 +555,10 @@ def fit_weibull_histogram(counts: ArrayLike, edges: ArrayLike) -> WeibullFit:
 
     R² is the weighted R² of the line; KS is max_j |C(<= e_j)/n - F(e_j)| over the edges (a lower
     bound of the sample KS).  Fails (``success=False``) if the under- or overflow bin reaches into
-    the window: the fit would then be cut by the range of the edges, not by F.
+    the window: the fit would then be cut by the range of the edges, not by F.  ``trim`` picks the
+    window (:data:`TRIMS`); with ``"full"`` the under/overflow bins must be empty.
     """
+    f_lo, f_hi = _trim_bounds(trim)
     e = np.asarray(edges.detach().cpu() if isinstance(edges, torch.Tensor) else edges, dtype=np.float64)
     c = np.asarray(counts.detach().cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
     nb = e.size - 1
@@ -516,13 +570,13 @@ def fit_weibull_histogram(counts: ArrayLike, edges: ArrayLike) -> WeibullFit:
     n = int(round(total))
     if n < _MIN_N:
         return _failed("histogram", n, f"only {n} positive finite values (need >= {_MIN_N})")
-    start, stop = _window(n)  # in-window ranks, 0-based [start, stop)
+    start, stop = _window(n, f_lo, f_hi)  # in-window ranks, 0-based [start, stop)
     if c[0] > start or total - c[-1] < stop:
         return _failed(
             "histogram",
             n,
             f"under/overflow bins hold {c[0] / total:.1%}/{c[-1] / total:.1%} of values, reaching into "
-            "the middle 80%: edges too narrow",
+            f"the {trim} window: edges too narrow",
         )
     cb = c[1:-1]
     after = c[0] + np.cumsum(cb)

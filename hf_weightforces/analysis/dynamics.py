@@ -1,0 +1,324 @@
+"""λ(t) from the forces, the moving target λ* and the phase timeline (Ding, arXiv:2606.19367).
+
+**Prediction** (SPEC section 5; the research code's ``make_predicted_lambda_fig.py``).  The callback's rows
+hold, per aggregate G, the mean A + I + D per optimizer step over the interval since the previous row and
+the observed ||w||² (``norm2``) and n (``numel``).  Using only the rows every ``every`` steps (forces
+"recorded every N steps"; 0: every row), each used row standing for the steps since the previous used one
+(rectangle rule), from the first used row s_0::
+
+    σ_pred(t)² = (||w(s_0)||² + Σ_{s_0 < s_j <= t} (A + I + D)_j (s_j - s_{j-1})) / n
+    λ_pred(t)  = σ_pred(t) · (λ/σ)_ref                       the k-lock bridge, ratio at the first fit
+
+compared with the fitted λ at every later step that has a fit (checkpoint fits when given, else the
+live fits in the rows).  Errors, each relative, with (1 + total) = (1 + integration)(1 + bridge) exactly::
+
+    integration = σ_pred/σ - 1,   bridge = σ (λ/σ)_ref / λ - 1,   total = λ_pred/λ - 1
+    log-RMSE = sqrt(mean (ln λ_pred - ln λ)²),   max |err| = max |total|
+
+(The research script locks the ratio at its mean over the whole run, which uses the future; here the
+reference is the first fit, as the live callback's ``offset_*`` keys do.)
+
+**Moving target** λ*(t) = sqrt(η_t / λ_wd): at balance of decay and injection (A + I + D = 0 with
+I ∝ η² n, D = -2 η λ_wd ||w||²) the RMS scales as sqrt(η/λ_wd), so λ* is the target's shape (its constant
+depends on the update statistics; the ratio λ/λ* is reported, not a scaled curve).
+
+**Phases** (the paper's rise, overshoot and relaxation; boundaries from the data, never fixed steps):
+
+* ``plateau``: the leading steps before λ has made 10% of its rise to the peak, when it grew there at less
+  than a quarter of its mean rate over the rise (absent when λ rises from the start);
+* ``rise``: up to the step of the largest λ (``peak``);
+* ``overshoot``: from the peak to the largest λ/λ* after it: λ falls slower than its target does
+  (needs a schedule; with a constant lr λ* is flat and the phase is empty);
+* ``relaxation``: the rest, λ/λ* falling: λ relaxes towards the target as decay catches up.
+
+With forces, each phase reports the alignment share min / median / max over its rows (the paper: 88-94%
+during the rise on Pythia-70M).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["LambdaPrediction", "Phase", "lambda_star", "phase_timeline", "predict_lambda", "series_from_rows"]
+
+_PREFIX = "weightforces/"
+PLATEAU_FRACTION = 0.1  # the plateau ends when λ has made this share of its rise ...
+PLATEAU_SLOPE = 0.25  # ... and is one only if λ grew there slower than this fraction of the mean rise rate
+
+
+def _finite(row: Mapping, key: str) -> float | None:
+    v = row.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def series_from_rows(rows: Sequence[Mapping], aggregate: str) -> dict[str, np.ndarray]:
+    """Per row with forces for ``aggregate``: step, A+I+D per step, norm2, numel, align share, and (NaN where the
+    row has no fit) the live Weibull λ and k."""
+    g = f"{_PREFIX}{aggregate}/"
+    out: dict[str, list[float]] = {k: [] for k in ("step", "net", "norm2", "numel", "align_share", "lambda", "k")}
+    for row in rows:
+        a, i, d = (_finite(row, g + k) for k in ("align", "inject", "decay"))
+        norm2, numel = _finite(row, g + "norm2"), _finite(row, g + "numel")
+        if None in (a, i, d, norm2, numel):
+            continue
+        out["step"].append(int(row["step"]))
+        out["net"].append(a + i + d)
+        out["norm2"].append(norm2)
+        out["numel"].append(numel)
+        total = abs(a) + abs(i) + abs(d)
+        out["align_share"].append(abs(a) / total if total > 0 else math.nan)
+        out["lambda"].append(_finite(row, g + "weibull_scale") or math.nan)
+        out["k"].append(_finite(row, g + "weibull_k") or math.nan)
+    return {k: np.asarray(v, dtype=np.int64 if k == "step" else np.float64) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class LambdaPrediction:
+    """λ(t) predicted from the forces of one aggregate against the fitted λ; see the module docstring."""
+
+    aggregate: str
+    every: int
+    anchor_step: int
+    lock_ratio: float
+    observed: str  # "checkpoints" or "live"
+    steps: np.ndarray
+    sigma: np.ndarray
+    sigma_pred: np.ndarray
+    lam: np.ndarray
+    lam_pred: np.ndarray
+
+    @property
+    def integration(self) -> np.ndarray:
+        return self.sigma_pred / self.sigma - 1.0
+
+    @property
+    def bridge(self) -> np.ndarray:
+        return self.sigma * self.lock_ratio / self.lam - 1.0
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.lam_pred / self.lam - 1.0
+
+    @property
+    def log_rmse(self) -> float:
+        d = np.log(self.lam_pred) - np.log(self.lam)
+        return float(np.sqrt(np.mean(d * d))) if d.size else math.nan
+
+    @property
+    def max_abs_err(self) -> float:
+        return float(np.max(np.abs(self.total))) if self.steps.size else math.nan
+
+    def to_dict(self) -> dict[str, object]:
+        def stats(x: np.ndarray) -> dict[str, float]:
+            a = np.abs(x)
+            return {"median_abs": float(np.median(a)) if a.size else math.nan,
+                    "max_abs": float(np.max(a)) if a.size else math.nan}
+
+        return {
+            "aggregate": self.aggregate, "every": self.every, "anchor_step": self.anchor_step,
+            "lock_ratio": self.lock_ratio, "observed": self.observed, "log_rmse": self.log_rmse,
+            "max_abs_err": self.max_abs_err, "integration": stats(self.integration), "bridge": stats(self.bridge),
+            "total": stats(self.total),
+            "points": [{"step": int(s), "sigma": float(a), "sigma_pred": float(b), "lambda": float(c),
+                        "lambda_pred": float(d), "integration": float(e), "bridge": float(f), "total": float(g)}
+                       for s, a, b, c, d, e, f, g in zip(self.steps, self.sigma, self.sigma_pred, self.lam,
+                                                          self.lam_pred, self.integration, self.bridge, self.total)],
+        }
+
+
+def predict_lambda(
+    rows: Sequence[Mapping],
+    aggregate: str,
+    *,
+    every: int = 0,
+    fits: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> LambdaPrediction | None:
+    """λ(t) of ``aggregate`` predicted from the forces in ``rows`` (a run's ``metrics.jsonl``).
+
+    ``every``: use only rows whose step is a multiple of it (0: every row).  ``fits``: (steps, λ, σ) from
+    checkpoint fits to compare with; default the rows' own live fits.  None when the rows have no forces
+    or no fits for this aggregate after the anchor.
+    """
+    s = series_from_rows(rows, aggregate)
+    if s["step"].size == 0:
+        return None
+    keep = np.ones(s["step"].size, dtype=bool) if every <= 0 else s["step"] % every == 0
+    steps, net, numel = s["step"][keep], s["net"][keep], s["numel"][keep]
+    if steps.size < 2:
+        return None
+    spacing = np.diff(steps).astype(np.float64)
+    norm2_pred = s["norm2"][keep][0] + np.concatenate([[0.0], np.cumsum(net[1:] * spacing)])
+    with np.errstate(invalid="ignore"):
+        sigma_pred_rows = np.sqrt(np.where(norm2_pred >= 0, norm2_pred, np.nan) / numel)
+    if fits is None:
+        has = np.isfinite(s["lambda"])
+        f_steps, f_lam = s["step"][has], s["lambda"][has]
+        f_sigma = np.sqrt(s["norm2"][has] / s["numel"][has])
+        observed = "live"
+    else:
+        f_steps, f_lam, f_sigma = (np.asarray(a) for a in fits)
+        observed = "checkpoints"
+    inside = (f_steps >= steps[0]) & (f_steps <= steps[-1]) & np.isfinite(f_lam) & (f_lam > 0)
+    f_steps, f_lam, f_sigma = f_steps[inside], f_lam[inside], f_sigma[inside]
+    if f_steps.size < 2:
+        return None
+    ratio = float(f_lam[0] / f_sigma[0])  # the k-lock reference: the first fit at or after the anchor
+    sig_pred = np.sqrt(np.interp(f_steps, steps, sigma_pred_rows ** 2))
+    return LambdaPrediction(aggregate, int(every), int(steps[0]), ratio, observed, f_steps[1:], f_sigma[1:],
+                            sig_pred[1:], f_lam[1:], sig_pred[1:] * ratio)
+
+
+def lambda_star(schedule, steps: np.ndarray) -> np.ndarray:
+    """λ* = sqrt(η_t / λ_wd) of optimizer group 0 (weight matrices) at ``steps`` (NaN outside the schedule
+    or where the decay is 0)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    out = np.full(steps.shape, np.nan)
+    ok = (steps >= schedule.first_step) & (steps <= schedule.last_step)
+    idx = steps[ok] - schedule.first_step
+    lr, wd = schedule.lr[idx, 0], schedule.weight_decay[idx, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[ok] = np.where(wd > 0, np.sqrt(lr / wd), np.nan)
+    return out
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    start: int
+    end: int
+    align_share: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "start": self.start, "end": self.end, "align_share": self.align_share}
+
+
+def phase_timeline(
+    steps: np.ndarray,
+    lam: np.ndarray,
+    target: np.ndarray | None = None,
+    share: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[Phase]:
+    """Phases of one λ(t) series (module docstring); ``target`` λ* at the same steps, ``share`` the
+    (steps, align share) of the rows for the per-phase alignment statistics."""
+    steps, lam = np.asarray(steps), np.asarray(lam, dtype=np.float64)
+    ok = np.isfinite(lam)
+    steps, lam = steps[ok], lam[ok]
+    if target is not None:
+        target = np.asarray(target, dtype=np.float64)[ok]
+    if steps.size < 2:
+        return []
+    peak = int(np.argmax(lam))
+    rise = lam[peak] - lam[0]
+    bounds: list[tuple[str, int, int]] = []
+    start = 0
+    if rise > 0:
+        start = int(np.argmax(lam - lam[0] >= PLATEAU_FRACTION * rise))
+        mean_slope = rise / float(steps[peak] - steps[0])
+        before = start - 1  # the last point still inside the first 10%
+        lead_slope = (lam[before] - lam[0]) / float(steps[before] - steps[0]) if before > 0 else math.inf
+        if lead_slope < PLATEAU_SLOPE * mean_slope:
+            bounds.append(("plateau", 0, start))
+        else:
+            start = 0
+    bounds.append(("rise", start, peak))
+    if peak < steps.size - 1:
+        relax_from = peak
+        if target is not None and np.isfinite(target[peak:]).all():
+            relax_from = peak + int(np.argmax(lam[peak:] / target[peak:]))
+            if relax_from > peak:
+                bounds.append(("overshoot", peak, relax_from))
+        if relax_from < steps.size - 1:
+            bounds.append(("relaxation", relax_from, steps.size - 1))
+    phases = []
+    for name, a, b in bounds:
+        stats: dict[str, float] = {}
+        if share is not None:
+            s_steps, s_val = np.asarray(share[0]), np.asarray(share[1], dtype=np.float64)
+            lo = steps[a] if a == 0 else steps[a] + 1  # a phase owns the rows after its start
+            pick = s_val[(s_steps >= lo) & (s_steps <= steps[b]) & np.isfinite(s_val)]
+            if pick.size:
+                stats = {"min": float(pick.min()), "median": float(np.median(pick)), "max": float(pick.max()),
+                         "rows": int(pick.size)}
+        phases.append(Phase(name, int(steps[a]), int(steps[b]), stats))
+    return phases
+
+
+def run_dynamics(traj, rows: Sequence[Mapping] | None, schedule, *, every: int = 0) -> dict[str, dict]:
+    """Per aggregate of ``traj`` (a :class:`~hf_weightforces.analysis.scale.ScaleTrajectory`; or, without it,
+    of the rows): the prediction from ``rows`` (the run's metrics; None: no forces), λ* from ``schedule``
+    (None: no target) and the phases of the observed λ(t) (checkpoint fits, else the live fits)."""
+    names = traj.names("group") if traj is not None else sorted(
+        {k.split("/")[1] for k in (rows[0] if rows else {}) if k.endswith("/align") and k.count("/") == 2})
+    out: dict[str, dict] = {}
+    for name in names:
+        fits = None
+        if traj is not None:
+            f_steps, _, f_lam, f_sigma = traj.series(name)
+            ok = np.isfinite(f_lam)
+            fits = (f_steps[ok], f_lam[ok], f_sigma[ok]) if ok.sum() >= 2 else None
+        series = series_from_rows(rows, name) if rows else None
+        pred = predict_lambda(rows, name, every=every, fits=fits) if rows else None
+        if fits is not None:
+            steps, lam = fits[0], fits[1]
+        elif series is not None and np.isfinite(series["lambda"]).sum() >= 2:
+            has = np.isfinite(series["lambda"])
+            steps, lam = series["step"][has], series["lambda"][has]
+        else:
+            continue
+        target = lambda_star(schedule, steps) if schedule is not None else None
+        share = (series["step"], series["align_share"]) if series is not None and series["step"].size else None
+        phases = phase_timeline(steps, lam, target, share)
+        out[name] = {
+            "observed": "checkpoints" if fits is not None else "live",
+            "steps": steps.tolist(), "lambda": lam.tolist(),
+            "lambda_star": None if target is None else target.tolist(),
+            "lambda_over_lambda_star": None if target is None else (lam / target).tolist(),
+            "phases": [p.to_dict() for p in phases],
+            "prediction": None if pred is None else pred.to_dict(),
+        }
+    return out
+
+
+def format_dynamics(dyn: dict[str, dict], schedule_source: str | None) -> str:
+    """Plain text: per aggregate the prediction's errors and the phase timeline."""
+    lines = ["λ(t) dynamics: prediction from the forces (k-lock bridge), moving target λ* = sqrt(η/λ_wd), "
+             f"phases from the data; schedule: {schedule_source or 'none (no λ*, no overshoot phase)'}"]
+    for name, d in dyn.items():
+        p = d["prediction"]
+        if p is not None:
+            used = f"every {p['every']} steps" if p["every"] else "every logged row"
+            lines.append(
+                f"  {name}: predicted from the forces of {used} vs {p['observed']} fits: "
+                f"log-RMSE {p['log_rmse']:.4f}, max |err| {100 * p['max_abs_err']:.2f}%, integration "
+                f"{100 * p['integration']['median_abs']:.2f}% (max {100 * p['integration']['max_abs']:.2f}%), "
+                f"bridge {100 * p['bridge']['median_abs']:.2f}% (max {100 * p['bridge']['max_abs']:.2f}%)")
+        parts = []
+        for ph in d["phases"]:
+            share = ph["align_share"]
+            extra = f", align {100 * share['min']:.0f}-{100 * share['max']:.0f}%" if share else ""
+            parts.append(f"{ph['name']} {ph['start']}-{ph['end']}{extra}")
+        lines.append(f"  {name} phases ({d['observed']} λ): " + ("; ".join(parts) if parts else "too few points"))
+    return "\n".join(lines)
+
+
+def dynamics_of_run(paths, traj, *, records=None, preset: str | None = None,
+                    every: int = 0) -> tuple[dict[str, dict], str | None]:
+    """:func:`run_dynamics` for the checkpoints ``paths`` that ``traj`` fitted: the run's records (``records``,
+    else found beside local checkpoints), its schedule record, else the ``preset`` (given, or inferred from a
+    Hub repository id).  Returns the dynamics and where the schedule came from (None: no schedule)."""
+    from hf_weightforces.analysis.hub import HubCheckpoints
+    from hf_weightforces.analysis.presets import get_preset, preset_for_repo
+    from hf_weightforces.analysis.records import locate_records, read_records
+
+    hub = isinstance(paths, HubCheckpoints)
+    folder = records if records is not None or hub else locate_records(paths, list(traj.checkpoints))
+    rec = read_records(folder)
+    schedule = rec.schedule
+    if schedule is None:
+        name = preset or (preset_for_repo(paths.repo_id) if hub else None)
+        schedule = get_preset(name).schedule() if name else None
+    return run_dynamics(traj, rec.metrics, schedule, every=every), None if schedule is None else schedule.source
