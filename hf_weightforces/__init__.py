@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .core import ForceBudget, Grouping, adamw_direction, force_budget
 
 __version__ = "0.1.0"
 
@@ -20,11 +19,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .core import ForceBudget, Grouping, adamw_direction, force_budget
     from .integrations import WeightForcesArguments, WeightForcesCallback
     from .integrations.probes import BackboneProbe, RankProbe
 
 
 def __getattr__(name: str):
+    # Nothing here imports torch until it is asked for: `hf-weightforces --help` and the startup hook stay fast.
+    if name in ("ForceBudget", "Grouping", "adamw_direction", "force_budget"):
+        from . import core
+
+        return getattr(core, name)
     # The integrations import transformers; load them only when asked, so the core stays light.
     if name in ("WeightForcesCallback", "WeightForcesArguments"):
         from . import integrations

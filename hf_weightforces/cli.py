@@ -6,30 +6,31 @@
     hf-weightforces report RUN_DIR [--out DIR]
 
 Each subcommand is a ``_add_<name>(subparsers)`` function that registers its arguments and sets
-``func`` to a ``_run_<name>(args) -> int``; add new ones to :data:`_SUBCOMMANDS`.  Bad input
-(unreadable checkpoint, bad grouping file) exits with status 2 and one ``error: ...`` line on
-stderr, no traceback.  Only this module prints.
+``func`` to a ``_run_<name>(args) -> int``; add new ones to :data:`_SUBCOMMANDS`.  Every option is
+validated when parsed (ranges, finite numbers).  Bad input (unreadable checkpoint, bad grouping
+file) exits with status 2 and one ``error: ...`` line on stderr naming the file and the cause, no
+traceback; Ctrl-C exits with 130.  Progress goes to stderr (``--quiet`` silences it); names are
+printed with control characters escaped (:mod:`hf_weightforces.cli_support`).  Only this module
+prints.  Nothing heavy is imported before a ``_run_*`` function starts (``--help`` answers at once).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hf_weightforces.cli_support import ArgumentParser, add_common_flags, bounded_float, bounded_int, run_command
+
 __all__ = ["build_parser", "main"]
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+_non_negative_int = bounded_int(0)
+_positive_int = bounded_int(1)
+_steps = bounded_int(0, 100_000_000)  # a schedule of this many steps is built in memory
+_dpi = bounded_int(0, 600)  # 0: the style's own; 600 dpi is print quality already
 
 
 def _load_grouping(file: str | None):
@@ -39,10 +40,15 @@ def _load_grouping(file: str | None):
 
     if file is None:
         return None
+    path = Path(file)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{file}: not a regular file")
     try:
-        data = json.loads(Path(file).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{file}: cannot read grouping JSON ({exc})") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot read grouping JSON ({exc.strerror or exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{file}: grouping JSON must be an object mapping class -> [regex, ...]")
     if "patterns" in data:
@@ -51,6 +57,9 @@ def _load_grouping(file: str | None):
         patterns, use_defaults = data, True
     if not isinstance(patterns, dict) or not isinstance(use_defaults, bool):
         raise ValueError(f"{file}: 'patterns' must be an object and 'use_defaults' a boolean")
+    for cls, regexes in patterns.items():
+        if not isinstance(regexes, list) or not all(isinstance(r, str) for r in regexes):
+            raise ValueError(f"{file}: the patterns of {cls!r} must be a list of regex strings")
     try:
         return Grouping(patterns=patterns, use_defaults=use_defaults)
     except ValueError as exc:
@@ -101,13 +110,6 @@ def _run_fit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     return 0
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _add_geometry(subparsers: argparse._SubParsersAction) -> None:
@@ -193,12 +195,12 @@ def _hub_inputs(args: argparse.Namespace, paths: list[str], *, need_steps: bool 
 
 def _schedule_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("schedule (only for runs without the callback's schedule.jsonl)")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--total-steps", type=_non_negative_int, help="max_steps of the run (for the decay shape)")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up steps (default 0)")
+    g.add_argument("--lr", type=bounded_float(0.0, math.inf, low_open=True), help="peak learning rate")
+    g.add_argument("--total-steps", type=_steps, help="max_steps of the run (for the decay shape)")
+    g.add_argument("--warmup-steps", type=_steps, default=0, help="linear warm-up steps (default 0)")
     g.add_argument("--lr-decay", choices=("constant", "linear", "cosine"), default="constant",
                    help="lr shape after warm-up, as the Trainer's lr_scheduler_type (default constant)")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay of >= 2-D tensors (default 0)")
+    g.add_argument("--weight-decay", type=bounded_float(0.0, math.inf), default=None, help="AdamW weight decay of >= 2-D tensors (default 0)")
     g.add_argument("--ignore-record", action="store_true", help="use these flags even when the run has a record")
     g.add_argument("--preset", metavar="NAME", help="a published schedule (pythia-70m, pythia-160m, ...; inferred "
                    "from an EleutherAI/pythia-* repository id); --weight-decay, if given, overrides its decay")
@@ -244,7 +246,7 @@ def _add_spline(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", type=_non_negative_int, default=1_000_000, metavar="N",
                    help="coordinates kept per checkpoint (default 1000000; 0: all)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the coordinate sample (default 0)")
-    p.add_argument("--beta1", type=float, help="Adam beta1 (default: params.json, else 0.9)")
+    p.add_argument("--beta1", type=bounded_float(0.0, 1.0, high_open=True), help="Adam beta1 (default: params.json, else 0.9)")
     p.add_argument("--per-layer", action="store_true", help="also report every layer")
     p.add_argument("--per-matrix", action="store_true", help="also report every tensor")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
@@ -329,7 +331,7 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the coordinate sample (default 0)")
     p.add_argument("--keep-every", type=_non_negative_int, default=0, metavar="N",
                    help="use only checkpoints whose step is a multiple of N")
-    p.add_argument("--dpi", type=_non_negative_int, default=130, help="resolution of the PNG files (default 130)")
+    p.add_argument("--dpi", type=_dpi, default=130, help="resolution of the PNG files (default 130)")
     _schedule_flags(p)
     p.set_defaults(func=_run_report)
 
@@ -370,26 +372,24 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="hf-weightforces",
         description="AdamW force budgets and Weibull weight diagnostics for Hugging Face models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
         add(subparsers)
+    for sub in subparsers.choices.values():
+        add_common_flags(sub)  # --quiet, --traceback
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (2 for bad input, with one ``error:`` line on stderr)."""
-    from hf_weightforces.analysis.checkpoints import CheckpointError
-
+    """Run the CLI; returns the exit status (2 for bad input, with one ``error:`` line on stderr;
+    130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except (CheckpointError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return run_command(args.func, args)
     finally:
         for source in getattr(args, "hub_sources", ()):
             source.close()  # --delete-after: the last revision read leaves the cache too

@@ -10,24 +10,31 @@ Accepted inputs (:func:`iter_tensors`):
 safetensors files are read with ``safe_open`` (one tensor materialised at a time).  torch files are
 read with ``torch.load(..., weights_only=True, mmap=True)`` (``mmap`` only for the zip format), so a
 file that pickles anything other than tensors and plain containers is refused, never executed.
-Every problem with the input (missing path, no weights, corrupt or truncated file, a non-weights
-pickle, an index naming a missing shard) raises one error type, :class:`CheckpointError`, whose
-message names the path.
+Every problem with the input (missing or unreadable path, no weights, corrupt or truncated file, a
+non-weights pickle, an index naming a missing shard or one outside its folder) raises one error
+type, :class:`CheckpointError`, whose message names the path and the cause.  Only regular files
+are opened (a FIFO or device named ``*.safetensors`` is refused, never waited on), and an index
+reads shards only from its own folder (symlinks there, as in the Hub cache, are followed).
+torch is imported when the first tensor is read, not before.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Union
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["WEIGHT_FILES", "CheckpointError", "iter_tensors", "read_step", "weight_files"]
 
@@ -50,17 +57,42 @@ class CheckpointError(ValueError):
     """A weights path that cannot be read; the message names the path and the reason."""
 
 
+def _kind(p: Path) -> str:
+    """``"file"``, ``"folder"`` or ``"other"`` (FIFO, device, socket); CheckpointError naming the
+    cause when ``p`` cannot be looked at (missing is not the same as unreadable)."""
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise CheckpointError(f"{p}: no such file or folder") from None
+        raise CheckpointError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "folder" if stat.S_ISDIR(mode) else "other"
+
+
+def _regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        return False
+
+
 def weight_files(path: PathLike) -> list[Path]:
     """The weight files (or the one index file) that :func:`iter_tensors` reads for ``path``."""
     p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or folder")
-    if p.is_file():
+    kind = _kind(p)
+    if kind == "file":
         return [p]
+    if kind == "other":
+        raise CheckpointError(f"{p}: not a regular file or folder (a FIFO, device or socket is never read)")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{p}: cannot be read (permission denied)")
     for name in WEIGHT_FILES:
-        if (p / name).is_file():
+        if _regular(p / name):
             return [p / name]
-    loose = sorted(f for f in p.glob("*.safetensors") if not f.name.startswith("weightforces_"))  # not our probe state
+    loose = sorted(f for f in p.glob("*.safetensors")
+                   if not f.name.startswith("weightforces_") and _regular(f))  # not our probe state
     if loose:
         return loose
     hint = ""
@@ -79,6 +111,7 @@ def iter_tensors(path: PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     want).  Raises :class:`CheckpointError` for any unreadable input, also midway through.
     """
     for file in weight_files(path):
+        log.info("reading %s", file)
         yield from _iter_file(file)
 
 
@@ -101,6 +134,8 @@ def _iter_safetensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
+    if not _regular(file):
+        raise CheckpointError(f"{file}: not a regular file")
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             keys = list(f.keys())
@@ -122,7 +157,14 @@ def _iter_safetensors(
 
 def _load_torch(file: Path) -> object:
     """``torch.load`` restricted to tensors and plain containers (``weights_only=True``)."""
-    mmap = zipfile.is_zipfile(file)  # mmap needs the zip format; legacy files load eagerly
+    import torch
+
+    if not _regular(file):
+        raise CheckpointError(f"{file}: not a regular file")
+    try:  # mmap needs the zip format; legacy files load eagerly
+        mmap = zipfile.is_zipfile(file)
+    except Exception as exc:  # BadZipFile and others, raised while telling the format
+        raise CheckpointError(f"{file}: not a readable torch weights file ({_first_line(exc)})") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol notices: the error, if any, says it all
@@ -136,13 +178,15 @@ def _load_torch(file: Path) -> object:
         raise CheckpointError(f"{file}: not a readable torch weights file ({_first_line(exc)})") from exc
 
 
-def _flatten(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def _flatten(obj: object, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a loaded state dict; nested dicts (``{"state_dict": {...}}``) get dotted names."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         yield prefix.rstrip("."), obj
-    elif isinstance(obj, Mapping):
+    elif isinstance(obj, Mapping) and depth < 32:  # deeper nesting is no state dict
         for key, value in obj.items():
-            yield from _flatten(value, f"{prefix}{key}.")
+            yield from _flatten(value, f"{prefix}{key}.", depth + 1)
 
 
 def _iter_torch(file: Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -160,19 +204,25 @@ def _iter_torch(file: Path, names: list[str] | None = None) -> Iterator[tuple[st
 
 
 def _iter_index(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if not _regular(file):
+        raise CheckpointError(f"{file}: not a regular file")
     try:
-        index = json.loads(file.read_text())
+        index = json.loads(file.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of tensor name -> shard file name")
     except Exception as exc:
         raise CheckpointError(f"{file}: not a valid weights index ({_first_line(exc)})") from exc
     shards: dict[str, list[str]] = {}
     for tensor_name, shard in weight_map.items():
-        shards.setdefault(str(shard), []).append(str(tensor_name))
+        shards.setdefault(shard, []).append(str(tensor_name))
     for shard in shards:  # check every shard before yielding anything
-        if not (file.parent / shard).is_file():
+        if not _inside(shard):
+            raise CheckpointError(f"{file}: index names shard {shard!r}, outside the index's folder; refused")
+        if not (file.parent / shard).exists():
             raise CheckpointError(f"{file}: index names shard {shard!r}, which does not exist")
+        if not _regular(file.parent / shard):
+            raise CheckpointError(f"{file}: index names shard {shard!r}, which is not a regular file")
     for shard, names in shards.items():
         shard_file = file.parent / shard
         if shard_file.suffix == ".safetensors":
@@ -181,6 +231,16 @@ def _iter_index(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _iter_torch(shard_file, names)
         else:
             raise CheckpointError(f"{file}: shard {shard!r} has an unrecognised type")
+
+
+def _inside(shard: str) -> bool:
+    """A relative path that stays in the index's folder (no absolute path, drive or ``..``)."""
+    if not shard or "\x00" in shard:
+        return False
+    for pure in (PurePosixPath(shard), PureWindowsPath(shard)):
+        if pure.is_absolute() or pure.drive or pure.root or ".." in pure.parts:
+            return False
+    return True
 
 
 def read_step(path: PathLike) -> int | None:
@@ -192,10 +252,10 @@ def read_step(path: PathLike) -> int | None:
     if match:
         return int(match.group(1))
     state = folder / "trainer_state.json"
-    if state.is_file():
+    if _regular(state):
         try:
-            step = json.loads(state.read_text()).get("global_step")
-        except (OSError, ValueError, AttributeError) as exc:
+            step = json.loads(state.read_text(encoding="utf-8")).get("global_step")
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
             log.warning("%s: unreadable trainer_state.json (%s)", state, exc)
             return None
         if isinstance(step, int) and not isinstance(step, bool):

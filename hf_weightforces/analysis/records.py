@@ -21,6 +21,7 @@ Hugging Face schedulers' formulas: the lr of optimizer step s (1-based) is ``pea
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ __all__ = [
     "schedule_from_flags",
     "truth_intervals",
 ]
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SCHEDULE_FILE = "schedule.jsonl"
@@ -175,8 +178,10 @@ class ParamsRecord:
 def _load_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RecordError(f"{path}: not readable JSON ({exc})") from exc
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise RecordError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def read_params(path: PathLike) -> ParamsRecord:
@@ -198,7 +203,7 @@ def read_params(path: PathLike) -> ParamsRecord:
         )
         record = ParamsRecord(str(data.get("optimizer", "")), beta1, beta2, float(data.get("eps", 1e-8)),
                               int(data.get("every", 1)), params)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RecordError(f"{path}: malformed params record ({type(exc).__name__}: {exc})") from exc
     for p in record.params:
         if math.prod(p.shape) != p.numel:
@@ -255,17 +260,19 @@ def read_schedule(path: PathLike) -> Schedule:
     """Parse ``schedule.jsonl`` (one row per optimizer step); steps must be consecutive."""
     path = Path(path)
     steps, lrs, wds, skips = [], [], [], []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes: a bad row, named below
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                step = int(row["step"])
+                step = row["step"]
+                if not isinstance(step, int) or isinstance(step, bool):
+                    raise TypeError(f"step {step!r} is not an integer")
                 lr = [float(x) for x in row["lr"]]
                 wd = [float(x) for x in row["weight_decay"]]
                 skipped = bool(row.get("skipped", False))
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
                 raise RecordError(f"{path}:{lineno}: not a schedule row ({type(exc).__name__}: {exc})") from exc
             if lrs and (len(lr) != len(lrs[0]) or len(wd) != len(wds[0])):
                 raise RecordError(f"{path}:{lineno}: {len(lr)} param groups, earlier rows have {len(lrs[0])}")
@@ -330,20 +337,42 @@ def schedule_from_flags(
 
 
 def read_metrics(path: PathLike) -> list[dict]:
-    """Rows of ``metrics.jsonl`` (nulls as NaN); steps must strictly increase."""
-    from hf_weightforces.core.records import read_jsonl
+    """Rows of ``metrics.jsonl``, read leniently: numbers (nulls as NaN) under an integer step.
+
+    Lines that are not JSON objects with a non-negative integer ``step``, and rows whose step does
+    not increase, are skipped; values that are not numbers (text, lists, booleans) are left out of
+    their row.  One warning gives the counts.  Raises :class:`RecordError` when the file cannot be
+    read or holds lines but no usable row.
+    """
+    from hf_weightforces.core.records import read_rows
 
     path = Path(path)
     try:
-        rows = read_jsonl(path, strict=False)
+        read = read_rows(path)
     except OSError as exc:
-        raise RecordError(f"{path}: cannot read ({exc})") from exc
-    last = -1
-    for row in rows:
-        step = row.get("step")
-        if not isinstance(step, int) or step <= last:
-            raise RecordError(f"{path}: row steps must be increasing integers (got {step!r} after {last})")
-        last = step
+        raise RecordError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    rows, last, skipped, dropped = [], -1, read.skipped, 0
+    for raw in read.rows:
+        if raw["step"] <= last:
+            skipped += 1
+            continue
+        row = {"step": raw["step"]}
+        for key, value in raw.items():
+            if key == "step":
+                continue
+            if value is None:
+                row[key] = math.nan
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[key] = value
+            else:
+                dropped += 1
+        rows.append(row)
+        last = raw["step"]
+    if skipped or dropped:
+        log.warning("%s: skipped %d unusable or out-of-order row(s) and %d value(s) that are not numbers%s",
+                    path, skipped, dropped, f" (first: {read.first_problem})" if read.first_problem else "")
+    if not rows and skipped:
+        raise RecordError(f"{path}: no usable row ({read.first_problem or 'steps do not increase'})")
     return [_renamed_pool_keys(row) for row in rows]
 
 
