@@ -331,7 +331,11 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the coordinate sample (default 0)")
     p.add_argument("--keep-every", type=_non_negative_int, default=0, metavar="N",
                    help="use only checkpoints whose step is a multiple of N")
-    p.add_argument("--dpi", type=_dpi, default=130, help="resolution of the PNG files (default 130)")
+    p.add_argument("--dpi", type=_dpi, default=0, help="resolution of the PNG files (default: the style's)")
+    p.add_argument("--style", choices=("default", "paper"), default="default",
+                   help="figure size: default (screen) or paper (one journal column, 7 pt text, 300 dpi)")
+    p.add_argument("--formats", default="png,pdf,svg", metavar="LIST",
+                   help="files per figure, comma-separated from png, pdf, svg (default png,pdf,svg)")
     _schedule_flags(p)
     p.set_defaults(func=_run_report)
 
@@ -352,7 +356,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
     report = write_report(args.run_dir, out_dir=args.out, checkpoints=not args.no_checkpoints,
                           sample_size=args.sample, seed=args.seed, keep_every=args.keep_every,
-                          flags_schedule=_flags_schedule(args), dpi=args.dpi or 130)
+                          flags_schedule=_flags_schedule(args), dpi=args.dpi or None, style=args.style,
+                          formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()))
     for name in report.figures:
         print(report.out_dir / name)
     rec = read_records(args.run_dir)
