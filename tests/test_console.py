@@ -67,7 +67,7 @@ def test_plain_script_gets_a_handler():
         stream = io.StringIO()
         log.handlers[0].setStream(stream)
         ConsoleSink(lines=True).log(_row(1.0, 1.0, -2.0, 0.0, 1, align_share=0.25), 7)
-        assert stream.getvalue().startswith("[hf-weightforces] weight forces step 7 (1 budget steps): total align 25.0%")
+        assert stream.getvalue().startswith("[hf-weightforces] weight forces step 7 (1 budget step): total align 25.0%")
     finally:
         root.handlers[:], log.handlers[:] = saved[0], saved[1]
         log.setLevel(saved[2])

@@ -1,25 +1,108 @@
-"""Training-arguments dataclass for ``HfArgumentParser``: switch the monitor on with flags only.
+"""Training-arguments dataclass for ``HfArgumentParser``, and the same settings from the environment.
 
     parser = HfArgumentParser((TrainingArguments, WeightForcesArguments))
     training_args, wf_args = parser.parse_args_into_dataclasses()
     trainer = Trainer(..., args=training_args, callbacks=wf_args.make_callbacks())
 
     python train.py --output_dir out --weight_forces --weight_forces_every 10
+
+Every setting has three spellings: the callback argument ``every``, the flag
+``--weight_forces_every`` and the environment variable ``HF_WEIGHTFORCES_EVERY`` (read by the
+zero-code switch, see ``docs/zero-code.md``).  One set of rules checks them all, when they are
+parsed (before the model loads), and an error names the spelling the user wrote.
+
+Setting any ``--weight_forces_*`` flag to a value other than its default turns the monitor on
+(``--weight_forces False`` keeps it off, with a warning that the other flags are ignored).
+Defaults that depend on another setting follow it unless set: ``offset_sample_every`` is the
+smallest multiple of ``every`` that is at least 10, ``backbone_snapshot_every`` the largest
+divisor of ``backbone_every`` that is at most 10.
+
+This module imports no torch or transformers at import time (the launcher checks settings with it).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass, field
+import logging
+import typing
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["WeightForcesArguments"]
+__all__ = ["ENV_PREFIX", "ENV_SWITCH", "WeightForcesArgumentError", "WeightForcesArguments", "env_for", "env_name",
+           "flag_name", "parse_bool", "settings"]
+
+logger = logging.getLogger(__name__)
+
+FIELD_PREFIX = "weight_forces"
+ENV_SWITCH = "HF_WEIGHTFORCES"
+ENV_PREFIX = ENV_SWITCH + "_"
+_TRUE = ("1", "true", "yes", "y", "t", "on")
+_FALSE = ("0", "false", "no", "n", "f", "off")
+
+
+def flag_name(setting: str) -> str:
+    """``"every"`` -> ``"--weight_forces_every"``; ``""`` (the switch) -> ``"--weight_forces"``."""
+    return f"--{FIELD_PREFIX}_{setting}" if setting else f"--{FIELD_PREFIX}"
+
+
+def env_name(setting: str) -> str:
+    """``"every"`` -> ``"HF_WEIGHTFORCES_EVERY"``; ``""`` (the switch) -> ``"HF_WEIGHTFORCES"``."""
+    return f"{ENV_PREFIX}{setting.upper()}" if setting else ENV_SWITCH
+
+
+def parse_bool(text: str) -> bool:
+    """The strings ``transformers.HfArgumentParser`` accepts for a boolean flag (and on/off)."""
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false, yes/no, on/off), got {text!r}")
+
+
+class WeightForcesArgumentError(ValueError):
+    """A bad setting.  The message names settings through ``spell`` (flags by default), so the
+    same check reads ``--weight_forces_every`` on the command line and ``HF_WEIGHTFORCES_EVERY``
+    in the environment."""
+
+    def __init__(self, setting: str, describe: Callable[[Callable[[str], str]], str],
+                 spell: Callable[[str], str] = flag_name) -> None:
+        self.setting = setting
+        self.describe = describe
+        super().__init__(f"{spell(setting)}: {describe(spell)}")
+
+    def respelled(self, spell: Callable[[str], str]) -> WeightForcesArgumentError:
+        return WeightForcesArgumentError(self.setting, self.describe, spell)
+
+
+class _Auto:
+    """The switch's default: on exactly when another setting is given.  Not ``None``, so that
+    ``HfArgumentParser`` keeps the bare ``--weight_forces`` form (it allows a missing value only
+    for a boolean with a non-None default)."""
+
+    def __repr__(self) -> str:
+        return "auto"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+AUTO = _Auto()
+
+
+def _fail(setting: str, message: str) -> WeightForcesArgumentError:
+    return WeightForcesArgumentError(setting, lambda spell: message)
 
 
 @dataclass
 class WeightForcesArguments:
-    weight_forces: bool = field(
-        default=False, metadata={"help": "Log the AdamW force budget (alignment, injection, decay) of the weights."}
+    weight_forces: bool | None = field(
+        default=AUTO,
+        metadata={"help": "Log the AdamW force budget (alignment, injection, decay) of the weights.  Any other "
+                  "--weight_forces_* flag set to a non-default value turns it on too; False keeps it off."},
     )
     weight_forces_every: int = field(
         default=1, metadata={"help": "Compute the budget every N optimizer steps (1 = every step)."}
@@ -34,15 +117,35 @@ class WeightForcesArguments:
         default=False,
         metadata={"help": "Put the keys into the Trainer's logs so every report_to integration gets them."},
     )
+    weight_forces_output_subdir: str = field(
+        default="weightforces", metadata={"help": "Folder under --output_dir for metrics.jsonl."}
+    )
+    weight_forces_weibull_every: int = field(
+        default=100, metadata={"help": "Fit Weibull (k, lambda) per class every N steps (0 = off)."}
+    )
+    weight_forces_weibull_per_matrix: bool = field(
+        default=False, metadata={"help": "Also fit every weight matrix at those events."}
+    )
+    weight_forces_offset_sample_every: int | None = field(
+        default=None,
+        metadata={"help": "Sparse-recording variant of the RMS prediction: forces every N steps (a multiple of "
+                  "--weight_forces_every; default the smallest such multiple >= 10)."},
+    )
+    weight_forces_super_weights: int = field(
+        default=0, metadata={"help": "Also report shares and fits without the N largest |w| (0 = off)."}
+    )
+    weight_forces_quiet: bool = field(
+        default=False, metadata={"help": "No console summary lines and no end-of-training table."}
+    )
     weight_forces_backbone_every: int = field(
         default=0,
         metadata={"help": "Estimate the AdamW backbone (top direction of the displacements from the start, with "
                   "its random-walk null) every N optimizer steps; 0 = off."},
     )
-    weight_forces_backbone_snapshot_every: int = field(
-        default=10,
-        metadata={"help": "Store a displacement snapshot every N steps (doubled when the stack is full); "
-                  "must divide --weight_forces_backbone_every."},
+    weight_forces_backbone_snapshot_every: int | None = field(
+        default=None,
+        metadata={"help": "Store a displacement snapshot every N steps (doubled when the stack is full); must "
+                  "divide --weight_forces_backbone_every (default its largest divisor <= 10)."},
     )
     weight_forces_backbone_coords: int = field(
         default=1 << 16, metadata={"help": "Sampled coordinates per weight class for the backbone."}
@@ -55,68 +158,93 @@ class WeightForcesArguments:
     weight_forces_rank_per_head: bool = field(
         default=True, metadata={"help": "Also log each head's key-query spectrum."}
     )
-    weight_forces_weibull_every: int = field(
-        default=100, metadata={"help": "Fit Weibull (k, lambda) per class every N steps (0 = off)."}
-    )
-    weight_forces_weibull_per_matrix: bool = field(
-        default=False, metadata={"help": "Also fit every weight matrix at those events."}
-    )
-    weight_forces_offset_sample_every: int = field(
-        default=10, metadata={"help": "Sparse-recording variant of the RMS prediction: forces every N steps."}
-    )
-    weight_forces_super_weights: int = field(
-        default=0, metadata={"help": "Also report shares and fits without the N largest |w| (0 = off)."}
-    )
 
     def __post_init__(self) -> None:
-        if self.weight_forces_every < 1:
-            raise ValueError(f"--weight_forces_every must be >= 1, got {self.weight_forces_every}")
-        if self.weight_forces_backbone_snapshot_every < 1:
-            raise ValueError("--weight_forces_backbone_snapshot_every must be >= 1, "
-                             f"got {self.weight_forces_backbone_snapshot_every}")
-        for flag in ("backbone_every", "rank_every"):
-            if getattr(self, f"weight_forces_{flag}") < 0:
-                raise ValueError(f"--weight_forces_{flag} must be >= 0, got {getattr(self, f'weight_forces_{flag}')}")
-        if self.weight_forces_backbone_every and self.weight_forces_backbone_every % self.weight_forces_backbone_snapshot_every:
-            raise ValueError(
-                f"--weight_forces_backbone_every ({self.weight_forces_backbone_every}) must be a multiple of "
-                f"--weight_forces_backbone_snapshot_every ({self.weight_forces_backbone_snapshot_every})"
-            )
-        self._patterns = self._load_patterns(self.weight_forces_patterns)
+        explicit = [s for s, default in _DEFAULTS.items() if s and getattr(self, _field(s)) != default]
+        self._check_types()
+        for setting, low in _LOWER_BOUNDS.items():
+            value = getattr(self, _field(setting))
+            if value is not None and value < low:
+                raise _fail(setting, f"must be >= {low}, got {value}")
+        self._resolve_dependent_defaults()
+        if not self.weight_forces_output_subdir:
+            raise _fail("output_subdir", "must not be empty")
+        self._patterns = _load_patterns(self.weight_forces_patterns)
+        if self.weight_forces is AUTO or self.weight_forces is None:
+            self.weight_forces = bool(explicit)
+            if explicit:
+                logger.info("weight forces: on, because %s set", ", ".join(flag_name(s) for s in explicit))
+        elif not self.weight_forces and explicit:
+            warnings.warn(f"{flag_name('')} is False: {', '.join(flag_name(s) for s in explicit)} ignored",
+                          UserWarning, stacklevel=3)
+        self.weight_forces = bool(self.weight_forces)
 
-    @staticmethod
-    def _load_patterns(spec: str | None) -> dict | None:
-        if not spec:
-            return None
-        text = Path(spec).read_text() if not spec.lstrip().startswith("{") and Path(spec).is_file() else spec
+    def _check_types(self) -> None:
+        for setting, kind in _KINDS.items():
+            value = getattr(self, _field(setting))
+            if value is AUTO or value is None and _DEFAULTS[setting] in (None, AUTO):
+                continue
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+                raise _fail(setting, f"must be an integer, got {value!r}")
+            if kind is bool and not isinstance(value, bool):
+                raise _fail(setting, f"must be a boolean, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise _fail(setting, f"must be a string, got {value!r}")
+
+    def _resolve_dependent_defaults(self) -> None:
+        every = self.weight_forces_every
+        if self.weight_forces_offset_sample_every is None:
+            self.weight_forces_offset_sample_every = every * -(-10 // every)
+        elif self.weight_forces_offset_sample_every % every:
+            offset = self.weight_forces_offset_sample_every
+            raise WeightForcesArgumentError(
+                "offset_sample_every", lambda n: f"{offset} is not a multiple of {n('every')} ({every})")
+        backbone = self.weight_forces_backbone_every
+        if self.weight_forces_backbone_snapshot_every is None:
+            self.weight_forces_backbone_snapshot_every = max(d for d in range(1, 11) if not backbone % d)
+        elif backbone % self.weight_forces_backbone_snapshot_every:
+            snap = self.weight_forces_backbone_snapshot_every
+            raise WeightForcesArgumentError(
+                "backbone_every", lambda n: f"{backbone} is not a multiple of {n('backbone_snapshot_every')} ({snap})")
+
+    # ------------------------------------------------------------------ the environment
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], spell: Callable[[str], str] = env_name) -> WeightForcesArguments:
+        """The settings in ``HF_WEIGHTFORCES`` and ``HF_WEIGHTFORCES_<SETTING>`` (the callback's
+        argument names, upper-cased); errors name the variable (or what ``spell`` calls it)."""
+        values: dict[str, object] = {}
+        names = {env_name(s): s for s in _DEFAULTS}
+        for var, text in environ.items():
+            if var != ENV_SWITCH and not var.startswith(ENV_PREFIX):
+                continue
+            if var not in names:
+                close = difflib.get_close_matches(var, list(names), n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(names))}"
+                raise ValueError(f"{var}: unknown setting{hint}")
+            setting = names[var]
+            if not setting and not text.strip():
+                continue  # HF_WEIGHTFORCES= (empty): as if unset
+            try:
+                values[_field(setting)] = _convert(text, _KINDS[setting], _DEFAULTS[setting] is None)
+            except ValueError as exc:
+                raise ValueError(f"{spell(setting)}: {exc}") from None
         try:
-            patterns = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--weight_forces_patterns is neither JSON nor a JSON file: {exc}") from exc
-        if not isinstance(patterns, dict):
-            raise ValueError("--weight_forces_patterns must be a JSON object {class: [regex, ...]}")
-        return patterns
+            return cls(**values)
+        except WeightForcesArgumentError as exc:
+            raise exc.respelled(spell) from None
+
+    # ------------------------------------------------------------------ what they make
+    def callback_kwargs(self) -> dict:
+        """The :class:`WeightForcesCallback` arguments these settings give (probes separately)."""
+        return {s: (self._patterns if s == "patterns" else getattr(self, _field(s))) for s in _CALLBACK_SETTINGS}
 
     def make_callbacks(self) -> list:
-        """``[WeightForcesCallback(...)]`` when ``--weight_forces`` is set, else ``[]``."""
+        """``[WeightForcesCallback(...)]`` when the monitor is on, else ``[]``."""
         if not self.weight_forces:
             return []
         from .callback import WeightForcesCallback
 
-        return [
-            WeightForcesCallback(
-                every=self.weight_forces_every,
-                per_layer=self.weight_forces_per_layer,
-                per_matrix=self.weight_forces_per_matrix,
-                patterns=self._patterns,
-                to_all_integrations=self.weight_forces_to_all_integrations,
-                weibull_every=self.weight_forces_weibull_every,
-                weibull_per_matrix=self.weight_forces_weibull_per_matrix,
-                offset_sample_every=self.weight_forces_offset_sample_every,
-                super_weights=self.weight_forces_super_weights,
-                probes=self.make_probes(),
-            )
-        ]
+        return [WeightForcesCallback(**self.callback_kwargs(), probes=self.make_probes())]
 
     def make_probes(self) -> list:
         """The trajectory-geometry probes the flags ask for (``--weight_forces_backbone_every``,
@@ -131,3 +259,85 @@ class WeightForcesArguments:
         if self.weight_forces_rank_every:
             probes.append(RankProbe(every=self.weight_forces_rank_every, per_head=self.weight_forces_rank_per_head))
         return probes
+
+
+def _field(setting: str) -> str:
+    return f"{FIELD_PREFIX}_{setting}" if setting else FIELD_PREFIX
+
+
+def _setting(field_name: str) -> str:
+    return field_name[len(FIELD_PREFIX) + 1:]
+
+
+def _kind(hint) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0]
+
+
+_HINTS = typing.get_type_hints(WeightForcesArguments)
+#: setting -> default (``""`` is the switch itself).
+_DEFAULTS: dict[str, object] = {_setting(f.name): f.default for f in fields(WeightForcesArguments)}
+_KINDS: dict[str, type] = {_setting(f.name): _kind(_HINTS[f.name]) for f in fields(WeightForcesArguments)}
+_HELP: dict[str, str] = {_setting(f.name): f.metadata.get("help", "") for f in fields(WeightForcesArguments)}
+_LOWER_BOUNDS = {"every": 1, "weibull_every": 0, "offset_sample_every": 1, "super_weights": 0, "backbone_every": 0,
+                 "backbone_snapshot_every": 1, "backbone_coords": 1, "rank_every": 0}
+_CALLBACK_SETTINGS = ("every", "per_layer", "per_matrix", "patterns", "to_all_integrations", "output_subdir",
+                      "weibull_every", "weibull_per_matrix", "offset_sample_every", "super_weights", "quiet")
+
+def settings() -> list[tuple[str, type, object, str]]:
+    """``(setting, kind, default, help)`` for every setting but the switch, in declaration order."""
+    return [(s, _KINDS[s], _DEFAULTS[s], _HELP[s]) for s in _DEFAULTS if s]
+
+
+def env_for(values: Mapping[str, object]) -> dict[str, str]:
+    """``HF_WEIGHTFORCES=1`` and one ``HF_WEIGHTFORCES_<SETTING>`` per given setting (``None``: left out)."""
+    env = {ENV_SWITCH: "1"}
+    for setting, value in values.items():
+        if value is not None:
+            env[env_name(setting)] = str(int(value)) if isinstance(value, bool) else str(value)
+    return env
+
+
+def _convert(text: str, kind: type, optional: bool):
+    if optional and not text.strip():
+        return None
+    if kind is bool:
+        return parse_bool(text)
+    if kind is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+    return text
+
+
+def _load_patterns(spec: str | None) -> dict | None:
+    """``{class: [regex, ...]}`` from JSON text or a JSON file, checked like the callback checks it
+    (known classes, valid regexes)."""
+    if not spec:
+        return None
+    if spec.lstrip().startswith("{"):
+        source = "is not valid JSON"
+        text = spec
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise _fail("patterns", f"no such file: {spec} (give JSON text starting with '{{' or a JSON file)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _fail("patterns", f"cannot read {spec}: {exc}") from None
+        source = f"file {spec} is not valid JSON"
+    try:
+        patterns = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail("patterns", f"{source}: {exc}") from None
+    if not isinstance(patterns, dict):
+        raise _fail("patterns", 'must be a JSON object {"class": ["regex", ...]}')
+    from ..core.groups import Grouping
+
+    try:
+        Grouping(patterns)
+    except ValueError as exc:
+        raise _fail("patterns", str(exc)) from None
+    return patterns

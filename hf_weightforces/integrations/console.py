@@ -62,7 +62,8 @@ def format_line(metrics: Mapping[str, float], step: int) -> str:
     """``weight forces step 40 (4 budget steps): total align 82.1% inject ...``, from one row."""
     get = lambda key: metrics.get(f"weightforces/total/{key}", math.nan)  # noqa: E731
     shares = " ".join(f"{k} {_pct(get(f'{k}_share')).strip()}" for k in _FORCES)
-    line = (f"weight forces step {step} ({int(metrics.get('weightforces/steps', 0))} budget steps): total {shares}; "
+    n = int(metrics.get("weightforces/steps", 0))
+    line = (f"weight forces step {step} ({n} budget step{'' if n == 1 else 's'}): total {shares}; "
             f"delta {_num(get('delta'))}/step; closure {_num(get('closure_rel'))} of |A|+|I|+|D|; "
             f"rms {_num(get('rms'), '.4g')}")
     for pool in ("matrices", "total"):  # the pooled fit of every weight matrix
