@@ -405,7 +405,6 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Registered subcommands, in help order.
 def _add_run(subparsers: argparse._SubParsersAction) -> None:
     """``run [--every N ...] -- COMMAND``: the zero-code switch as a launcher (integrations/launcher.py)."""
     from hf_weightforces.integrations.launcher import add_run_parser
@@ -413,6 +412,7 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     add_run_parser(subparsers)
 
 
+#: Registered subcommands, in help order.
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_fit, _add_geometry, _add_spline, _add_lambda, _add_report, _add_diagnose, _add_run,
 )
