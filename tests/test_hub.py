@@ -131,6 +131,17 @@ def test_delete_after_keeps_one_revision_on_disk(hub, tmp_path):
     assert json.dumps([p.to_dict() for p in traj.points]) == json.dumps([p.to_dict() for p in kept.points])
 
 
+def test_diagnose_from_repo(hub):
+    code, out, err = run_cli(["diagnose", REPO, "--revisions", "step0,step25", "--json", "--sample", "2000"])
+    assert code == 0, err
+    first, last = json.loads(out)
+    assert (first["source"], last["source"]) == (f"{REPO}@step0", f"{REPO}@step25")
+    init = [m for m in first["matrices"] if m["group"] == "transmission"]
+    assert init and all(abs(m["k"] - 1.2054) < 0.03 for m in init)  # Gaussian initialisation
+    code, _, err = run_cli(["diagnose", REPO])  # no --revisions: main, which this cache does not hold
+    assert code == 2 and f"{REPO}@main: cannot fetch this revision" in err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["lambda", REPO, "--revisions", "step0,step7"], "@step7: cannot fetch this revision (HF_HUB_OFFLINE is set"),
     (["lambda", REPO, "--revisions", "step0:step25"], "expected START:STOP:STRIDE"),
