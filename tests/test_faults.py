@@ -307,3 +307,52 @@ def test_two_trains_and_a_rerun_keep_every_row(tmp_path):
         assert [r["step"] for r in read_rows(run / "schedule.jsonl").rows] == [1, 2, 3, 4], run
         assert (run / "params.json").is_file()
     assert not (folder / "previous" / "3").exists()
+
+
+# ------------------------------------------------------------------ a GradScaler skip with fused AdamW
+def test_fused_adamw_overflow_is_counted_as_skipped(tmp_path, wf_rows):
+    """The Trainer's default adamw_torch_fused takes the scaler's inf check into its kernel, so
+    Accelerate's step_was_skipped stays False on an overflow; the monitor still counts it skipped."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    Accelerator(cpu=True)  # AcceleratedOptimizer reads this state
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    scaler = torch.amp.GradScaler("cpu")
+    opt = AcceleratedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True),
+                               scaler=scaler)
+    state, control = TrainerState(), TrainerControl()
+    cb = WeightForcesCallback(per_layer=False)
+    cb.on_train_begin(args, state, control, model=model, optimizer=opt)
+    x, y = torch.randn(32, 8), torch.randn(32, 2)
+    flags, moved = [], []
+    for step in range(1, 9):
+        cb.on_step_begin(args, state, control)
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if step in (2, 6):
+            model[0].weight.grad.view(-1)[0] = float("inf")
+        before = model[0].weight.detach().clone()
+        opt.step()
+        flags.append(opt.step_was_skipped)
+        moved.append(not torch.equal(before, model[0].weight))
+        cb.on_optimizer_step(args, state, control, optimizer=opt)
+        opt.zero_grad()
+        state.global_step += 1
+        if step % 4 == 0:
+            cb.on_log(args, state, control, logs={"loss": 0.0})
+    cb.on_train_end(args, state, control)
+    assert not any(flags)  # what Accelerate says...
+    assert moved == [True, False, True, True, True, False, True, True]  # ...and what happened
+    rows = wf_rows(tmp_path)
+    assert [r["weightforces/skipped_steps"] for r in rows] == [1, 1]
+    assert [r["weightforces/steps"] for r in rows] == [3, 3]
+    for r in rows:  # a skipped step counted as taken would add forces with no change of the weights
+        budget = sum(abs(r[f"weightforces/total/{k}"]) for k in ("align", "inject", "decay"))
+        assert abs(r["weightforces/total/closure"]) < 1e-3 * budget
+    schedule = read_rows(tmp_path / "weightforces" / "schedule.jsonl").rows
+    assert [r["step"] for r in schedule if r["skipped"]] == [2, 6]

@@ -219,7 +219,7 @@ def _iter_index(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for shard in shards:  # check every shard before yielding anything
         if not _inside(shard):
             raise CheckpointError(f"{file}: index names shard {shard!r}, outside the index's folder; refused")
-        if not (file.parent / shard).exists():
+        if not os.path.exists(file.parent / shard):  # False for any OSError (a name too long, ...)
             raise CheckpointError(f"{file}: index names shard {shard!r}, which does not exist")
         if not _regular(file.parent / shard):
             raise CheckpointError(f"{file}: index names shard {shard!r}, which is not a regular file")

@@ -52,6 +52,7 @@ from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, open_record_sinks
 from .console import ConsoleSink, tracker_shows_keys
 from .sinks import JsonlSink, NullSink, Sink, WandbSink, close_sinks, log_to_sinks  # noqa: F401
 from .guard import Faults
+from .overflow import OverflowWatch
 from .superweights import SuperWeightTracker
 
 __all__ = ["WeightForcesCallback"]
@@ -345,7 +346,7 @@ class WeightForcesCallback(TrainerCallback):
             return
         step_id = state.global_step + 1  # the Trainer increments global_step after this hook
         try:
-            skipped = bool(getattr(optimizer, "step_was_skipped", False))
+            skipped = self._overflow.skipped(optimizer)
             self._note_schedule(step_id, optimizer, skipped)
             self._call_probes("on_step", step_id, optimizer, skipped)
             if skipped:
@@ -456,3 +457,4 @@ class WeightForcesCallback(TrainerCallback):
         if self.ctx is not None:
             with self._faults.guard("close", "removing the monitor's optimizer hook", "nothing recorded is affected"):
                 self.ctx.close()  # the step hook it put on the optimizer
+                self._overflow.close()
