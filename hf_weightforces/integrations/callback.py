@@ -182,6 +182,9 @@ class WeightForcesCallback(TrainerCallback):
         if optimizer is None:
             raise ValueError("WeightForcesCallback needs the optimizer at train start; none was passed")
         opt = check_supported(optimizer)  # raises with what is supported
+        if getattr(self, "_overflow", None) is not None:
+            self._overflow.close()
+        self._overflow = OverflowWatch(optimizer)  # fused AdamW: a GradScaler skip Accelerate misses
         self.ctx = ShardContext()  # raises for a backend without a reader
         entries = self.ctx.entries(model, opt)
         infos = [describe(e.name, len(e.shape), e.numel, self.grouping) for e in entries]
