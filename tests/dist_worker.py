@@ -23,6 +23,9 @@ The Trainer quietly runs DDP on CPU when asked for FSDP and turns DeepSpeed off 
   loss: a real skip, reported unless the AdamW is fused).
 * ``fail_rank``, ``fail_at``, ``fail_where``: that rank's ``ShardContext.<fail_where>`` raises from
   step ``fail_at`` on.
+* ``super``: the callback's ``super_weights``; ``probes``: a :class:`BackboneProbe` (an estimate at
+  every log event, a snapshot every step) and a :class:`RankProbe` (at every log event; the
+  attention geometry given, since DeepSpeed runs no hook that sees the model before a step).
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ DEFAULTS = {
     "fail_at": 3,
     "fail_where": "views",
     "ds_scheduler": False,  # DeepSpeed: a WarmupLR in the DeepSpeed config instead of the Trainer's
+    "super": 0,  # super_weights of the callback
+    "probes": False,  # a BackboneProbe and a RankProbe, estimating at every log event
+    "probe_fail_rank": -1,  # that rank's BackboneProbe raises in its step hook at optimizer step probe_fail_at
+    "probe_fail_at": 4,
 }
 
 
@@ -182,7 +189,19 @@ def helper_callbacks(cb, run: dict, rank: int) -> tuple[list, list]:
             cb._test_views = views
             cb._test_not_updated = [e.name for i, e in enumerate(cb._entries) if i not in seen]
 
+    class ProbeBreaker(TrainerCallback):
+        """This rank's backbone probe raises in its step hook from step ``probe_fail_at`` on."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step + 1 == run["probe_fail_at"]:
+                def boom(*a, **k):
+                    raise RuntimeError(f"injected probe failure on rank {rank}")
+
+                cb._all_probes[0]._step = boom
+
     before = [Breaker()] if rank == run["fail_rank"] else []
+    if rank == run["probe_fail_rank"]:
+        before.append(ProbeBreaker())
     after = [Spy()]
     if run["skip_at"] and run["skip"] == "emulate":
         after.insert(0, EmulatedSkip())
@@ -216,6 +235,13 @@ def local_facts(cb, trainer) -> dict:
         return facts
     facts["empty_local"] = [e.name for e, w in zip(cb._entries, weights) if w.numel() == 0]
     facts["local_numel"] = int(sum(w.numel() for w in weights))
+    facts["total_numel"] = int(sum(e.numel for e in cb._entries))
+    views = getattr(cb, "_test_views", [])  # what this rank's budget read at the last step
+    facts["view_numel"] = int(sum(v.weight.numel() for v in views))
+    facts["view_tensors"] = len(views)
+    for probe in cb._all_probes:
+        if hasattr(probe, "tracker") and probe.tracker is not None:
+            facts["backbone_local_coords"] = int(probe.tracker.K)
     facts["param_type"] = type(cb._entries[0].param).__name__
     if ctx.backend.value == "zero3":
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
@@ -270,8 +296,15 @@ def run_one(run: dict, out: Path) -> None:
         optim=run["optim"],
         **kw,
     )
+    probes = []
+    if run["probes"]:
+        from hf_weightforces.integrations.probes import BackboneProbe, RankProbe
+
+        n = run["logging_steps"]
+        probes = [BackboneProbe(every=n, snapshot_every=1, capacity=4, coords=20_000),
+                  RankProbe(every=n, num_heads=model.config.num_attention_heads, layout="gpt_neox")]
     cb = WeightForcesCallback(per_matrix=True, every=run["every"], weibull_every=run["logging_steps"],
-                              offset_sample_every=run["every"])
+                              offset_sample_every=run["every"], super_weights=run["super"], probes=probes)
     rank = int(os.environ.get("RANK", "0"))
     before, after = helper_callbacks(cb, run, rank)
     trainer = trainer_class(run)(model=model, args=args, train_dataset=tiny_data(), callbacks=before + [cb] + after)
@@ -280,6 +313,8 @@ def run_one(run: dict, out: Path) -> None:
         trainer.train()
     facts = local_facts(cb, trainer)
     facts["warnings"] = [str(w.message) for w in caught if "weight forces" in str(w.message)]
+    facts["probe_warnings"] = [str(w.message) for w in caught if "Probe" in str(w.message)]
+    facts["probes_running"] = [type(p).__name__ for p in cb.probes]
     facts["global_step"] = trainer.state.global_step
     (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
     if backend.startswith("zero"):
