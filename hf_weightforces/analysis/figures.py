@@ -154,10 +154,14 @@ def weibull_pools(rows) -> list[tuple[str, str]]:
     """(label, key prefix) of the fitted pools: the matrix classes and ``matrices``, every weight
     matrix (older runs called that pool ``total``)."""
     keys = set().union(*(r.keys() for r in rows))
-    pools = [(g, g) for g in GROUPS if g != "other" and f"{PREFIX}/{g}/weibull_k" in keys]
-    if f"{PREFIX}/matrices/weibull_k" in keys:
+
+    def fitted(g: str) -> bool:  # a fit at some event, or only the one at the first step
+        return f"{PREFIX}/{g}/weibull_k" in keys or f"{PREFIX}/{g}/start_weibull_k" in keys
+
+    pools = [(g, g) for g in GROUPS if g != "other" and fitted(g)]
+    if fitted("matrices"):
         pools.append(("matrices", "matrices"))
-    elif f"{PREFIX}/{TOTAL}/weibull_k" in keys:
+    elif fitted(TOTAL):
         pools.append(("matrices", TOTAL))
     return pools
 

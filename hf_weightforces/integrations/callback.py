@@ -50,6 +50,8 @@ from .ordering import find_callback_handler, place_before_reporters
 from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
 from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, open_record_sinks, write_params_file  # noqa: F401
 from .console import ConsoleSink, tracker_shows_keys
+from .trackers import tracker_sinks
+from .wandb_layout import Dashboard
 from .sinks import JsonlSink, NullSink, Sink, WandbSink, close_sinks, log_to_sinks  # noqa: F401
 from .guard import Faults
 from .overflow import OverflowWatch
@@ -119,6 +121,9 @@ class WeightForcesCallback(TrainerCallback):
             over all weight matrices (re-picked at each log event); 0 = off.  Single process/DDP.
         quiet: no console summary (one line per log event when no tracker shows the keys, a table
             at train end; see ``integrations/console.py``).
+        dashboard: what W&B, TensorBoard, MLflow and trackio get beside the aggregates' charts
+            (:class:`~hf_weightforces.integrations.wandb_layout.Dashboard`: heat-map interval,
+            per-layer charts on request, the report's figures at train end).
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class WeightForcesCallback(TrainerCallback):
         probes: Sequence[Probe] = (),
         super_weights: int = 0,
         quiet: bool = False,
+        dashboard: Dashboard | None = None,
     ) -> None:
         if offset_sample_every is None:  # the smallest multiple of every that is >= 10
             offset_sample_every = every * -(-10 // every) if isinstance(every, int) and every > 0 else 10
@@ -158,6 +164,9 @@ class WeightForcesCallback(TrainerCallback):
         self.to_all_integrations = to_all_integrations
         self.output_subdir = output_subdir
         self.quiet = bool(quiet)
+        self.dashboard = Dashboard() if dashboard is None else dashboard
+        if not isinstance(self.dashboard, Dashboard):
+            raise ValueError(f"dashboard must be a Dashboard, got {type(dashboard).__name__}")
         self._ordered = False
         self._active = False
         self._warned = False
@@ -271,7 +280,10 @@ class WeightForcesCallback(TrainerCallback):
         sinks: list[Sink] = [metrics]
         report_to = args.report_to or []
         if ("wandb" in report_to or "all" in report_to) and not self.to_all_integrations:
-            sinks.append(WandbSink(ordered=self._ordered))
+            sinks.append(WandbSink(ordered=self._ordered, dashboard=self.dashboard,
+                                   records=Path(args.output_dir) / self.output_subdir))
+        if not self.to_all_integrations:
+            sinks += tracker_sinks(report_to, self.dashboard, Path(args.output_dir) / self.output_subdir)
         if not self.quiet:
             shown = tracker_shows_keys(sinks[1:], self.to_all_integrations, self._ordered)  # sinks[0]: metrics.jsonl
             sinks.append(ConsoleSink(lines=not shown))

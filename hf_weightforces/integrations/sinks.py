@@ -103,17 +103,23 @@ class JsonlSink:
 
 
 class WandbSink:
-    """Adds the metrics to the W&B row that the Trainer's ``WandbCallback`` is about to commit.
+    """Adds the metrics to the W&B row that the Trainer's ``WandbCallback`` is about to commit,
+    laid out for W&B's automatic workspace (integrations/wandb_layout.py: sections by topic, heat
+    maps for per-layer quantities, the report's figures and summary values at train end).
 
     ``wandb.log(..., commit=False)`` from a callback that runs *before* ``WandbCallback`` puts the
-    keys, under their own names, into the same row as ``train/loss`` at the same
-    ``train/global_step`` (DISTRIBUTED.md, "W&B offline").  If the callback could not be placed
-    before it (``ordered=False``), the row is logged on its own with ``train/global_step`` set,
-    which costs W&B one extra internal step per log event.
+    keys into the same row as ``train/loss`` at the same ``train/global_step`` (DISTRIBUTED.md,
+    "W&B offline").  If the callback could not be placed before it (``ordered=False``), the row is
+    logged on its own with ``train/global_step`` set, which costs W&B one extra internal step per
+    log event.  ``records``: the folder of ``metrics.jsonl`` (figures are drawn from it).
     """
 
-    def __init__(self, ordered: bool) -> None:
+    def __init__(self, ordered: bool, dashboard=None, records: str | os.PathLike | None = None) -> None:
+        from .wandb_media import DashboardWriter
+
         self.ordered = ordered
+        self.writer = DashboardWriter(dashboard, records)
+        self.step = 0
 
     def __repr__(self) -> str:
         return "WandbSink()"
@@ -123,13 +129,21 @@ class WandbSink:
 
         if wandb.run is None:
             return
+        self.step = int(step)
+        row = self.writer.row(wandb, metrics, step)
         if self.ordered:
-            wandb.log(dict(metrics), commit=False)
+            wandb.log(row, commit=False)
         else:
-            wandb.log({**metrics, "train/global_step": step})
+            wandb.log({**row, "train/global_step": step})
 
     def close(self) -> None:
-        pass
+        import wandb
+
+        if wandb.run is None or not self.writer.logged:
+            return
+        row = self.writer.finish(wandb)
+        if row:
+            wandb.log({**row, "train/global_step": self.step})
 
 
 def log_to_sinks(sinks: list, metrics: Mapping[str, float], step: int) -> None:
