@@ -213,11 +213,13 @@ def test_wheel_and_editable_install_put_the_pth_in_site_packages(tmp_path):
         dst.write_bytes(src.read_bytes())
     (project / "hf_weightforces" / "_hook" / PTH_FILE).write_bytes((HOOK_DIR / PTH_FILE).read_bytes())
     dist = tmp_path / "dist"
-    build = ("import sys; from setuptools import build_meta as b; "
-             "print(b.build_wheel(sys.argv[1])); print(b.build_editable(sys.argv[1]))")
-    proc = subprocess.run([sys.executable, "-c", build, str(dist)], cwd=project, capture_output=True, text=True)
+    build = ("import sys; from pathlib import Path; from setuptools import build_meta as b; "
+             "out, record = sys.argv[1:3]; "  # the hooks rewrite sys.argv
+             "Path(record).write_text(b.build_wheel(out) + ' ' + b.build_editable(out))")
+    proc = subprocess.run([sys.executable, "-c", build, str(dist), str(tmp_path / "names")], cwd=project,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    wheel, editable = (dist / name for name in proc.stdout.split()[-2:])
+    wheel, editable = (dist / name for name in (tmp_path / "names").read_text().split())
     for whl in (wheel, editable):
         assert zipfile.ZipFile(whl).read(PTH_FILE) == (HOOK_DIR / PTH_FILE).read_bytes()
 
