@@ -446,9 +446,49 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_wandb_view(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "wandb-view",
+        help="save a W&B workspace with the panels a researcher wants first (forces, shares, balance, health, "
+        "Weibull, offset, heat maps, geometry)",
+        description="Build a saved W&B workspace for ENTITY/PROJECT from the keys a run logged: A, I, D per class, "
+        "stacked shares, A + D balance, closure and rounding, Weibull k and lambda/sigma, the offset parts, the "
+        "per-layer heat maps, the backbone and rank collapse beside their nulls, the report's figures.",
+    )
+    p.add_argument("project", metavar="ENTITY/PROJECT", help="where the workspace goes")
+    p.add_argument("--run", metavar="ID", help="show this run only (and take the keys from it)")
+    p.add_argument("--keys-from", metavar="RUN_DIR",
+                   help="read the logged keys from a run's weightforces/wandb_keys.json instead of the W&B API")
+    p.add_argument("--name", default="weight forces", help="the workspace's name (default 'weight forces')")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the workspace as JSON instead of saving it (no network; needs --keys-from)")
+    p.set_defaults(func=_run_wandb_view)
+
+
+def _run_wandb_view(args: argparse.Namespace) -> int:
+    from hf_weightforces.integrations.wandb_view import (build_workspace, keys_from_api, keys_from_run_dir,
+                                                         view_sections, workspace_json)
+
+    entity, _, project = args.project.partition("/")
+    if not entity or not project or "/" in project:
+        raise ValueError(f"expected ENTITY/PROJECT, got {args.project!r}")
+    if args.dry_run and not args.keys_from:
+        raise ValueError("--dry-run needs --keys-from RUN_DIR (it reads no keys over the network)")
+    keys = keys_from_run_dir(args.keys_from) if args.keys_from else keys_from_api(entity, project, args.run)
+    if not view_sections(keys):
+        raise ValueError("the run logged no weight-forces keys (train with WeightForcesCallback and report_to wandb)")
+    workspace = build_workspace(entity, project, keys, run=args.run, name=args.name)
+    if args.dry_run:
+        print(workspace_json(workspace))
+        return 0
+    workspace.save()
+    print(getattr(workspace, "url", None) or f"saved workspace {args.name!r} in {entity}/{project}")
+    return 0
+
+
 #: Registered subcommands, in help order.
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_fit, _add_geometry, _add_spline, _add_lambda, _add_report, _add_diagnose, _add_diagnose, _add_run,
+    _add_fit, _add_geometry, _add_spline, _add_lambda, _add_report, _add_diagnose, _add_diagnose, _add_run, _add_wandb_view,
 )
 
 
