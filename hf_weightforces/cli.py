@@ -189,7 +189,8 @@ def _hub_inputs(args: argparse.Namespace, paths: list[str], *, need_steps: bool 
                          "(e.g. step1000:step143000:1000)")
     revisions = parse_revisions(args.revisions) if args.revisions else ["main"]
     source = HubCheckpoints(repo, revisions, delete_after=args.delete_after, cache_dir=args.cache_dir,
-                            progress=lambda line: print(line, file=sys.stderr, flush=True), need_steps=need_steps)
+                            progress=None if getattr(args, "quiet", False) else lambda line: print(line, file=sys.stderr, flush=True),
+                            need_steps=need_steps)
     args.__dict__.setdefault("hub_sources", []).append(source)  # main() closes it (removes the last one read)
     return source
 
