@@ -339,6 +339,7 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--formats", default="png,pdf,svg", metavar="LIST",
                    help="files per figure, comma-separated from png, pdf, svg (default png,pdf,svg)")
     _schedule_flags(p)
+    _hub_flags(p)
     p.set_defaults(func=_run_report)
 
 
@@ -348,6 +349,17 @@ def _run_report(args: argparse.Namespace) -> int:
     from hf_weightforces.analysis.records import read_records
     from hf_weightforces.analysis.report import write_report
 
+    source = _hub_inputs(args, args.run_dir)
+    if not isinstance(source, list):  # Hub revisions: the checkpoint fits, lambda* (preset) and the phases
+        from hf_weightforces.analysis.dynamics import dynamics_of_run, format_dynamics
+        from hf_weightforces.analysis.scale import scale_trajectory
+
+        traj = scale_trajectory(source, per_matrix=False)
+        dyn, schedule = dynamics_of_run(source, traj, preset=args.preset)
+        out = Path(args.out or f"weightforces-report-{source.repo_id.replace('/', '--')}")
+        print(write_run_dynamics(dyn, out) or "skipped dynamics.png: fewer than two fitted revisions")
+        print(format_dynamics(dyn, schedule))
+        return 0
     if len(args.run_dir) > 1:
         comparison = compare_runs(args.run_dir, out_dir=args.out)
         for name in comparison.figures:

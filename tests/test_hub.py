@@ -131,6 +131,13 @@ def test_delete_after_keeps_one_revision_on_disk(hub, tmp_path):
     assert json.dumps([p.to_dict() for p in traj.points]) == json.dumps([p.to_dict() for p in kept.points])
 
 
+def test_report_from_repo_draws_lambda_with_the_preset_target(hub, tmp_path):
+    code, out, err = run_cli(["report", REPO, "--revisions", "step0:step25:5", "--out", str(tmp_path)])
+    assert code == 0, err
+    assert (tmp_path / "dynamics.png").stat().st_size > 10_000
+    assert "schedule: preset pythia-160m" in out and "transmission phases (checkpoints λ): rise" in out
+
+
 def test_diagnose_from_repo(hub):
     code, out, err = run_cli(["diagnose", REPO, "--revisions", "step0,step25", "--json", "--sample", "2000"])
     assert code == 0, err

@@ -23,7 +23,8 @@ Gaussian references (|w| half-normal; :data:`GAUSSIAN`): k 1.2054, λ/σ 0.8875,
 
 What stands out (:func:`stand_outs`), each with its reason: a k far from its class (more than 3 robust
 standard deviations, 1.4826·MAD, and 0.05 from the class median), a tail heavier than twice the Gaussian
-P99.9/P50, a poor probability-plot line (R² < 0.95), a body whose k
+P99.9/P50 (matrices of at least 10,000 values), a matrix still at its Gaussian initialisation in a model whose
+other matrices moved, a poor probability-plot line (R² < 0.95), a body whose k
 moves by more than 0.05 between the mid-80 and mid-90 windows, and another family beating Weibull by more than
 10 AIC units per 1000 values.
 """
@@ -54,6 +55,7 @@ R2_MIN = 0.95
 GAUSSIAN = {"k": WEIBULL_GAUSSIAN_K0, "lambda_over_sigma": WEIBULL_GAUSSIAN_LAMBDA_RATIO0, "q90_q10": 13.0896,
             "p999_p50": 4.8785, "gini": math.sqrt(2.0) - 1.0}
 DEFAULT_SAMPLE = 1 << 16
+MIN_TAIL_NUMEL = 10_000  # a P99.9 needs at least 10 values beyond it to say anything about a tail
 FAMILIES = ("weibull", "lognormal", "gamma")
 
 
@@ -175,6 +177,7 @@ def stand_outs(matrices: Iterable[MatrixDiagnosis]) -> list[dict[str, object]]:
     by_class: dict[str, np.ndarray] = {}
     for g in {m.group for m in mats}:
         by_class[g] = np.array([m.k for m in mats if m.group == g])
+    trained = sum(not m.gaussian_like for m in mats) > len(mats) / 2
     out = []
     for m in mats:
         reasons = []
@@ -183,7 +186,7 @@ def stand_outs(matrices: Iterable[MatrixDiagnosis]) -> list[dict[str, object]]:
             reasons.append(f"k = {m.k:.3f} is far from its class ({m.group} median {med:.3f}): "
                            + ("heavier-tailed" if m.k < med else "lighter-tailed") + " than its peers")
         p = m.shape["p999_p50"]
-        if p > 2 * GAUSSIAN["p999_p50"]:
+        if p > 2 * GAUSSIAN["p999_p50"] and m.numel >= MIN_TAIL_NUMEL:
             reasons.append(f"heavy tail: its largest 0.1% of weights are {p:.1f}x the median magnitude "
                            f"(Gaussian weights: {GAUSSIAN['p999_p50']:.1f}x); look for outlier (super) weights")
         if m.r2 < R2_MIN:
@@ -191,6 +194,10 @@ def stand_outs(matrices: Iterable[MatrixDiagnosis]) -> list[dict[str, object]]:
         if math.isfinite(m.k_mid90) and abs(m.k_mid90 - m.k) > 0.05:
             reasons.append(f"its tails bend the probability plot: k = {m.k:.3f} on the middle 80%, "
                            f"{m.k_mid90:.3f} on the middle 90%")
+        if m.gaussian_like and trained:
+            reasons.append(f"still looks like its random Gaussian initialisation (k = {m.k:.4f}, lambda/sigma = "
+                           f"{m.lambda_over_sigma:.4f}) while most matrices moved away: probably never trained "
+                           "(unused, or frozen)")
         fam = m.families
         if fam and fam["best"] != "weibull":
             lead = fam["families"]["weibull"]["delta_aic"] / fam["n"] * 1000
