@@ -425,40 +425,6 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     add_run_parser(subparsers)
 
 
-def _add_diagnose(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "diagnose",
-        help="what is unusual about a model's weights, per class and per matrix, in plain words",
-        description="Weibull fits (mid-80, mid-90, full), distribution-free shape metrics (Q90/Q10, P99.9/P50, "
-        "Gini), Weibull vs lognormal vs gamma by KS and AIC, and a class of k for every weight matrix of a model "
-        "folder, checkpoint, weights file or Hub repository (arXiv:2605.18898; docs/offline.md).",
-    )
-    p.add_argument("path", help="model folder, checkpoint-N folder, weights file, or a Hub repository id (org/name)")
-    p.add_argument("--json", action="store_true", help="print every number as JSON instead of sentences")
-    p.add_argument("--sample", type=_positive_int, default=1 << 16, metavar="N",
-                   help="magnitudes per matrix for the maximum-likelihood family comparison (default 65536)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of that sample (default 0)")
-    p.add_argument("--groups-json", metavar="FILE",
-                   help='JSON {"class": ["regex", ...]} overriding the weight classes (tried before the built-in rules)')
-    _hub_flags(p, several=False)
-    p.set_defaults(func=_run_diagnose)
-
-
-def _run_diagnose(args: argparse.Namespace) -> int:
-    from hf_weightforces.analysis.diagnose import diagnose, format_diagnosis
-
-    inputs = _hub_inputs(args, [args.path], need_steps=False)
-    grouping = _load_grouping(args.groups_json)
-    items = [(args.path, None)] if isinstance(inputs, list) else [(None, ck) for ck in inputs]
-    results = []
-    for path, ck in items:  # Hub revisions one at a time
-        d = diagnose(ck.path if ck is not None else path, label=ck.label if ck is not None else None,
-                     grouping=grouping, sample=args.sample, seed=args.seed)
-        results.append(d.to_dict() if args.json else format_diagnosis(d))
-    print(json.dumps(results[0] if len(results) == 1 else results, indent=2) if args.json else "\n\n".join(results))
-    return 0
-
-
 def _add_wandb_view(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "wandb-view",
@@ -501,7 +467,7 @@ def _run_wandb_view(args: argparse.Namespace) -> int:
 
 #: Registered subcommands, in help order.
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_fit, _add_geometry, _add_spline, _add_lambda, _add_report, _add_diagnose, _add_diagnose, _add_run, _add_wandb_view,
+    _add_fit, _add_geometry, _add_spline, _add_lambda, _add_report, _add_diagnose, _add_run, _add_wandb_view,
 )
 
 
