@@ -61,16 +61,20 @@ def test_closure_catches_a_wrong_lr():
 @pytest.mark.parametrize("method", ["exact", "foreach"])
 def test_step_dots_against_float64_reference(method):
     gen = torch.Generator().manual_seed(2)
-    shapes = [(64, 32), (128,), (7, 5, 3), (1,)]
+    shapes = [(64, 32), (128,), (7, 5, 3), (1,), (300, 300)]  # the last one takes the chunked (big) path
     ws = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
     ms = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
     vs = [torch.rand(s, generator=gen) * 1e-6 for s in shapes]
-    eps = [1e-8 * 0.3, 1e-8, 0.0, 1e-6]
+    eps = [1e-8 * 0.3, 1e-8, 0.0, 1e-6, 1e-8]
     got = step_dots(ws, ms, vs, eps, method=method)
     for i, (w, m, v, e) in enumerate(zip(ws, ms, vs, eps)):
         w64, u = w.double(), m.double() / (v.double().sqrt() + e)
         ref = torch.stack([(w64 * w64).sum(), (w64 * u).sum(), (u * u).sum()])
-        torch.testing.assert_close(got[i], ref, rtol=1e-12 if method == "exact" else 2e-5, atol=1e-10)
+        # small tensors: float64 throughout; big ones: ũ and <w', ũ>, ||ũ||² products in float32 (stated 1e-6)
+        rtol = (1e-12 if w.numel() < 1 << 15 else 1e-6) if method == "exact" else 1e-4
+        # foreach's polarisation errs relative to ||w'||² + ||ũ||², not to <w', ũ>
+        atol = 1e-10 if method == "exact" else 1e-7 * float(ref[0] + ref[2])
+        torch.testing.assert_close(got[i], ref, rtol=rtol, atol=atol)
     # ||w'||^2: exact squares in float64 on the exact path, float32 squares on foreach
     ref_a = torch.stack([(w.double() ** 2).sum() for w in ws])
     torch.testing.assert_close(got[:, 0], ref_a, rtol=1e-14 if method == "exact" else 1e-7, atol=0)

@@ -178,37 +178,110 @@ class _Scratch:
         return buf
 
 
+#: Row length of the float32 partial sums in :func:`_rowdot` (pairwise-summed within a row, rows
+#: summed in float64): relative error ~1e-8, far below what <w', ũ> and ||ũ||² need.
+_ROW = 1024
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor, prod: torch.Tensor) -> torch.Tensor:
+    """<x, y> of two flat float32 tensors, float64 result, through the scratch ``prod``."""
+    n = x.numel()
+    p = prod[:n]
+    torch.mul(x, y, out=p)
+    full = n - n % _ROW
+    total = p[:full].view(-1, _ROW).sum(1).sum(dtype=torch.float64) if full else p.new_zeros((), dtype=torch.float64)
+    return total + p[full:].sum(dtype=torch.float64) if full < n else total
+
+
+#: Tensors below this many elements go through one packed pass (a handful of kernels for all of
+#: them: per-tensor Python work, not arithmetic, is what small tensors cost); larger ones are
+#: read chunk by chunk in place.
+_SMALL = 1 << 15
+
+_SEGMENTS: dict[tuple, torch.Tensor] = {}  # planned once per set of small tensors and device
+
+
+def _segments(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Tensor id of every element of the packed small tensors (cached: no per-step host copy)."""
+    key = (numels, str(device))
+    seg = _SEGMENTS.get(key)
+    if seg is None:
+        if len(_SEGMENTS) > 64:
+            _SEGMENTS.clear()
+        seg = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)).to(device)
+        _SEGMENTS[key] = seg
+    return seg
+
+
+def _dots_packed(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor:
+    """:func:`_dots_exact` for many small tensors at once, in float64 throughout: packed into one
+    flat buffer for the elementwise work, reduced per tensor by multi-tensor norms of its views
+    (<w', ũ> by polarisation, harmless in float64).  A fixed handful of kernels, however many
+    tensors."""
+    dev = weights[0].device
+    lens = [w.numel() for w in weights]
+    seg = _segments(tuple(lens), dev)
+    w = torch.cat([x.detach().reshape(-1) for x in weights]).double()
+    m = torch.cat([x.detach().reshape(-1) for x in exp_avgs]).double()
+    u = torch.cat([x.detach().reshape(-1) for x in second_moments]).double().sqrt_()
+    if all(isinstance(e, torch.Tensor) for e in eps_terms):
+        e = torch.stack([x.reshape(()).double() for x in eps_terms])
+    else:
+        e = torch.tensor([float(x) for x in eps_terms], dtype=torch.float64, device=dev)
+    u.add_(e.index_select(0, seg))
+    torch.div(m, u, out=u)  # ũ = m / (sqrt(v) + ε')
+    m.copy_(w).add_(u)  # reuse m's buffer for w' + ũ
+    a, c, s = (torch.stack(torch._foreach_norm(list(x.split(lens)), 2)).square() for x in (w, u, m))
+    return torch.stack((a, 0.5 * (s - a - c), c), dim=1)
+
+
 def _dots_exact(
     weights: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     second_moments: Sequence[torch.Tensor],
     eps_terms: Sequence[float | torch.Tensor],
 ) -> torch.Tensor:
-    """(||w'||², <w', ũ>, ||ũ||²) with every product and sum in float64, one read of w, m, v.
+    """(||w'||², <w', ũ>, ||ũ||²), one read of w, m, v, every sum accumulated in float64.
 
-    Squares and products of float32 (or bfloat16) values are exact in float64, so the observed
-    norm differs from the true one only by float64 summation (~1e-16): far below the budget even
-    at fine-tuning learning rates, where float32 products (6e-8 relative per element) were not.
-    Works on any device without a host synchronisation (the sums stay device tensors).
+    ||w'||² decides Δ, which at fine-tuning learning rates is ~1e-8 of ||w||²: its squares are
+    taken in float64 (exact for float32 values) and summed there.  <w', ũ> and ||ũ||² enter the
+    forces linearly and need ~1e-8: ũ and the products stay float32 (each rounded to 6e-8,
+    unbiased), summed in rows of :data:`_ROW` and the rows in float64.  Tensors below
+    :data:`_SMALL` elements are packed into one pass.  Memory: chunk-sized scratch buffers (and
+    the packed small tensors); no host synchronisation (sums stay on the device).
     """
     dev = weights[0].device
-    biggest = max(1, max(w.numel() for w in weights))
-    scratch = _Scratch(3, min(biggest, _chunk(dev)), dev)
+    small = [k for k, w in enumerate(weights) if w.numel() < _SMALL]
+    big = [k for k, w in enumerate(weights) if w.numel() >= _SMALL]
+    out = torch.zeros(len(weights), 3, dtype=torch.float64, device=dev)
+    if small:
+        pick = lambda xs: [xs[k] for k in small]  # noqa: E731
+        out[small] = _dots_packed(pick(weights), pick(exp_avgs), pick(second_moments), pick(eps_terms))
+    if not big:
+        return out
     step = _chunk(dev)
+    size = min(max(weights[k].numel() for k in big), step)
+    scratch = _Scratch(1, size, dev)
+    u_buf = torch.empty(size, dtype=torch.float32, device=dev)
+    prod = torch.empty(size, dtype=torch.float32, device=dev)
     rows = []
-    for w, m, v, e in zip(weights, exp_avgs, second_moments, eps_terms):
-        n = w.numel()
-        acc = torch.zeros(3, dtype=torch.float64, device=dev)
-        wf, mf, vf = w.detach().reshape(-1), m.detach().reshape(-1), v.detach().reshape(-1)
-        for i in range(0, n, step):
+    for k in big:
+        wf, mf, vf, e = (weights[k].detach().reshape(-1), exp_avgs[k].detach().reshape(-1),
+                         second_moments[k].detach().reshape(-1), eps_terms[k])
+        acc = [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3)]
+        for i in range(0, wf.numel(), step):
             x = scratch.load(0, wf[i : i + step])
-            u = scratch.load(1, mf[i : i + step])
-            d = scratch.load(2, vf[i : i + step])
-            d.sqrt_().add_(e)
-            u.div_(d)  # ũ = m / (sqrt(v) + ε')
-            acc += torch.stack((torch.dot(x, x), torch.dot(x, u), torch.dot(u, u)))
-        rows.append(acc)
-    return torch.stack(rows)
+            acc[0] = acc[0] + torch.dot(x, x)
+            n = x.numel()
+            u = u_buf[:n]
+            torch.sqrt(vf[i : i + step], out=u)
+            u.add_(e)
+            torch.div(mf[i : i + step], u, out=u)  # ũ = m / (sqrt(v) + ε')
+            acc[1] = acc[1] + _rowdot(wf[i : i + step], u, prod)
+            acc[2] = acc[2] + _rowdot(u, u, prod)
+        rows.append(torch.stack(acc))
+    out[big] = torch.stack(rows)
+    return out
 
 
 def _dots_foreach(
