@@ -33,9 +33,15 @@ from .budget import (
 )
 from .aggregates import ParamInfo, aggregate_masks
 
-__all__ = ["FORCE_KEYS", "ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
+__all__ = ["BUDGET_MODES", "FORCE_KEYS", "ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
 
 _NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta, rounding, decay_nominal, align_post
+
+#: ``weightforces/budget_mode`` codes: how the row's budget was computed (docs/optimizers.md).
+#: moments: AdamW's moments read after the step; staged: the moments read before the step
+#: (bitsandbytes Adam, Lion); observed_exact / observed_sampled: the observed update with a copy
+#: of w_t / a coordinate sample of it; none: no budget (norms and fits only).
+BUDGET_MODES: dict[str, int] = {"moments": 0, "staged": 1, "observed_exact": 2, "observed_sampled": 3, "none": 4}
 
 
 class Packed(NamedTuple):
@@ -45,6 +51,7 @@ class Packed(NamedTuple):
     nonfinite: np.ndarray  # [P] steps left out as non-finite
     norm2: np.ndarray  # [P] latest observed squared norm
     sampled: np.ndarray  # [P] interval sum of N·(A + I + D) at sampled steps
+    var: np.ndarray | None = None  # [P, 2] interval sum of the sampling variances of A and I
 
 
 def _is_host(x: object) -> bool:
@@ -76,6 +83,9 @@ class ForceMonitor:
         self.sampled = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.steps = 0  # budget steps in the current interval (host-side count, no sync)
         self.dots_method = "auto"
+        self.var = torch.zeros(n, 2, dtype=torch.float64, device=self.device)  # sampled observed mode
+        #: which computation produced the rows (:data:`BUDGET_MODES`), set by the callback
+        self.budget_mode: str | None = None
 
     def __len__(self) -> int:
         return len(self.infos)
@@ -207,6 +217,40 @@ class ForceMonitor:
         self.norm2[idx] = after
         return missing
 
+    # ------------------------------------------------------------------ budgets computed elsewhere
+    def record_budget(self, indices: Sequence[int], terms: torch.Tensor, norm2_after: torch.Tensor,
+                      var: torch.Tensor | None = None, step_id: int | None = None) -> None:
+        """Add one optimizer step's budget computed outside (the observed update, core/observed.py):
+        ``terms`` [k, len(BUDGET_TERMS)], the observed ``norm2_after`` [k] and, for a sampled
+        budget, the variances [k, 2] of A and I."""
+        self.steps += 1
+        if not len(indices):
+            return
+        idx = torch.tensor(list(indices), device=self.device)
+        self._add(idx, terms.to(self.device), step_id)
+        if var is not None:
+            var = var.to(self.device)
+            self.var.index_add_(0, idx, torch.where(torch.isfinite(var), var, torch.zeros_like(var)))
+        self.norm2[idx] = norm2_after.to(self.device)
+
+    def stage_dots(self, indices: Sequence[int], dots: torch.Tensor, lrs: Sequence[float],
+                   weight_decays: Sequence[float], factors: Sequence[float]) -> None:
+        """Before the step: stage the budget of an update whose (||w_t||², <w_t, u_t>, ||u_t||²)
+        were computed elsewhere (bitsandbytes Adam, Lion: integrations/optimizers.py); added by
+        :meth:`record_staged` after the step, like :meth:`stage_intended`."""
+        self._staged = None
+        if not len(indices):
+            return
+        dots = dots.to(self.device)
+        terms = budget_from_intended(dots, _to_device(list(lrs), self.device),
+                                     _to_device(list(weight_decays), self.device), _to_device(list(factors), self.device))
+        self._staged = ({int(i): k for k, i in enumerate(indices)}, terms, dots[:, 0])
+
+    def record_staged(self, indices: Sequence[int], weights_after: Sequence[torch.Tensor], step_id: int | None = None) -> None:
+        """After the step: one optimizer step whose budget was staged (:meth:`stage_dots`)."""
+        self.steps += 1
+        self.record_intended(indices, weights_after, step_id)
+
     def record_views(self, views: Sequence, step_id: int | None = None, pick=None) -> None:
         """:meth:`record_step` from view objects (``index``, ``weight``, ``exp_avg``,
         ``second_moment``, ``step`` and ``hyper`` with lr, weight_decay, beta1, beta2, eps), one
@@ -243,21 +287,23 @@ class ForceMonitor:
     def pack(self) -> torch.Tensor:
         """One flat float64 tensor: sums [P*len(BUDGET_TERMS)], non-finite counts [P], squared norms [P],
         sampled integral [P]."""
-        return torch.cat((self.sums.reshape(-1), self.nonfinite, self.norm2, self.sampled))
+        return torch.cat((self.sums.reshape(-1), self.nonfinite, self.norm2, self.sampled, self.var.reshape(-1)))
 
     @property
     def packed_size(self) -> int:
-        return len(self.infos) * (_NT + 3)
+        return len(self.infos) * (_NT + 5)
 
     def unpack(self, flat: np.ndarray) -> Packed:
         n = len(self.infos)
         rest = flat[n * _NT :]
-        return Packed(flat[: n * _NT].reshape(n, _NT), rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n])
+        return Packed(flat[: n * _NT].reshape(n, _NT), rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n],
+                      rest[3 * n : 5 * n].reshape(n, 2))
 
     def reset(self) -> None:
         self.sums.zero_()
         self.nonfinite.zero_()
         self.sampled.zero_()
+        self.var.zero_()
         self.steps = 0
 
     def aggregates(self, per_layer: bool = True, per_matrix: bool = False) -> dict[str, np.ndarray]:
@@ -267,11 +313,18 @@ class ForceMonitor:
     def summarize(
         self, flat: np.ndarray, steps: int, *, per_layer: bool = True, per_matrix: bool = False, prefix: str = "weightforces"
     ) -> dict[str, float]:
-        sums, nonfinite, norm2, _ = self.unpack(flat)
+        packed = self.unpack(flat)
+        sums, nonfinite, norm2 = packed.sums, packed.nonfinite, packed.norm2
         numel = np.array([i.numel for i in self.infos], dtype=np.float64)
         metrics: dict[str, float] = {f"{prefix}/steps": float(steps)}
+        if self.budget_mode is not None:
+            metrics[f"{prefix}/budget_mode"] = float(BUDGET_MODES[self.budget_mode])
+        sampled = self.budget_mode == "observed_sampled"
         for name, mask in self.aggregates(per_layer, per_matrix).items():
             row = summarize_sums(sums[mask].sum(0), float(nonfinite[mask].sum()), float(norm2[mask].sum()), float(numel[mask].sum()), steps)
+            if sampled and steps > 0:  # standard errors of the logged per-step means (independent draws per step)
+                var = packed.var[mask].sum(0)
+                row["align_se"], row["inject_se"] = (math.sqrt(max(float(v), 0.0)) / steps for v in var)
             metrics.update({f"{prefix}/{name}/{k}": v for k, v in row.items()})
         return metrics
 

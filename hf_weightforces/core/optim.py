@@ -4,17 +4,29 @@ Supported: ``torch.optim.AdamW`` in every implementation (for-loop, ``foreach``,
 ``capturable``, ``amsgrad``, ``maximize``) and ``torch.optim.Adam`` when its weight decay is
 decoupled or zero, which covers the Trainer's ``adamw_torch`` and ``adamw_torch_fused``.
 Wrappers that keep the torch optimizer in ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``)
-are unwrapped.  Anything else is refused with :class:`UnsupportedOptimizerError` at train start.
+are unwrapped.  :func:`check_supported` refuses anything else with :class:`UnsupportedOptimizerError`.
+
+Every other optimizer gets a plan (:func:`plan_optimizer`, docs/optimizers.md): bitsandbytes
+Adam/AdamW and Lion are read before the step, everything else from its observed update, with the
+decay factor of :func:`observed_factor` under the rule its class is known to follow.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
+    "DECAY_RULES",
+    "PATHS",
     "SUPPORTED_OPTIMIZERS",
+    "OptimizerPlan",
+    "adafactor_lr",
+    "observed_factor",
+    "plan_optimizer",
     "AdamHyper",
     "UnsupportedOptimizerError",
     "check_supported",
@@ -96,3 +108,138 @@ def group_hyper(group: dict) -> AdamHyper:
         eps=_scalar(group["eps"]),
         amsgrad=bool(group.get("amsgrad", False)),
     )
+
+
+# ---------------------------------------------------------------------------------- every optimizer
+#: How each optimizer's budget is computed (docs/optimizers.md):
+#: ``moments``  torch Adam/AdamW (and subclasses, and duck-typed ones with ``exp_avg``/``exp_avg_sq``):
+#:              rebuilt after the step from the stored moments, nothing copied;
+#: ``bnb_adam`` bitsandbytes Adam/AdamW, 8-bit, 32-bit or paged: staged before the step from the
+#:              moments the kernel will read (8-bit: the library's own blockwise dequantisation);
+#: ``lion``     bitsandbytes Lion: staged before the step, u = sign(β1 m + (1-β1) g);
+#: ``observed`` anything else: the observed update η u := c w_t - w_{t+1} (exact or sampled).
+PATHS = ("moments", "bnb_adam", "lion", "observed")
+
+#: How weight decay reaches the stored weights, i.e. the factor c the budget's decay D uses:
+#: ``mul``      w ← fl32(1 - ηλ) · w (torch AdamW, bitsandbytes, Lomo, GrokAdamW, StableAdamW);
+#: ``add``      w ← w + fl32(-ηλ) · w, so c = 1 - fl32(ηλ) (transformers Adafactor, GaLore, APOLLO, torchao);
+#: ``coupled``  λ w is added to the gradient (SGD, RMSprop, Adagrad, Adam with L2): c = 1, the
+#:              decay's effect is inside align/inject;
+#: ``inside``   the decay acts inside a non-multiplicative update (schedule-free): c = 1;
+#: ``unknown``  an optimizer this package does not know: c = 1.
+DECAY_RULES = ("mul", "add", "coupled", "inside", "unknown")
+
+#: Known optimizers read from their observed update: (module prefix, class name or "*", decay rule).
+_OBSERVED_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("transformers.optimization", "Adafactor", "add"),
+    ("galore_torch", "Adafactor", "add"),
+    ("galore_torch", "*", "add"),
+    ("apollo_torch", "*", "add"),
+    ("torchao", "*", "add"),
+    ("grokadamw", "*", "mul"),
+    ("optimi", "*", "mul"),
+    ("lomo_optim", "*", "mul"),
+    ("schedulefree", "*", "inside"),
+    ("torch.optim", "SGD", "coupled"),
+    ("torch.optim", "RMSprop", "coupled"),
+    ("torch.optim", "Adagrad", "coupled"),
+    ("torch.optim", "Adamax", "coupled"),
+    ("torch.optim", "ASGD", "coupled"),
+    ("torch.optim", "Rprop", "coupled"),
+    ("torch.optim", "SparseAdam", "coupled"),
+    ("torch.optim", "LBFGS", "coupled"),
+    ("torch.optim", "Adadelta", "coupled"),
+)
+
+
+@dataclass(frozen=True)
+class OptimizerPlan:
+    """What the monitor does for one optimizer: ``path`` (:data:`PATHS`), ``decay`` (the rule
+    of :data:`DECAY_RULES` for the observed path), ``name`` (module.Class) and a ``note``."""
+
+    name: str
+    path: str
+    decay: str
+    note: str
+
+
+def _qualname(opt: object) -> str:
+    return f"{type(opt).__module__}.{type(opt).__name__}"
+
+
+def _bnb_name(opt: object) -> str | None:
+    """bitsandbytes' own optimizer name ('adam', 'lion', 'momentum', ...) or None."""
+    if not type(opt).__module__.startswith("bitsandbytes"):
+        return None
+    return str(getattr(opt, "optimizer_name", "") or type(opt).__name__.lower())
+
+
+def _adam_like_groups(opt: torch.optim.Optimizer) -> bool:
+    for g in opt.param_groups:
+        betas = g.get("betas")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and "eps" in g and "lr" in g):
+            return False
+    return True
+
+
+def plan_optimizer(optimizer: object) -> OptimizerPlan:
+    """Decide, at train start, how the budget of ``optimizer`` (wrappers unwrapped) is computed.
+
+    Raises :class:`UnsupportedOptimizerError` only for an object that is no torch optimizer.
+    """
+    opt = unwrap_optimizer(optimizer)
+    name = _qualname(opt)
+    bnb = _bnb_name(opt)
+    if bnb is not None:
+        unorm = float(getattr(getattr(opt, "args", None), "max_unorm", 0.0) or 0.0)
+        if bnb == "adam" and unorm == 0.0:
+            return OptimizerPlan(name, "bnb_adam", "mul", "bitsandbytes Adam/AdamW: the moments the kernel reads, "
+                                 "dequantised by bitsandbytes before the step")
+        if bnb == "lion":
+            return OptimizerPlan(name, "lion", "mul", "bitsandbytes Lion: u = sign(b1 m + (1-b1) g) before the step")
+        rule = "mul" if bnb in ("adam", "lamb", "ademamix") else "coupled"
+        return OptimizerPlan(name, "observed", rule, f"bitsandbytes {bnb}: the observed update")
+    if isinstance(opt, torch.optim.Adam):  # AdamW is a subclass of Adam; so are user subclasses
+        try:
+            check_supported(opt)
+            return OptimizerPlan(name, "moments", "mul", "AdamW moments read after the step")
+        except UnsupportedOptimizerError:
+            return OptimizerPlan(name, "observed", "coupled", "Adam with L2 (coupled) weight decay: the observed update")
+    for module, cls, rule in _OBSERVED_TABLE:
+        if type(opt).__module__.startswith(module) and cls in ("*", type(opt).__name__):
+            return OptimizerPlan(name, "observed", rule, f"{type(opt).__name__}: the observed update")
+    if isinstance(opt, (torch.optim.NAdam, torch.optim.RAdam)):
+        decoupled = all(g.get("decoupled_weight_decay", False) for g in opt.param_groups)
+        return OptimizerPlan(name, "observed", "mul" if decoupled else "coupled", f"{type(opt).__name__}: the observed update")
+    if _adam_like_groups(opt) and not any(g.get("amsgrad") for g in opt.param_groups):
+        return OptimizerPlan(name, "moments", "mul", "read as torch AdamW from exp_avg/exp_avg_sq (duck-typed): "
+                             "a different update rule shows in the closure")
+    return OptimizerPlan(name, "observed", "unknown", f"{type(opt).__name__} is not known here: the observed update, "
+                         "weight decay (if any) counted inside align/inject")
+
+
+def adafactor_lr(group: dict, step: float, rms: float) -> float:
+    """The lr transformers' (and GaLore's) Adafactor uses for one tensor at ``step`` (1-based),
+    as its ``_get_lr``: relative step and parameter scaling when switched on."""
+    lr = _scalar(group["lr"])
+    if group.get("relative_step"):
+        min_step = 1e-6 * step if group.get("warmup_init") else 1e-2
+        lr = min(min_step, 1.0 / math.sqrt(step))
+    if group.get("scale_parameter"):
+        lr *= max(float(group["eps"][1]), rms)
+    return lr
+
+
+def observed_factor(decay: str, lr: float, weight_decay: float, dtype: torch.dtype) -> float:
+    """The factor c the optimizer multiplies w_t by, under rule ``decay`` (:data:`DECAY_RULES`).
+
+    ``mul``: fl32(1 - lr·λ) (float64 parameters: exact), as :func:`~.budget.decay_factor`;
+    ``add``: 1 - fl32(lr·λ) (the product is rounded, then added); else 1.
+    """
+    if decay == "mul" and weight_decay > 0.0:
+        c = 1.0 - lr * weight_decay
+        return c if dtype == torch.float64 else float(np.float32(c))
+    if decay == "add" and weight_decay > 0.0:
+        d = lr * weight_decay
+        return 1.0 - (d if dtype == torch.float64 else float(np.float32(d)))
+    return 1.0

@@ -36,15 +36,26 @@ METRICS_FILE = "metrics.jsonl"
 PREVIOUS_DIR = "previous"  # rows a fresh or resumed run does not continue, kept whole
 
 
-def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: dict[int, int], frozen=None) -> None:
+def _number(x) -> float:
+    """A hyper-parameter as a float, NaN where it is none (Adafactor's eps is a pair, Lion has no betas)."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: dict[int, int], frozen=None,
+                      budget: dict | None = None) -> None:
     """What offline tools need to read this run's records without the model at hand; ``frozen``
-    (:class:`~hf_weightforces.integrations.frozen.FrozenTensors`) lists the untrained tensors."""
+    (:class:`~hf_weightforces.integrations.frozen.FrozenTensors`) lists the untrained tensors;
+    ``budget`` says how the force budget was computed (integrations/optimizers.py)."""
     folder.mkdir(parents=True, exist_ok=True)
-    beta1, beta2 = opt.param_groups[0].get("betas", (float("nan"), float("nan")))
+    betas = opt.param_groups[0].get("betas") or ()
+    beta1, beta2 = (tuple(betas) + (None, None))[:2]
     data = {
         "optimizer": type(opt).__name__,
-        "betas": [float(beta1), float(beta2)],
-        "eps": float(opt.param_groups[0].get("eps", float("nan"))),
+        "betas": [_number(beta1), _number(beta2)],
+        "eps": _number(opt.param_groups[0].get("eps")),
         "every": every,
         "params": [
             {"name": e.name, "group": i.group, "layer": i.layer, "shape": list(e.shape), "numel": e.numel,
@@ -55,6 +66,8 @@ def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: d
         "frozen": [] if frozen is None else
         [{"name": n, "shape": list(t.shape), "numel": t.numel()} for n, t in zip(frozen.names, frozen.tensors)],
     }
+    if budget is not None:
+        data["budget"] = budget
     replace_file(folder / PARAMS_FILE, json.dumps(json_safe(data), indent=1))
 
 
