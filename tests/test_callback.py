@@ -12,7 +12,6 @@ from conftest import tiny_model, train_tiny
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from hf_weightforces import WeightForcesArguments, WeightForcesCallback
-from hf_weightforces.core.optim import UnsupportedOptimizerError
 
 FORCES = ("align", "inject", "decay", "rest", "delta")
 
@@ -135,16 +134,10 @@ def test_flags_switch_it_on(tmp_path, wf_rows):
         WeightForcesArguments(weight_forces=True, weight_forces_patterns="{not json")
 
 
-def test_unsupported_optimizer_fails_at_train_start(tmp_path):
-    seen = []
-
-    class Spy(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            seen.append(1)
-
-    with pytest.raises(UnsupportedOptimizerError, match="adamw_torch"):
-        train_tiny(tmp_path, [WeightForcesCallback(), Spy()], optim="sgd")
-    assert not seen  # no step ran
+def test_bad_configuration_fails_before_training():
+    # every optimizer is read now (tests/test_optimizers.py): what fails is a bad argument
+    with pytest.raises(ValueError, match="observed_mode"):
+        WeightForcesCallback(observed_mode="fast")
     with pytest.raises(ValueError, match="every"):
         WeightForcesCallback(every=0)
     with pytest.raises(ValueError, match="unknown weight class"):

@@ -42,10 +42,11 @@ from ..core.aggregates import describe
 from ..core.groups import Grouping
 from ..core.integral import RunIntegral
 from ..core.monitor import ForceMonitor, ParamInfo
-from ..core.optim import check_supported
+from ..core.optim import plan_optimizer, unwrap_optimizer
 from ..core.pools import WeibullPools
 from ..distributed import ParamEntry, ShardContext, ShardFailureError
 from .frozen import find_frozen
+from .optimizers import OBSERVED_MODES, budget_info, budget_reader
 from .ordering import find_callback_handler, place_before_reporters
 from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
 from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, open_record_sinks, write_params_file  # noqa: F401
@@ -141,7 +142,16 @@ class WeightForcesCallback(TrainerCallback):
         super_weights: int = 0,
         quiet: bool = False,
         dashboard: Dashboard | None = None,
+        observed_mode: str = "sampled",
+        observed_sample_size: int = 1024,
+        observed_seed: int = 0,
     ) -> None:
+        if observed_mode not in OBSERVED_MODES:
+            raise ValueError(f"observed_mode must be one of {OBSERVED_MODES}, got {observed_mode!r}")
+        if not isinstance(observed_sample_size, int) or isinstance(observed_sample_size, bool) or observed_sample_size < 2:
+            raise ValueError(f"observed_sample_size must be an integer >= 2, got {observed_sample_size!r}")
+        self.observed_mode, self.observed_sample_size, self.observed_seed = observed_mode, observed_sample_size, int(observed_seed)
+        self._reader = None  # integrations/optimizers.py: StagedMoments or ObservedUpdate (not AdamW)
         if offset_sample_every is None:  # the smallest multiple of every that is >= 10
             offset_sample_every = every * -(-10 // every) if isinstance(every, int) and every > 0 else 10
         for label, value, low in (("every", every, 1), ("weibull_every", weibull_every, 0),
@@ -190,7 +200,8 @@ class WeightForcesCallback(TrainerCallback):
         self._place_before_reporters()
         if optimizer is None:
             raise ValueError("WeightForcesCallback needs the optimizer at train start; none was passed")
-        opt = check_supported(optimizer)  # raises with what is supported
+        self._plan = plan_optimizer(optimizer)  # how this optimizer's budget is read (core/optim.py)
+        opt = unwrap_optimizer(optimizer)
         if getattr(self, "_overflow", None) is not None:
             self._overflow.close()
         self._overflow = OverflowWatch(optimizer)  # fused AdamW: a GradScaler skip Accelerate misses
@@ -213,6 +224,7 @@ class WeightForcesCallback(TrainerCallback):
             self._super = SuperWeightTracker(self.super_weights, infos, [len(e.shape) for e in entries],
                                              self.monitor.device)
             self._super.select(self.ctx.whole_weights(entries))
+        self._setup_readers(opt, entries)
         self.integral = RunIntegral([e.name for e in entries])
         self._skipped = 0
         self._last_logged = state.global_step
@@ -224,7 +236,7 @@ class WeightForcesCallback(TrainerCallback):
         if self._writes(state):
             with self._faults.guard("params", f"writing {PARAMS_FILE}", "offline tools read this run without it"):
                 write_params_file(Path(args.output_dir) / self.output_subdir, opt, entries, infos, self.every,
-                                  self._group_of, self._frozen)
+                                  self._group_of, self._frozen, budget=self._budget_info)
         self.probes = list(self._all_probes)
         self._call_probes("setup", entries, infos, self.ctx, args, state)
         if state.global_step > 0:
@@ -235,6 +247,25 @@ class WeightForcesCallback(TrainerCallback):
             "weight forces: %d tensors, backend %s, every %d step(s), W&B row %s",
             len(entries), self.ctx.backend.value, self.every, "shared with train/loss" if self._ordered else "separate",
         )
+
+    def _setup_readers(self, opt, entries: list[ParamEntry]) -> None:
+        """AdamW: the moments after the step (low-precision tensors staged before it); any other
+        optimizer: integrations/optimizers.py (bitsandbytes Adam and Lion staged, the rest observed)."""
+        if self._reader is not None:
+            self._reader.close()
+        self._reader, mode = budget_reader(self._plan, opt, self.monitor, entries, self.ctx, self.observed_mode,
+                                           self.observed_sample_size, self.observed_seed)
+        self.monitor.budget_mode = mode
+        self._budget_info = budget_info(self._plan, mode, self.observed_sample_size, self.observed_seed)
+        if self._plan.path == "moments":
+            return
+        if getattr(self, "rounding_split", False):
+            raise ValueError(f"rounding_split needs AdamW's moments; {self._plan.name} has none to split")
+        if self._super is not None:
+            msg = f"weight forces: super_weights needs AdamW's moments; {self._plan.name} has none: switched off"
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            self._super = None
 
     def _start_run_integral(self, state) -> None:
         """At the first step: the observed norms and the start fit (one reduction, all ranks)."""
@@ -351,6 +382,13 @@ class WeightForcesCallback(TrainerCallback):
         try:
             if first:
                 self._start_run_integral(state)  # collective: joined even after a failure above
+            if self._reader is not None and self._active and self._is_budget_step(state.global_step + 1):
+                if hasattr(self._reader, "before"):
+                    self._reader.before()  # w_t, before any backward of this cycle
+                else:
+                    self._reader.due = True
+            if self._active and self._super is not None and self._is_budget_step(state.global_step + 1):
+                self._super.observe(self.ctx.whole_weights(self._entries))
             if self._active and self._super is not None and self._is_budget_step(state.global_step + 1):
                 self._super.observe(self.ctx.whole_weights(self._entries))
         except Exception as exc:  # a diagnostic never stops training
@@ -380,7 +418,7 @@ class WeightForcesCallback(TrainerCallback):
 
     def _note_schedule(self, step_id: int, optimizer, skipped: bool) -> None:
         if self._schedule.enabled:
-            opt = check_supported(optimizer)  # the lr the step used, whatever a scheduler did since
+            opt = unwrap_optimizer(optimizer)  # the lr the step used, whatever a scheduler did since
             self._schedule.note(step_id, self.ctx.step_lrs(opt), opt.param_groups, skipped)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -392,10 +430,18 @@ class WeightForcesCallback(TrainerCallback):
             self._fail("on_pre_optimizer_step", exc)
 
     def _record(self, optimizer, step_id: int) -> None:
-        views = self.ctx.views(check_supported(optimizer), self._index_of)
+        if self.monitor.budget_mode != "moments":
+            if self._reader is None:  # no budget ("none"): count the step, norms and fits go on
+                self.monitor.record_budget([], torch.zeros(0, 8, dtype=torch.float64), torch.zeros(0))
+            elif hasattr(self._reader, "before"):
+                self._reader.record(unwrap_optimizer(optimizer), step_id)
+            else:
+                self._reader.record(step_id)
+            return
+        views = self.ctx.views(unwrap_optimizer(optimizer), self._index_of)
         self.monitor.record_views(views, step_id)
         if self._super is not None:
-            whole = self.ctx.views(check_supported(optimizer), self._index_of, whole=True) if self.ctx.divides else views
+            whole = self.ctx.views(unwrap_optimizer(optimizer), self._index_of, whole=True) if self.ctx.divides else views
             self._super.record(whole, step_id)
 
     # ------------------------------------------------------------------ per log event
@@ -469,6 +515,9 @@ class WeightForcesCallback(TrainerCallback):
         if getattr(self, "_schedule", None) is not None:
             with self._faults.guard("close", "closing schedule.jsonl", "its last rows may be missing"):
                 self._schedule.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self.ctx is not None:
             with self._faults.guard("close", "removing the monitor's optimizer hook", "nothing recorded is affected"):
                 self.ctx.close()  # the step hook it put on the optimizer
