@@ -140,6 +140,7 @@ def find_checkpoints(paths: Sequence[PathLike], *, min_count: int = 1) -> list[C
         raise RecordError(f"found {len(out)} checkpoint(s){where}; need at least {min_count}")
     for c in out:
         weight_files(c.path)  # every checkpoint must hold weights (CheckpointError names it)
+    log.info("%d checkpoint(s), steps %d..%d", len(out), out[0].step, out[-1].step)
     return out
 
 
