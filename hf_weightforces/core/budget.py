@@ -46,6 +46,7 @@ import torch
 
 __all__ = [
     "BUDGET_TERMS",
+    "KERNELS",
     "ForceBudget",
     "adamw_direction",
     "budget_from_dots",
@@ -284,6 +285,43 @@ def _dots_exact(
     return out
 
 
+#: The ways :func:`step_dots` can run (the callback's ``kernel`` argument).
+KERNELS: tuple[str, ...] = ("exact", "compiled", "foreach")
+
+_COMPILED = None
+
+
+def _dots_one(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The three sums of one flat tensor, written for ``torch.compile`` to fuse into one pass:
+    exact float64 squares for ||w'||², ũ in float32, its products summed in float64."""
+    w64 = w.to(torch.float64)
+    u = (m / (torch.sqrt(v) + e)).to(torch.float64)
+    return torch.stack(((w64 * w64).sum(), (w64 * u).sum(), (u * u).sum()))
+
+
+def _dots_compiled(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor:
+    """:func:`_dots_exact` with each big tensor in one fused kernel (``torch.compile``, dynamic
+    shapes: one compilation for every size, cached on disk between runs).  Small tensors still
+    take the packed pass.  Opt-in (``kernel="compiled"``): the first compilation costs tens of
+    seconds at train start."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_dots_one, dynamic=True, fullgraph=True)
+    dev = weights[0].device
+    out = torch.zeros(len(weights), 3, dtype=torch.float64, device=dev)
+    small = [k for k, w in enumerate(weights) if w.numel() < _SMALL]
+    if small:
+        pick = lambda xs: [xs[k] for k in small]  # noqa: E731
+        out[small] = _dots_packed(pick(weights), pick(exp_avgs), pick(second_moments), pick(eps_terms))
+    big = [k for k, w in enumerate(weights) if w.numel() >= _SMALL]
+    for k in big:
+        e = eps_terms[k]
+        e = e.reshape(()).to(device=dev, dtype=torch.float32) if isinstance(e, torch.Tensor) else torch.tensor(float(e), device=dev)
+        out[k] = _COMPILED(weights[k].detach().reshape(-1), exp_avgs[k].detach().reshape(-1),
+                           second_moments[k].detach().reshape(-1), e)
+    return out
+
+
 def _dots_foreach(
     weights: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
@@ -349,16 +387,19 @@ def step_dots(
     ``weights`` are the post-step tensors w' (any float dtype; the fp32 master where mixed
     precision keeps one), ``second_moments`` are ``exp_avg_sq`` (or ``max_exp_avg_sq`` under
     AMSGrad), and ``eps_terms[i] = ε sqrt(1-β2^t_i)``.  All tensors must share one device; no
-    host synchronisation happens here.  ``method``: ``"exact"`` (the default, ``"auto"``) or
+    host synchronisation happens here.  ``method``: ``"exact"`` (the default, ``"auto"``),
+    ``"compiled"`` (the same sums, one fused kernel per big tensor through ``torch.compile``) or
     ``"foreach"`` (fewer kernels, float32-rounded norms; see :func:`_dots_foreach`).
     """
     if not weights:
         return torch.zeros(0, 3, dtype=torch.float64)
     if method in ("auto", "exact", "loop"):
         return _dots_exact(weights, exp_avgs, second_moments, eps_terms)
+    if method == "compiled":
+        return _dots_compiled(weights, exp_avgs, second_moments, eps_terms)
     if method == "foreach":
         return _dots_foreach(weights, exp_avgs, second_moments, eps_terms)
-    raise ValueError(f"unknown method {method!r}; expected 'auto', 'exact' or 'foreach'")
+    raise ValueError(f"unknown method {method!r}; expected 'auto', 'exact', 'compiled' or 'foreach'")
 
 
 def _forces(ww, wu, uu, eta, factor, weight_decay):
