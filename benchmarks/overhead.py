@@ -1,111 +1,251 @@
-"""Training step time with and without the weight-forces callback, side by side in one process.
+"""What watching the weights costs, side by side in one process: the weight-forces budget,
+``wandb.watch`` and a per-tensor loop, against the same training with nothing attached.
 
-    python benchmarks/overhead.py                      # tiny and bench models on CPU
-    python benchmarks/overhead.py --sizes bench --steps 60 --every 1 10
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py                # tiny and bench models on CPU
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --sizes bench --steps 60 --repeats 3
 
-Each configuration trains the same model (same seed, same data) with the real Trainer for
-``--steps`` optimizer steps, alternating plain and monitored runs ``--repeats`` times, and reports
-the median time per step after ``--warmup`` steps (measured by a timing callback between
-``on_step_begin`` calls, so Trainer start-up is excluded).  Pin threads for stable figures:
-``OMP_NUM_THREADS=1`` is what torchrun uses.  Prints a Markdown table for the README.
+Each configuration trains the same model (same seed, same data, the real Trainer) for ``--steps``
+optimizer steps; the configurations take turns ``--repeats`` times, so drift on a shared machine
+hits all of them.  Configurations:
+
+* ``none``: nothing attached;
+* ``budget/1``, ``budget/10``: :class:`WeightForcesCallback` every step / every 10 steps (its
+  defaults otherwise: logging every 10, Weibull every 100);
+* ``wandb.watch``: ``wandb.watch(model, log="all", log_freq=10)`` on an offline W&B run
+  (histograms of every parameter and gradient every 10 steps);
+* ``per-tensor loop``: the forces computed tensor by tensor after each optimizer step with one host
+  transfer per tensor (how research code measures, e.g. the paper's ``three_force_spline.py``).
+
+The verdict is the thread CPU time spent inside the hooks, timed from outside each of them (every
+hook method of the callback and the optimizer pre-hook it registers; every hook ``wandb.watch``
+registers; the loop's hook), over the steps after ``--warmup``, divided by the thread CPU time of a
+plain step: on a shared machine whole-step times vary by about 10% between processes, which hides
+a few percent.  End-to-end times (median wall and thread CPU time per step) and the peak memory
+(resident set size on a CPU, max allocated on CUDA, during the run) are printed beside.
+Prints a Markdown table for the README.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import time
 
-os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
-from transformers import GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
+import torch  # noqa: E402
+from transformers import GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from hf_weightforces import WeightForcesCallback
-from hf_weightforces.demo import make_datasets, pythia_config
+from hf_weightforces import WeightForcesCallback  # noqa: E402
+from hf_weightforces.demo import make_datasets, pythia_config  # noqa: E402
+from hf_weightforces.distributed import _StepRecorder  # noqa: E402
+
+CONFIGS = ("none", "budget/1", "budget/10", "wandb.watch", "per-tensor loop")
+
+
+class HookClock:
+    """Thread CPU seconds inside timed hooks, counted only while ``on`` (after the warm-up)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.on = 0.0, False
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.thread_time() - t0
+        return timed
+
+
+CLOCK = HookClock()
+# the optimizer pre-hook the callback's reader registers: timed from outside, for every instance
+_StepRecorder._record = CLOCK.wrap(_StepRecorder._record)
 
 
 class TimedWeightForces(WeightForcesCallback):
-    """The real callback, with the wall time spent inside its hooks accumulated: a steadier figure
-    than the difference of two step-time medians on a shared machine."""
-
-    hook_seconds = 0.0
-
-    def _timed(name):  # noqa: N805 - a decorator factory in the class body
-        def hook(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return getattr(WeightForcesCallback, name)(self, *args, **kwargs)
-            finally:
-                self.hook_seconds += time.perf_counter() - t0
-        return hook
-
-    on_step_begin = _timed("on_step_begin")
-    on_pre_optimizer_step = _timed("on_pre_optimizer_step")
-    on_optimizer_step = _timed("on_optimizer_step")
-    on_log = _timed("on_log")
+    """The real callback, every hook method timed from outside."""
 
 
-class StepTimer(TrainerCallback):
+for _name in ("on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_pre_optimizer_step",
+              "on_optimizer_step", "on_substep_end", "on_step_end", "on_log", "on_save", "on_epoch_end",
+              "on_train_end"):
+    setattr(TimedWeightForces, _name, CLOCK.wrap(getattr(WeightForcesCallback, _name)))
+
+
+class PerTensorLoop(TrainerCallback):
+    """A, I, D of every tensor after each optimizer step (at w_{t+1}, as research code does),
+    one host transfer per tensor."""
+
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.sums: dict[int, list[float]] = {}
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        opt = getattr(optimizer, "optimizer", optimizer)
+        for group in opt.param_groups:
+            lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+            for p in group["params"]:
+                st = opt.state.get(p)
+                if not st or "exp_avg" not in st:
+                    continue
+                t = float(st["step"])
+                u = (st["exp_avg"] / (1 - b1**t)) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
+                w = p.detach()
+                a, i, d = torch.stack([(w * u).sum(), (u * u).sum(), (w * w).sum()]).tolist()  # the sync
+                acc = self.sums.setdefault(id(p), [0.0, 0.0, 0.0])
+                acc[0] += -2 * lr * a
+                acc[1] += lr * lr * i
+                acc[2] += -2 * lr * wd * d
+
+
+PerTensorLoop.on_optimizer_step = CLOCK.wrap(PerTensorLoop.on_optimizer_step)
+
+
+@contextlib.contextmanager
+def timed_hook_registration():
+    """Every forward hook and tensor hook registered inside the block is timed (wandb.watch)."""
+    mod_reg, ten_reg = torch.nn.Module.register_forward_hook, torch.Tensor.register_hook
+
+    def module_hook(self, hook, *a, **k):
+        return mod_reg(self, CLOCK.wrap(hook), *a, **k)
+
+    def tensor_hook(self, hook):
+        return ten_reg(self, CLOCK.wrap(hook))
+
+    torch.nn.Module.register_forward_hook, torch.Tensor.register_hook = module_hook, tensor_hook
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_forward_hook, torch.Tensor.register_hook = mod_reg, ten_reg
+
+
+def _rss() -> int:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - the peak since start instead
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return psutil.Process().memory_info().rss
+
+
+class Meter(TrainerCallback):
+    """Step stamps (wall, thread CPU), the hook clock's gate, and peak memory."""
+
+    def __init__(self, warmup: int, cuda: bool) -> None:
+        self.warmup, self.cuda = warmup, cuda
+        self.wall, self.cpu, self.peak = [], [], 0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
+        if self.cuda:
             torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
+        CLOCK.on = state.global_step >= self.warmup
+        if CLOCK.on:
+            self.wall.append(time.perf_counter())
+            self.cpu.append(time.thread_time())
+        self._memory()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._memory()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.thread_time())
+        CLOCK.on = False
+
+    def _memory(self) -> None:
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated() if self.cuda else _rss())
 
 
-def run(size: str, steps: int, batch: int, block: int, callbacks: list, device_cpu: bool, data) -> list[float]:
+def run(config: str, size: str, args, data, cuda: bool) -> dict:
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(pythia_config(size))
-    timer = StepTimer()
+    meter = Meter(args.warmup, cuda)
+    callbacks: list = [meter]
+    wandb_run = None
+    if config.startswith("budget/"):
+        callbacks.append(TimedWeightForces(every=int(config.split("/")[1])))
+    elif config == "per-tensor loop":
+        callbacks.append(PerTensorLoop())
+    CLOCK.seconds = 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
-            weight_decay=0.1, logging_steps=10, report_to=[], save_strategy="no", disable_tqdm=True,
-            use_cpu=device_cpu, seed=0, dataloader_num_workers=0,
+        if config == "wandb.watch":
+            import wandb
+
+            wandb_run = wandb.init(mode="offline", dir=out, project="overhead", reinit="finish_previous")
+            with timed_hook_registration():
+                wandb.watch(model, log="all", log_freq=10)
+        targs = TrainingArguments(
+            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=1e-3,
+            weight_decay=0.1, logging_steps=10, report_to=["wandb"] if wandb_run else [], save_strategy="no",
+            disable_tqdm=True, use_cpu=not cuda, seed=0, dataloader_num_workers=0,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer, *callbacks])
-        trainer.remove_callback(PrinterCallback)  # keep the table readable
+        trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
         trainer.train()
-    return [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+        if wandb_run is not None:
+            wandb_run.finish()
+    steps = len(meter.wall) - 1
+    return {
+        "hook_ms": CLOCK.seconds * 1e3 / steps,
+        "wall_ms": statistics.median(b - a for a, b in zip(meter.wall, meter.wall[1:])) * 1e3,
+        "cpu_ms": statistics.median(b - a for a, b in zip(meter.cpu, meter.cpu[1:])) * 1e3,
+        "peak_mib": meter.peak / 2**20,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "bench"])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--every", type=int, nargs="+", default=[1])
     ap.add_argument("--cpu", action="store_true", help="force CPU even when CUDA is available")
     args = ap.parse_args()
+    if "none" not in args.configs:
+        args.configs.insert(0, "none")
 
-    use_cpu = args.cpu or not torch.cuda.is_available()
-    device = "cpu" if use_cpu else torch.cuda.get_device_name()
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.cuda.get_device_name() if cuda else "CPU"
     data = make_datasets(block_size=args.block, max_bytes=4_000_000, eval_fraction=0.01)[0]
-    print(f"device: {device}, threads: {torch.get_num_threads()}, batch {args.batch} x {args.block} tokens\n")
-    print("| model | params | every | plain ms/step | with callback ms/step | overhead (medians) | in callback ms/step | overhead (in callback) |")
+    memory = "max allocated" if cuda else "peak RSS"
+    print(f"device: {device}, threads: {torch.get_num_threads()}, batch {args.batch} x {args.block} tokens, "
+          f"{args.steps} steps ({args.warmup} warm-up) x {args.repeats} repeats\n")
+    print(f"| model | params | watcher | in hooks, ms/step | overhead | step wall ms (median) "
+          f"| step CPU ms (median) | {memory} MiB (vs none) |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         n_params = sum(p.numel() for p in GPTNeoXForCausalLM(pythia_config(size)).parameters())
-        for every in args.every:
-            plain, watched, inside = [], [], []
-            for _ in range(args.repeats):  # alternate, so drift on a shared machine hits both
-                plain += run(size, args.steps, args.batch, args.block, [], use_cpu, data)[args.warmup :]
-                cb = TimedWeightForces(every=every)
-                watched += run(size, args.steps, args.batch, args.block, [cb], use_cpu, data)[args.warmup :]
-                inside.append(cb.hook_seconds / args.steps)
-            p, w = statistics.median(plain) * 1e3, statistics.median(watched) * 1e3
-            c = statistics.median(inside) * 1e3
-            print(f"| {size} | {n_params / 1e6:.2f}M | {every} | {p:.1f} | {w:.1f} | {100 * (w - p) / p:+.1f}% "
-                  f"| {c:.2f} | {100 * c / p:.1f}% |")
+        results: dict[str, list[dict]] = {c: [] for c in args.configs}
+        for _ in range(args.repeats):  # take turns, so drift hits every configuration
+            for config in args.configs:
+                results[config].append(run(config, size, args, data, cuda))
+        base = statistics.median(r["cpu_ms"] for r in results["none"])
+        base_mem = max(r["peak_mib"] for r in results["none"])
+        for config, rs in results.items():
+            hook = statistics.median(r["hook_ms"] for r in rs)
+            wall = statistics.median(r["wall_ms"] for r in rs)
+            cpu = statistics.median(r["cpu_ms"] for r in rs)
+            mem = max(r["peak_mib"] for r in rs)
+            over = "-" if config == "none" else f"{100 * hook / base:.1f}%"
+            print(f"| {size} | {n_params / 1e6:.2f}M | {config} | {hook:.2f} | {over} | {wall:.1f} | {cpu:.1f} "
+                  f"| {mem:.0f} ({mem - base_mem:+.0f}) |", flush=True)
 
 
 if __name__ == "__main__":
