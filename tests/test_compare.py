@@ -84,6 +84,23 @@ def test_dense_forces_leave_only_the_rest_sparse_ones_drift(runs):
 
 
 @pytest.mark.slow
+def test_post_step_alignment_reproduces_the_research_offset(runs):
+    """The research code integrates A at w_{t+1} (= c A + 2 I): it over-predicts sigma by about the
+    integrated 2I, where the exact alignment leaves only the dropped rest (docs/budget.md, section 6)."""
+    rows = _rows(runs[(0, 2e-3)])
+    exact = predict_lambda(rows, "transmission", alignment="w_t")
+    post = predict_lambda(rows, "transmission", alignment="post")
+    assert np.max(np.abs(exact.integration)) < 2e-4
+    assert post.integration[-1] > 10 * np.max(np.abs(exact.integration)) and post.integration[-1] > 0
+    integration = {}
+    for alignment in ("w_t", "post"):
+        code, out, err = run_cli(["lambda", str(runs[(0, 2e-3)]), "--groups-only", "--json", "--alignment", alignment])
+        assert code == 0, err
+        integration[alignment] = json.loads(out)["dynamics"]["transmission"]["prediction"]["integration"]["max_abs"]
+    assert integration["post"] > 10 * integration["w_t"]
+
+
+@pytest.mark.slow
 def test_lambda_cli_json_has_prediction_target_and_phases(runs):
     code, out, err = run_cli(["lambda", str(runs[(0, 2e-3)]), "--groups-only", "--json", "--predict-every", "2"])
     assert code == 0, err

@@ -55,13 +55,18 @@ def _finite(row: Mapping, key: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def series_from_rows(rows: Sequence[Mapping], aggregate: str) -> dict[str, np.ndarray]:
+#: Where alignment is evaluated (docs/budget.md, section 6): the exact ``align`` at w_t, or the research
+#: code's ``align_post`` = -2η<w_{t+1}, u_t> (adds about 2I a step: what its published offsets integrate).
+ALIGNMENTS = {"w_t": "align", "post": "align_post"}
+
+
+def series_from_rows(rows: Sequence[Mapping], aggregate: str, alignment: str = "w_t") -> dict[str, np.ndarray]:
     """Per row with forces for ``aggregate``: step, A+I+D per step, norm2, numel, align share, and (NaN where the
-    row has no fit) the live Weibull λ and k."""
+    row has no fit) the live Weibull λ and k.  ``alignment``: a key of :data:`ALIGNMENTS`."""
     g = f"{_PREFIX}{aggregate}/"
     out: dict[str, list[float]] = {k: [] for k in ("step", "net", "norm2", "numel", "align_share", "lambda", "k")}
     for row in rows:
-        a, i, d = (_finite(row, g + k) for k in ("align", "inject", "decay"))
+        a, i, d = (_finite(row, g + k) for k in (ALIGNMENTS[alignment], "inject", "decay"))
         norm2, numel = _finite(row, g + "norm2"), _finite(row, g + "numel")
         if None in (a, i, d, norm2, numel):
             continue
@@ -136,14 +141,16 @@ def predict_lambda(
     *,
     every: int = 0,
     fits: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    alignment: str = "w_t",
 ) -> LambdaPrediction | None:
     """λ(t) of ``aggregate`` predicted from the forces in ``rows`` (a run's ``metrics.jsonl``).
 
     ``every``: use only rows whose step is a multiple of it (0: every row).  ``fits``: (steps, λ, σ) from
     checkpoint fits to compare with; default the rows' own live fits.  None when the rows have no forces
-    or no fits for this aggregate after the anchor.
+    or no fits for this aggregate after the anchor.  ``alignment="post"`` integrates the research code's
+    post-step alignment instead of the exact one (to reproduce its published offsets).
     """
-    s = series_from_rows(rows, aggregate)
+    s = series_from_rows(rows, aggregate, alignment)
     if s["step"].size == 0:
         return None
     keep = np.ones(s["step"].size, dtype=bool) if every <= 0 else s["step"] % every == 0
@@ -247,7 +254,8 @@ def phase_timeline(
     return phases
 
 
-def run_dynamics(traj, rows: Sequence[Mapping] | None, schedule, *, every: int = 0) -> dict[str, dict]:
+def run_dynamics(traj, rows: Sequence[Mapping] | None, schedule, *, every: int = 0,
+                 alignment: str = "w_t") -> dict[str, dict]:
     """Per aggregate of ``traj`` (a :class:`~hf_weightforces.analysis.scale.ScaleTrajectory`; or, without it,
     of the rows): the prediction from ``rows`` (the run's metrics; None: no forces), λ* from ``schedule``
     (None: no target) and the phases of the observed λ(t) (checkpoint fits, else the live fits)."""
@@ -261,7 +269,7 @@ def run_dynamics(traj, rows: Sequence[Mapping] | None, schedule, *, every: int =
             ok = np.isfinite(f_lam)
             fits = (f_steps[ok], f_lam[ok], f_sigma[ok]) if ok.sum() >= 2 else None
         series = series_from_rows(rows, name) if rows else None
-        pred = predict_lambda(rows, name, every=every, fits=fits) if rows else None
+        pred = predict_lambda(rows, name, every=every, fits=fits, alignment=alignment) if rows else None
         if fits is not None:
             steps, lam = fits[0], fits[1]
         elif series is not None and np.isfinite(series["lambda"]).sum() >= 2:
@@ -306,7 +314,7 @@ def format_dynamics(dyn: dict[str, dict], schedule_source: str | None) -> str:
 
 
 def dynamics_of_run(paths, traj, *, records=None, preset: str | None = None,
-                    every: int = 0) -> tuple[dict[str, dict], str | None]:
+                    every: int = 0, alignment: str = "w_t") -> tuple[dict[str, dict], str | None]:
     """:func:`run_dynamics` for the checkpoints ``paths`` that ``traj`` fitted: the run's records (``records``,
     else found beside local checkpoints), its schedule record, else the ``preset`` (given, or inferred from a
     Hub repository id).  Returns the dynamics and where the schedule came from (None: no schedule)."""
@@ -321,4 +329,5 @@ def dynamics_of_run(paths, traj, *, records=None, preset: str | None = None,
     if schedule is None:
         name = preset or (preset_for_repo(paths.repo_id) if hub else None)
         schedule = get_preset(name).schedule() if name else None
-    return run_dynamics(traj, rec.metrics, schedule, every=every), None if schedule is None else schedule.source
+    return (run_dynamics(traj, rec.metrics, schedule, every=every, alignment=alignment),
+            None if schedule is None else schedule.source)
