@@ -69,6 +69,9 @@ def test_snapshot_interval_follows_backbone_unless_set(backbone, snapshot):
     (("--weight_forces_backbone_every", "15", "--weight_forces_backbone_snapshot_every", "10"),
      "--weight_forces_backbone_every: 15 is not a multiple of --weight_forces_backbone_snapshot_every (10)"),
     (("--weight_forces_output_subdir", ""), "--weight_forces_output_subdir: must not be empty"),
+    (("--weight_forces_observed_mode", "guess"),
+     "--weight_forces_observed_mode: must be one of sampled, exact, got 'guess'"),
+    (("--weight_forces_observed_sample_size", "1"), "--weight_forces_observed_sample_size: must be >= 2, got 1"),
     (("--weight_forces_patterns", '{"vale": ["v_proj"]}'), "--weight_forces_patterns: unknown weight class 'vale'"),
     (("--weight_forces_patterns", '{"value": ["v_proj("]}'), "--weight_forces_patterns: bad regex 'v_proj('"),
     (("--weight_forces_patterns", '{"value": "v_proj"}'), "--weight_forces_patterns: patterns for 'value' must be a list"),
@@ -130,3 +133,7 @@ def test_every_callback_argument_has_a_setting():
     assert params <= names, f"callback arguments without a --weight_forces_* flag: {sorted(params - names)}"
     kwargs = WeightForcesArguments(weight_forces=True).callback_kwargs()
     assert set(kwargs) <= params
+    from hf_weightforces.integrations.args import _CHOICES
+    from hf_weightforces.integrations.optimizers import OBSERVED_MODES
+
+    assert set(_CHOICES["observed_mode"]) == set(OBSERVED_MODES)

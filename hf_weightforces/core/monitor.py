@@ -58,11 +58,27 @@ def _is_host(x: object) -> bool:
     return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
 
 
-def _to_device(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.float64)
+def _to_device(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A host list as a device tensor without a host synchronisation (pinned, non-blocking copy)."""
+    t = torch.tensor(values, dtype=dtype)
     if device.type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+_INDEX_CACHE_SIZE = 64
+
+
+def _index(cache: dict, indices: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The index tensor of ``indices`` on ``device``, made once per distinct set (the parameters a
+    step updates are the same set step after step): no per-step host-to-device copy."""
+    key = tuple(int(i) for i in indices)
+    idx = cache.get(key)
+    if idx is None:
+        if len(cache) >= _INDEX_CACHE_SIZE:
+            cache.clear()
+        idx = cache[key] = _to_device(key, device, torch.long)
+    return idx
 
 
 class ForceMonitor:
@@ -82,6 +98,7 @@ class ForceMonitor:
         self.norm2 = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.sampled = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.steps = 0  # budget steps in the current interval (host-side count, no sync)
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}  # index tensors, planned once per set
         self.dots_method = "auto"
         self.var = torch.zeros(n, 2, dtype=torch.float64, device=self.device)  # sampled observed mode
         #: which computation produced the rows (:data:`BUDGET_MODES`), set by the callback
@@ -99,7 +116,7 @@ class ForceMonitor:
         if indices is None:
             self.norm2.copy_(norms)
         else:
-            self.norm2[torch.tensor(list(indices), device=self.device)] = norms
+            self.norm2[_index(self._indices, indices, self.device)] = norms
 
     def record_step(
         self,
@@ -140,7 +157,7 @@ class ForceMonitor:
             u_scale = bc2_sqrt / (1.0 - b1**t)
             eps_terms = list((_to_device(list(eps), dev) * bc2_sqrt).unbind())
         dots = step_dots(weights, exp_avgs, second_moments, eps_terms, method=self.dots_method)
-        idx = torch.tensor(list(indices), device=self.device)
+        idx = _index(self._indices, indices, self.device)
         terms = budget_from_dots(
             dots.to(self.device),
             _to_device(list(lrs), self.device),
@@ -205,14 +222,14 @@ class ForceMonitor:
         missing = [i for i in indices if i not in rows]
         if not have:
             return missing
-        pick = torch.tensor([rows[i] for i in have], device=self.device)
+        pick = _index(self._indices, [rows[i] for i in have], self.device)
         intended, before = staged[1][pick], staged[2][pick]
         after = squared_norms([w for i, w in zip(indices, weights_after) if i in rows], method=self.dots_method).to(self.device)
         delta = after - before
         align, inject, decay, rest, decay_nominal, align_post = intended.unbind(1)
         rounding = delta - (align + inject + decay + rest)
         terms = torch.stack((align, inject, decay, rest, delta, rounding, decay_nominal, align_post), dim=1)
-        idx = torch.tensor(have, device=self.device)
+        idx = _index(self._indices, have, self.device)
         self._add(idx, terms, step_id)
         self.norm2[idx] = after
         return missing
@@ -226,7 +243,7 @@ class ForceMonitor:
         self.steps += 1
         if not len(indices):
             return
-        idx = torch.tensor(list(indices), device=self.device)
+        idx = _index(self._indices, indices, self.device)
         self._add(idx, terms.to(self.device), step_id)
         if var is not None:
             var = var.to(self.device)
