@@ -10,7 +10,8 @@ hits all of them.  Configurations:
 
 * ``none``: nothing attached;
 * ``budget/1``, ``budget/10``: :class:`WeightForcesCallback` every step / every 10 steps (its
-  defaults otherwise: logging every 10, Weibull every 100);
+  defaults otherwise: logging every 10, Weibull every 100); ``budget/1/compiled`` with
+  ``kernel="compiled"`` (the sums fused by ``torch.compile``; compiled before the timed steps);
 * ``wandb.watch``: ``wandb.watch(model, log="all", log_freq=10)`` on an offline W&B run
   (histograms of every parameter and gradient every 10 steps);
 * ``per-tensor loop``: the forces computed tensor by tensor after each optimizer step with one host
@@ -45,7 +46,7 @@ from hf_weightforces import WeightForcesCallback  # noqa: E402
 from hf_weightforces.demo import make_datasets, pythia_config  # noqa: E402
 from hf_weightforces.distributed import _StepRecorder  # noqa: E402
 
-CONFIGS = ("none", "budget/1", "budget/10", "wandb.watch", "per-tensor loop")
+CONFIGS = ("none", "budget/1", "budget/10", "budget/1/compiled", "wandb.watch", "per-tensor loop")
 
 
 class HookClock:
@@ -175,7 +176,8 @@ def run(config: str, size: str, args, data, cuda: bool) -> dict:
     callbacks: list = [meter]
     wandb_run = None
     if config.startswith("budget/"):
-        callbacks.append(TimedWeightForces(every=int(config.split("/")[1])))
+        parts = config.split("/")  # budget/<every>[/<kernel>]
+        callbacks.append(TimedWeightForces(every=int(parts[1]), kernel=parts[2] if len(parts) > 2 else "exact"))
     elif config == "per-tensor loop":
         callbacks.append(PerTensorLoop())
     CLOCK.seconds = 0.0

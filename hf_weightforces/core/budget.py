@@ -37,12 +37,15 @@ Two layers live here:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUDGET_TERMS",
@@ -51,6 +54,7 @@ __all__ = [
     "adamw_direction",
     "budget_from_dots",
     "budget_from_intended",
+    "choose_kernel",
     "decay_factor",
     "force_budget",
     "intended_dots",
@@ -285,10 +289,24 @@ def _dots_exact(
     return out
 
 
-#: The ways :func:`step_dots` can run (the callback's ``kernel`` argument).
-KERNELS: tuple[str, ...] = ("exact", "compiled", "foreach")
+#: The ways :func:`step_dots` can run (the callback's ``kernel`` argument; ``auto`` is resolved by
+#: :func:`choose_kernel` at train start).
+KERNELS: tuple[str, ...] = ("auto", "exact", "compiled", "foreach")
+
+#: ``auto`` compiles the pass on CPU from this many trained elements on: below it the eager pass is
+#: already cheap and the one-off compilation (tens of seconds, cached on disk) would not pay.
+COMPILE_FROM = 2_000_000
 
 _COMPILED = None
+_COMPILE_FAILED = False
+
+
+def choose_kernel(kernel: str, numel: int, device: torch.device) -> str:
+    """``auto``: ``compiled`` on CPU for models of at least :data:`COMPILE_FROM` trained elements,
+    else ``exact`` (accelerators keep the eager pass until the compiled one is measured there)."""
+    if kernel != "auto":
+        return kernel
+    return "compiled" if torch.device(device).type == "cpu" and numel >= COMPILE_FROM else "exact"
 
 
 def _dots_one(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -304,9 +322,21 @@ def _dots_compiled(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor
     shapes: one compilation for every size, cached on disk between runs).  Small tensors still
     take the packed pass.  Opt-in (``kernel="compiled"``): the first compilation costs tens of
     seconds at train start."""
-    global _COMPILED
+    global _COMPILED, _COMPILE_FAILED
+    if _COMPILE_FAILED:
+        return _dots_exact(weights, exp_avgs, second_moments, eps_terms)
     if _COMPILED is None:
         _COMPILED = torch.compile(_dots_one, dynamic=True, fullgraph=True)
+    try:
+        return _run_compiled(weights, exp_avgs, second_moments, eps_terms)
+    except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
+        _COMPILE_FAILED = True
+        logger.warning("weight forces: torch.compile of the force pass failed (%s: %s); using the eager pass",
+                       type(exc).__name__, exc)
+        return _dots_exact(weights, exp_avgs, second_moments, eps_terms)
+
+
+def _run_compiled(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor:
     dev = weights[0].device
     out = torch.zeros(len(weights), 3, dtype=torch.float64, device=dev)
     small = [k for k, w in enumerate(weights) if w.numel() < _SMALL]
@@ -393,7 +423,7 @@ def step_dots(
     """
     if not weights:
         return torch.zeros(0, 3, dtype=torch.float64)
-    if method in ("auto", "exact", "loop"):
+    if method in ("auto", "exact", "loop"):  # "auto" here: resolve it with choose_kernel first
         return _dots_exact(weights, exp_avgs, second_moments, eps_terms)
     if method == "compiled":
         return _dots_compiled(weights, exp_avgs, second_moments, eps_terms)

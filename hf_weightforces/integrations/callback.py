@@ -41,7 +41,7 @@ import numpy as np
 from ..core.aggregates import describe
 from ..core.groups import Grouping
 from ..core.integral import RunIntegral
-from ..core.budget import KERNELS
+from ..core.budget import KERNELS, choose_kernel
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import plan_optimizer, unwrap_optimizer
 from ..core.pools import WeibullPools
@@ -128,7 +128,8 @@ class WeightForcesCallback(TrainerCallback):
             story, at fine-tuning learning rates.  Costs a second pass over w, g, m, v per step.
         kernel: how the per-step sums run: ``"exact"`` (eager, float64 sums), ``"compiled"`` (the
             same sums fused by ``torch.compile``, ~2.5x faster on CPU, compiled once at the first
-            step) or ``"foreach"`` (multi-tensor kernels with float32-rounded norms).
+            step, cached on disk), ``"foreach"`` (multi-tensor kernels with float32-rounded norms)
+            or ``"auto"`` (the default: compiled on CPU from 2M trained elements, else exact).
         quiet: no console summary (one line per log event when no tracker shows the keys, a table
             at train end; see ``integrations/console.py``).
         dashboard: what W&B, TensorBoard, MLflow and trackio get beside the aggregates' charts
@@ -150,7 +151,7 @@ class WeightForcesCallback(TrainerCallback):
         probes: Sequence[Probe] = (),
         super_weights: int = 0,
         rounding_split: bool = False,
-        kernel: str = "exact",
+        kernel: str = "auto",
         quiet: bool = False,
         dashboard: Dashboard | None = None,
         observed_mode: str = "sampled",
@@ -229,7 +230,10 @@ class WeightForcesCallback(TrainerCallback):
         self._entries = entries
         self._index_of = {id(e.param): i for i, e in enumerate(entries)}
         self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
-        self.monitor.dots_method = self.kernel
+        self.monitor.dots_method = choose_kernel(self.kernel, sum(e.numel for e in entries), self.monitor.device)
+        if self.monitor.dots_method == "compiled":
+            logger.info("weight forces: the per-step pass is compiled by torch.compile at the first budget step "
+                        "(once; cached on disk for later runs)")
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
         self.pools = WeibullPools(infos, self.monitor.device, per_matrix=self.weibull_per_matrix)
         self._next_weibull = 0
