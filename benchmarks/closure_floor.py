@@ -1,4 +1,4 @@
-"""The closure against the float32 rounding floor, per learning rate (SPEC section 9, issue 9).
+"""The closure against the float32 rounding floor, per learning rate (docs/budget.md, issue 9).
 
 For a tiny GPT-NeoX trained from scratch and the shipped all-MiniLM-L6-v2 fine-tuned (a real
 pretrained BERT), at lr 1e-3, 5e-5 and 1e-5 with weight decay 0.01 and 0.1 (constant schedule),

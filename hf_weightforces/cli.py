@@ -71,7 +71,7 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fit",
         help="Weibull fits of every weight matrix and per-group pooled fits of a checkpoint",
-        description="Fit Weibull(k, lambda) to |w| of every weight matrix (SPEC section 4 protocol) "
+        description="Fit Weibull(k, lambda) to |w| of every weight matrix (docs/weibull.md protocol) "
         "of a model folder, Trainer checkpoint-N folder, .safetensors or .bin file.",
     )
     p.add_argument("path", help="model folder, checkpoint-N folder, .safetensors, .bin/.pt file or index .json")
@@ -119,7 +119,7 @@ def _add_geometry(subparsers: argparse._SubParsersAction) -> None:
         help="trajectory geometry of a run's checkpoints: the backbone (with its random-walk null) and ranks",
         description="Backbone of the displacements between checkpoints (fraction, stability, interval |cos|, "
         "each beside its random-walk null) and per-layer stable/effective ranks and key-query rank "
-        "collapse (SPEC section 7), one row per checkpoint, with the live probes' keys.",
+        "collapse (docs/geometry.md), one row per checkpoint, with the live probes' keys.",
     )
     p.add_argument("paths", nargs="+", help="checkpoint-N folders, or run folders holding them")
     p.add_argument("--json", action="store_true", help="print the report (all keys) as JSON instead of a table")
@@ -240,7 +240,7 @@ def _add_spline(subparsers: argparse._SubParsersAction) -> None:
         description="Fit a cubic spline through the checkpoints (on a seeded coordinate subsample) and estimate "
         "the alignment force A at every step between the first and last one: the paper's spline, the spline in "
         "lr-time, a corrected spline that puts back the injection it cannot see, the two-point baseline and "
-        "two-point with interpolated w. Against the truth when the callback logged it (SPEC section 6).",
+        "two-point with interpolated w. Against the truth when the callback logged it (docs/spline.md).",
     )
     p.add_argument("paths", nargs="+", help="a Trainer output_dir with checkpoint-N folders, or checkpoints in step order")
     p.add_argument("--records", metavar="DIR", help="folder with metrics.jsonl / schedule.jsonl / params.json "
@@ -278,8 +278,8 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "lambda",
         help="Weibull k, lambda, sigma and lambda/sigma per group and per matrix over a run's checkpoints",
-        description="Fit Weibull(k, lambda) to |w| (SPEC section 4 protocol) of every matrix and every group "
-        "at every checkpoint, with the RMS sigma and lambda/sigma (SPEC section 5).",
+        description="Fit Weibull(k, lambda) to |w| (docs/weibull.md protocol) of every matrix and every group "
+        "at every checkpoint, with the RMS sigma and lambda/sigma (docs/weibull.md).",
     )
     p.add_argument("paths", nargs="+", help="a Trainer output_dir with checkpoint-N folders, or checkpoints in step order")
     p.add_argument("--exact-groups", action="store_true",
@@ -291,6 +291,9 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
                    "prediction from forces and lambda* (default: <run>/weightforces)")
     p.add_argument("--predict-every", type=_non_negative_int, default=0, metavar="N",
                    help="predict lambda(t) from the forces of every N-th step only (default 0: every logged row)")
+    p.add_argument("--alignment", choices=("w_t", "post"), default="w_t",
+                   help="alignment integrated by the prediction: the exact A at w_t (default) or the research code's "
+                   "align_post at w_{t+1}, which reproduces its published offsets (docs/budget.md)")
     p.add_argument("--preset", metavar="NAME", help="published schedule for lambda* when the run has no record "
                    "(pythia-160m, ...; inferred from an EleutherAI/pythia-* repository id)")
     _run_paths(p)
@@ -306,7 +309,8 @@ def _run_lambda(args: argparse.Namespace) -> int:
     paths = _hub_inputs(args, args.paths)
     traj = scale_trajectory(paths, grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
                             per_matrix=not args.groups_only, keep_every=args.keep_every)
-    dyn, source = dynamics_of_run(paths, traj, records=args.records, preset=args.preset, every=args.predict_every)
+    dyn, source = dynamics_of_run(paths, traj, records=args.records, preset=args.preset, every=args.predict_every,
+                                  alignment=args.alignment)
     if args.json:
         from hf_weightforces.core.records import json_safe
 

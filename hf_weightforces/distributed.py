@@ -1,4 +1,4 @@
-"""The one module that knows about process groups and shards (SPEC section 8).
+"""The one module that knows about process groups and shards (docs/distributed.md).
 
 Everything backend-specific lives here: which backend is running (detected once, from
 Accelerate's state), which rank computes, the local piece of each parameter's weight and AdamW

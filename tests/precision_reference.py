@@ -1,6 +1,6 @@
 """Slow, obviously correct float64 references for the precision tests and benchmarks/closure_floor.py.
 
-Written out from SPEC section 1 on snapshots taken before and after each optimizer step, apart
+Written out from docs/budget.md on snapshots taken before and after each optimizer step, apart
 from the monitor's fast path (which copies nothing)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def applied_factor(lr: float, wd: float, dtype: torch.dtype) -> float:
 
 
 def budget64(w: torch.Tensor, u: torch.Tensor, lr: float, c: float, w_next: torch.Tensor) -> np.ndarray:
-    """(A, I, D, R, Δ) in float64 from SPEC section 2, with the applied factor c = 1 - ηλ_eff."""
+    """(A, I, D, R, Δ) in float64 from docs/budget.md, with the applied factor c = 1 - ηλ_eff."""
     d = 1.0 - c
     wu, uu, ww = float((w * u).sum()), float((u * u).sum()), float((w * w).sum())
     return np.array([-2 * lr * wu, lr * lr * uu, -2 * d * ww, d * d * ww + 2 * lr * d * wu,
@@ -32,7 +32,7 @@ def budget64(w: torch.Tensor, u: torch.Tensor, lr: float, c: float, w_next: torc
 
 class Reference(TrainerCallback):
     """Float64 snapshots of w_t, g, m, v before each step and w_{t+1} after it; per class, the
-    budget of the update written out from SPEC section 1 (moments advanced in float64)."""
+    budget of the update written out from docs/budget.md (moments advanced in float64)."""
 
     def __init__(self, intended: bool):
         self.intended = intended  # True: u from the pre-step moments; False: from the stored post-step ones

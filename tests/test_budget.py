@@ -21,7 +21,7 @@ from hf_weightforces.core.optim import UnsupportedOptimizerError, check_supporte
 
 
 def hand_adamw(w, g, m, v, t, lr, wd, b1, b2, eps):
-    """One AdamW step written out from SPEC section 1, float64."""
+    """One AdamW step written out from docs/budget.md, float64."""
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     u = (m / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps)

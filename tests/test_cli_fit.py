@@ -28,7 +28,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_LAYERS = 6
-ENCODER_MATRICES = {  # suffix -> expected class (SPEC section 3, BERT names)
+ENCODER_MATRICES = {  # suffix -> expected class (docs/aggregates.md, BERT names)
     "attention.self.query.weight": "selection",
     "attention.self.key.weight": "selection",
     "attention.self.value.weight": "value",

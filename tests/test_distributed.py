@@ -1,4 +1,4 @@
-"""Sharded training logs the single-process numbers (SPEC section 8, issue 4).
+"""Sharded training logs the single-process numbers (docs/distributed.md, issue 4).
 
 Real Trainer runs of the tiny GPT-NeoX on CPU with gloo, launched with ``torch.distributed.run``
 (``tests/dist_worker.py``), under DDP, FSDP1, FSDP2, DeepSpeed ZeRO-1/2/3 at world sizes 2 and 3

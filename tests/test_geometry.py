@@ -1,4 +1,4 @@
-"""Trajectory geometry (SPEC section 7): spectra, head splits, the backbone and its nulls."""
+"""Trajectory geometry (docs/geometry.md): spectra, head splits, the backbone and its nulls."""
 
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ def test_closed_form_null_matches_a_seeded_simulation():
     assert np.mean(fracs) == pytest.approx(null.fraction, abs=0.01)
     assert np.mean(stabs) == pytest.approx(null.stability, abs=0.01)
     flat = random_walk_null(np.arange(1, 17, dtype=float))
-    assert 0.8 < flat.fraction < 0.86  # SPEC section 7 prototype: 0.82 with a flat schedule
+    assert 0.8 < flat.fraction < 0.86  # docs/geometry.md prototype: 0.82 with a flat schedule
 
 
 @pytest.mark.parametrize("n", [2, 10, 1000, 65536])

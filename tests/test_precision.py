@@ -1,7 +1,7 @@
 """Exact in the field: the decay factor PyTorch really applies, bfloat16-held weights, and the
-closure at fine-tuning learning rates against the float32 rounding floor (SPEC section 9).
+closure at fine-tuning learning rates against the float32 rounding floor (docs/budget.md).
 
-References here are written out from SPEC section 1 in float64 from snapshots the test takes
+References here are written out from docs/budget.md in float64 from snapshots the test takes
 before and after each step (the monitor itself copies nothing)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_decay_factor_is_what_each_implementation_applies(impl, lr, wd):
     opt.step()
     c = decay_factor(lr, wd)
     assert torch.equal(p.detach(), w0 * torch.tensor(c, dtype=torch.float32))
-    if (lr, wd) == (5e-5, 0.01):  # SPEC section 9: 4.6% weaker than nominal
+    if (lr, wd) == (5e-5, 0.01):  # docs/budget.md: 4.6% weaker than nominal
         assert (1 - c) / (lr * wd) == pytest.approx(0.9537, abs=1e-4)
     if (lr, wd) == (1e-5, 0.01):  # 19% stronger
         assert (1 - c) / (lr * wd) == pytest.approx(1.192, abs=1e-3)

@@ -1,4 +1,4 @@
-"""Spline displacement (SPEC section 6): exact identities on synthetic trajectories, the schedule
+"""Spline displacement (docs/spline.md): exact identities on synthetic trajectories, the schedule
 flags against the Trainer's own schedulers, clear errors, and a real Trainer run with checkpoints
 where the spline beats the two-point baseline against the callback's exact alignment."""
 

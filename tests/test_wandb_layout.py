@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 
 import pytest
 from dashboard_run import LOGGING_STEPS, STEPS, dashboard_run

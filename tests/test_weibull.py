@@ -1,4 +1,4 @@
-"""Weibull fits (SPEC section 4): the exact protocol against a literal reference, the Gaussian
+"""Weibull fits (docs/weibull.md): the exact protocol against a literal reference, the Gaussian
 anchors, recovery of known parameters, the mergeable histogram and its tolerance, MLE, and bad data."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def gauss_1m() -> np.ndarray:
 
 
 def literal_protocol(x: np.ndarray) -> tuple[float, float, float, float]:
-    """SPEC section 4 written out with no shortcuts: (k, λ, R², KS)."""
+    """docs/weibull.md written out with no shortcuts: (k, λ, R², KS)."""
     a = np.sort(np.abs(np.asarray(x, dtype=np.float64)))
     a = a[a > 0]
     n = a.size
@@ -130,7 +130,7 @@ def test_constants_are_the_protocol_limit_for_half_normal() -> None:
 
 
 def test_gamma_bridge() -> None:
-    # SPEC section 5: λ0 sqrt(Γ(1 + 2/k0)) = 1.0854 σ for Gaussian weights.
+    # docs/weibull.md: λ0 sqrt(Γ(1 + 2/k0)) = 1.0854 σ for Gaussian weights.
     assert 1.0 / gamma_bridge_scale(1.0 / WEIBULL_GAUSSIAN_LAMBDA_RATIO0, WEIBULL_GAUSSIAN_K0) == pytest.approx(
         1.0854, abs=1e-4
     )
@@ -189,7 +189,7 @@ def test_histogram_matches_exact_on_gaussian(gauss_1m: np.ndarray) -> None:
 
 
 def edge_fit_reference(counts: np.ndarray, edges: np.ndarray) -> float:
-    """The biased variant (SPEC prototype): unweighted least squares at the upper bin edges with
+    """The biased variant (docs/weibull.md prototype): unweighted least squares at the upper bin edges with
     F = cum_through / n.  Kept only here, as a reference."""
     c = counts.astype(np.float64)
     f = (c[0] + np.cumsum(c[1:-1])) / c.sum()
@@ -203,7 +203,7 @@ def test_edge_fit_is_biased_low_and_midpoint_fit_is_not(gauss_1m: np.ndarray) ->
     hist = MagnitudeHistogram.for_max_abs(float(np.abs(gauss_1m).max())).add(gauss_1m)
     bias_edge = edge_fit_reference(hist.counts, hist.edges) - exact.k
     bias_mid = hist.fit().k - exact.k
-    assert -0.03 < bias_edge < -0.01  # SPEC: -0.019
+    assert -0.03 < bias_edge < -0.01  # docs/weibull.md: -0.019
     assert abs(bias_mid) < HIST_TOL_K
 
 

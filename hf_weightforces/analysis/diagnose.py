@@ -3,7 +3,7 @@
 Per weight matrix (floating point, at least 2-D, or 1-D with at least 65536 elements), read one tensor at a
 time and never unpickled:
 
-* the Weibull protocol (SPEC section 4) on |w| with the paper's mid-80 window, beside the mid-90 and full
+* the Weibull protocol (docs/weibull.md) on |w| with the paper's mid-80 window, beside the mid-90 and full
   trims (:data:`~hf_weightforces.core.weibull.TRIMS`), and λ/σ;
 * distribution-free shape metrics of |w| (the research package's ``npm_weibull/core/distfree.py``, computed
   here exactly from the sorted values instead of a histogram): Q90/Q10, P99.9/P50 (about seven times more

@@ -1,6 +1,6 @@
 """λ(t) from the forces, the moving target λ* and the phase timeline (Ding, arXiv:2606.19367).
 
-**Prediction** (SPEC section 5; the research code's ``make_predicted_lambda_fig.py``).  The callback's rows
+**Prediction** (docs/weibull.md; the research code's ``make_predicted_lambda_fig.py``).  The callback's rows
 hold, per aggregate G, the mean A + I + D per optimizer step over the interval since the previous row and
 the observed ||w||² (``norm2``) and n (``numel``).  Using only the rows every ``every`` steps (forces
 "recorded every N steps"; 0: every row), each used row standing for the steps since the previous used one

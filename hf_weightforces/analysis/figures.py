@@ -286,7 +286,7 @@ def fig_offset(rows, save: Save, s: Style) -> str | None:
     legend_below(fig, axes, ncols=3)
     fig.suptitle("RMS-to-Weibull offset: σ predicted from the forces, through a bridge, against the fitted λ")
     save(fig)
-    return ("Offset components at each Weibull event (SPEC section 5): integration = σ_pred/σ − 1 "
+    return ("Offset components at each Weibull event (docs/weibull.md): integration = σ_pred/σ − 1 "
             "(dense and sampled every N steps), bridge = bridge(σ)/λ − 1 (k-lock and Γ), total = "
             "bridge(σ_pred)/λ − 1, per matrix class and over all weight matrices. With an exact integration "
             "the totals lie on the bridges.")

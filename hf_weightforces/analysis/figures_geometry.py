@@ -1,5 +1,5 @@
 """The report's figures of trajectory geometry: the AdamW backbone beside its random-walk nulls,
-and key-query rank collapse per layer (SPEC section 7), drawn from ``metrics.jsonl`` rows.
+and key-query rank collapse per layer (docs/geometry.md), drawn from ``metrics.jsonl`` rows.
 
 Like :mod:`~hf_weightforces.analysis.figures`: each ``fig_*`` draws in a style, saves through
 ``save(fig)`` and returns its caption, or ``None`` without data.
@@ -33,7 +33,7 @@ def _log_axis(ax, subs: tuple[float, ...] = (1.0,)) -> None:
 
 
 def backbone_classes(rows: Sequence[dict]) -> list[str]:
-    """Classes (SPEC order, then total) with a finite backbone fraction or per-step |cos| in some row."""
+    """Classes (class order, then total) with a finite backbone fraction or per-step |cos| in some row."""
     return [g for g in (*GROUPS, TOTAL)
             if any(column(rows, f"{PREFIX}/backbone/{g}/{k}")[0].size for k in ("fraction", "update_cos"))]
 

@@ -4,10 +4,10 @@
 (:mod:`hf_weightforces.analysis.checkpoints`) and, for each floating-point tensor with at least two
 dimensions (and 1-D tensors of at least ``min_1d_numel`` elements),
 
-* fits Weibull(k, λ) to |w| with the exact protocol of SPEC section 4 (``method="exact"``),
+* fits Weibull(k, λ) to |w| with the exact protocol of docs/weibull.md (``method="exact"``),
 * records σ = RMS(w) = sqrt(||w||² / numel) over all elements (zeros included, float64) and λ/σ
-  (0.8875 for Gaussian weights; SPEC section 5),
-* adds its magnitudes to its group's histogram (SPEC section 3 classes via
+  (0.8875 for Gaussian weights; docs/weibull.md),
+* adds its magnitudes to its group's histogram (docs/aggregates.md classes via
   :func:`hf_weightforces.core.groups.classify`) and, unless it is ``other``, to the ``matrices``
   pool (every class but ``other``: the live callback's Weibull pool, docs/aggregates.md).
 

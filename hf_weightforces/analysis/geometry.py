@@ -1,4 +1,4 @@
-"""Trajectory geometry from a folder of checkpoints (SPEC section 7): the backbone and rank rows.
+"""Trajectory geometry from a folder of checkpoints (docs/geometry.md): the backbone and rank rows.
 
 ``geometry_from_checkpoints(paths)`` reads the checkpoints in step order, one tensor at a time
 (:func:`~hf_weightforces.analysis.checkpoints.iter_tensors`), and builds one row per checkpoint

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +76,7 @@ class Report:
 
 
 def _aggregates(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
-    """Classes (in SPEC order, then total) and layers that the rows hold forces for."""
+    """Classes (in class order, then total) and layers that the rows hold forces for."""
     keys = set().union(*(r.keys() for r in rows))
     classes = [g for g in (*GROUPS, TOTAL) if f"{PREFIX}/{g}/align" in keys]
     layers = sorted(k.split("/")[1] for k in keys if k.endswith("/align")

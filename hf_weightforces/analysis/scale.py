@@ -4,12 +4,12 @@ For each checkpoint (streamed one tensor at a time, :mod:`~hf_weightforces.analy
 and each weight matrix (floating point, at least 2-D, or 1-D with at least
 :data:`~hf_weightforces.analysis.fit.MIN_1D_NUMEL` elements):
 
-* the exact protocol of SPEC section 4 on |w| (sort, middle 80%, least squares of
+* the exact protocol of docs/weibull.md on |w| (sort, middle 80%, least squares of
   ln(-ln(1-F)) on ln|w|: slope k, λ = exp(-intercept / k)), ``method="exact"``;
-* σ = sqrt(||w||² / numel) in float64 and λ/σ (0.8875 for Gaussian weights, SPEC section 5).
+* σ = sqrt(||w||² / numel) in float64 and λ/σ (0.8875 for Gaussian weights, docs/weibull.md).
 
 Aggregates carry the live rows' names and meanings (docs/aggregates.md): one pooled fit per class
-(SPEC section 3; ``other`` holds the 1-D tensors and is fitted here, not live) and one over
+(docs/aggregates.md; ``other`` holds the 1-D tensors and is fitted here, not live) and one over
 ``matrices``, every class but ``other``, the live callback's Weibull pool; ``total`` covers every
 floating-point tensor of the checkpoint for σ only (no fit: a pool of norm gains near 1 and weight
 matrices is no Weibull sample).  A checkpoint does not say which tensors were trained, so offline
@@ -184,7 +184,7 @@ def _num(x: float, spec: str) -> str:
 def format_scale(traj: ScaleTrajectory, *, per_matrix: bool = True) -> str:
     """One table per kind: a row per (aggregate or matrix, step), then the change first -> last."""
     lines = [f"{len(traj.checkpoints)} checkpoints, steps {', '.join(str(c.step) for c in traj.checkpoints)}",
-             f"Weibull fit of |w| (SPEC section 4 protocol): matrices exact, groups {traj.group_method}; "
+             f"Weibull fit of |w| (docs/weibull.md protocol): matrices exact, groups {traj.group_method}; "
              "sigma = RMS(w); lambda/sigma is 0.8875 and k 1.2054 for Gaussian weights.", ""]
     kinds = ("group", "matrix") if per_matrix else ("group",)
     for kind in kinds:

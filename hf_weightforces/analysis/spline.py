@@ -1,4 +1,4 @@
-"""Spline displacement: the alignment force of AdamW from sparse checkpoints (SPEC section 6).
+"""Spline displacement: the alignment force of AdamW from sparse checkpoints (docs/spline.md).
 
 Given checkpoints w(t_1), ..., w(t_K) and the lr η_s and decoupled weight decay λ_s of every
 optimizer step s (step s takes w(s-1) to w(s)), fit a cubic spline W through the checkpoints and
@@ -19,10 +19,10 @@ per step, summed into classes, layers and matrices like the live callback's rows
 ``corrected``
     ``spline_lr`` with the injection it cannot see put back.  Any interpolant through exact
     checkpoints keeps the interval sum of A + I + D + R (it is the observed change of ||w||²), so
-    its alignment error is the injection it misses: A_corr = A_hat + I_hat - Î (SPEC section 6).
+    its alignment error is the injection it misses: A_corr = A_hat + I_hat - Î (docs/spline.md).
     Î models Adam's update as drift plus noise: per coordinate E[u²] ≈ c_t + (1 - c_t) ū² with
     ū the drift the spline sees and c_t = (1-β1)/(1+β1) · (1+β1^t)/(1-β1^t) the mean square of
-    the bias-corrected momentum of pure noise at optimizer step t (the SPEC's noise floor, made
+    the bias-corrected momentum of pure noise at optimizer step t (the the docs' noise floor, made
     exact for early steps).  Summed over the *active* coordinates (those that moved by more than
     their weight decay between two checkpoints: embedding rows of tokens never seen have u = 0):
     Î = c_t η² n_active + (1 - c_t) I_hat(active).

@@ -1,4 +1,4 @@
-"""Aggregates: which tensors each reported name covers (SPEC sections 3 and 11, docs/aggregates.md).
+"""Aggregates: which tensors each reported name covers (docs/aggregates.md).
 
 :class:`ParamInfo` holds the static facts about one monitored tensor, made once at train start by
 :func:`describe`; :func:`aggregate_masks` turns a list of them into name -> boolean mask, the one

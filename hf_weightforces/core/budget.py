@@ -1,4 +1,4 @@
-"""The exact three-force budget of the squared weight norm under AdamW (SPEC sections 1-2).
+"""The exact three-force budget of the squared weight norm under AdamW (docs/budget.md).
 
 For one tensor at optimizer step t, with lr η, decoupled weight decay λ and the adaptive update
 direction u_t = (m_t / (1-β1^t)) / (sqrt(v_t / (1-β2^t)) + ε), PyTorch's AdamW does
@@ -71,7 +71,7 @@ BUDGET_TERMS: tuple[str, ...] = ("align", "inject", "decay", "rest", "delta", "r
 
 
 def decay_factor(lr: float, weight_decay: float, dtype: torch.dtype = torch.float32) -> float:
-    """The factor c that AdamW really multiplies a parameter by (SPEC section 9).
+    """The factor c that AdamW really multiplies a parameter by (docs/budget.md).
 
     PyTorch's AdamW (for-loop, foreach and fused alike, float32, bfloat16 and float16 parameters)
     computes ``1 - lr * weight_decay`` as a Python float and multiplies in float32, so the factor
@@ -112,7 +112,7 @@ def adamw_direction(
     beta2: float,
     eps: float,
 ) -> torch.Tensor:
-    """u_t = (m_t/(1-β1^t)) / (sqrt(v_t/(1-β2^t)) + ε) in float64 (SPEC section 1).
+    """u_t = (m_t/(1-β1^t)) / (sqrt(v_t/(1-β2^t)) + ε) in float64 (docs/budget.md).
 
     For AMSGrad pass the running maximum ``max_exp_avg_sq`` as ``exp_avg_sq``.
     """
@@ -131,7 +131,7 @@ def force_budget(
     w_after: torch.Tensor | None = None,
     factor: float | None = None,
 ) -> ForceBudget:
-    """The budget of one tensor from w_t and u_t, in float64 (SPEC section 2).
+    """The budget of one tensor from w_t and u_t, in float64 (docs/budget.md).
 
     ``w_after`` defaults to the AdamW update c w_t - η u_t; pass the tensor the optimizer really
     produced to make the closure an observation.  ``factor`` is the decay factor c the optimizer
@@ -497,8 +497,7 @@ def intended_dots(
     """Before the step: (||w_t||², <w_t, u_t>, ||u_t||²) of the update AdamW is about to make, [P, 3].
 
     For parameters the optimizer stores in low precision (bfloat16/float16 with no float32
-    master), where the stored w_{t+1} is rounded and w_t cannot be rebuilt from it (SPEC section
-    9).  From the true w_t, the final gradients (after clipping) and the moments before the
+    master), where the stored w_{t+1} is rounded and w_t cannot be rebuilt from it (docs/budget.md).  From the true w_t, the final gradients (after clipping) and the moments before the
     step, in float64 (exact squares, float64 sums), the moments advanced the way AdamW advances
     them:  m_t = β1 m + (1-β1) g,  v_t = β2 v + (1-β2) g² (AMSGrad: max with the running max),
     u_t = (m_t/(1-β1^t)) / (sqrt(v_t/(1-β2^t)) + ε), ``steps[i]`` = t, the step about to be

@@ -1,4 +1,4 @@
-"""Trajectory geometry (SPEC section 7): spectra of weight matrices and the AdamW "backbone".
+"""Trajectory geometry (docs/geometry.md): spectra of weight matrices and the AdamW "backbone".
 
 Spectra (condensation and key-query rank collapse; "From Condensation to Rank Collapse"), from the
 singular values s_1 >= s_2 >= ... of a matrix W::

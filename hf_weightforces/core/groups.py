@@ -1,4 +1,4 @@
-"""Classes of weight matrices (SPEC section 3), layers and adapters, from parameter names.
+"""Classes of weight matrices (docs/aggregates.md), layers and adapters, from parameter names.
 
 The paper's classes:
 

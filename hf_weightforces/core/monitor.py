@@ -9,7 +9,7 @@
 
 Nothing leaves the device until :meth:`ForceMonitor.pack`, which returns one flat float64 tensor
 per logging event (the thing a sharded run all-reduces); :meth:`ForceMonitor.summarize` turns the
-host copy into metric rows.  Aggregates are sums first, ratios last (SPEC section 2).
+host copy into metric rows.  Aggregates are sums first, ratios last (docs/budget.md).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class ForceMonitor:
         self, infos: Sequence[ParamInfo], device: torch.device | str = "cpu", sample_every: int | None = None
     ) -> None:
         """``sample_every`` N also accumulates N·(A + I + D) at steps that are multiples of N: the
-        sparse-recording integral of SPEC section 5."""
+        sparse-recording integral of docs/weibull.md."""
         self.infos = list(infos)
         self.sample_every = sample_every
         self.device = torch.device(device)
@@ -195,8 +195,8 @@ class ForceMonitor:
         grad_scale: float | torch.Tensor | None = None,
         factors: Sequence[float] | None = None,
     ) -> None:
-        """Before the step: the budget of the update AdamW intends, from the true w_t (SPEC
-        section 9).  Kept until :meth:`record_intended` sees which tensors were really updated;
+        """Before the step: the budget of the update AdamW intends, from the true w_t (docs/budget.md,
+        section 5).  Kept until :meth:`record_intended` sees which tensors were really updated;
         ``steps`` are the counters of the step about to be taken (the stored one + 1)."""
         self._staged = None
         if not indices:
@@ -352,7 +352,7 @@ FORCE_KEYS: tuple[str, ...] = ("align", "inject", "decay", "rest", "delta", "rou
 
 
 def summarize_sums(sums: np.ndarray, nonfinite: float, norm2: float, numel: float, steps: int) -> dict[str, float]:
-    """Metric row for one aggregate from its interval sums (SPEC section 2: sums first, ratios last).
+    """Metric row for one aggregate from its interval sums (docs/budget.md: sums first, ratios last).
 
     Forces are means per budget step; shares come from the interval sums.  ``rounding`` is the
     part of the observed Δ that rounding of low-precision stored weights decided (zero where the

@@ -6,7 +6,7 @@ what really happened to the stored tensor:
 
     η u := c w_t - w_{t+1}
 
-Then, exactly (SPEC section 2 with d = 1 - c, the decay really applied):
+Then, exactly (docs/budget.md with d = 1 - c, the decay really applied):
 
     Δ = ||w_{t+1}||² - ||w_t||² = A + I + D + R
     A = -2 <w_t, η u>          I = ||η u||²

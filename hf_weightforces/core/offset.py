@@ -1,4 +1,4 @@
-"""From the force budget to the Weibull scale: the RMS-to-Weibull offset (SPEC section 5).
+"""From the force budget to the Weibull scale: the RMS-to-Weibull offset (docs/weibull.md).
 
 σ(t) is the RMS of a group, σ(t)² = ||w(t)||² / n.  The forces predict it by integration from a
 known start:

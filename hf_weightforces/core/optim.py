@@ -1,4 +1,4 @@
-"""Reading AdamW's own moments and hyper-parameters (SPEC section 1), pure torch.
+"""Reading AdamW's own moments and hyper-parameters (docs/budget.md), pure torch.
 
 Supported: ``torch.optim.AdamW`` in every implementation (for-loop, ``foreach``, ``fused``,
 ``capturable``, ``amsgrad``, ``maximize``) and ``torch.optim.Adam`` when its weight decay is

@@ -1,12 +1,12 @@
 """Pooled Weibull fits during training: which aggregates are fitted, and from which tensors.
 
-Only weight matrices are fitted (SPEC section 4): the ``other`` class (biases, norm scales near 1)
+Only weight matrices are fitted (docs/weibull.md): the ``other`` class (biases, norm scales near 1)
 is not Weibull-distributed and would swamp a pool, so the fits run per matrix class and on
 ``matrices``, the pool of every class but ``other`` (the same tensors as the ``matrices`` row of
 the force budget, so λ/σ, ``rms_pred`` and the offsets of a row all describe one set; ``total``
 has no Weibull keys: docs/aggregates.md).  Counts of |w| in fixed log-spaced bins are additive
 over tensors and shards, so each rank adds its local pieces into one row per aggregate and the
-rows travel in the log event's single all-reduce; the fits and the offset rows (SPEC section 5)
+rows travel in the log event's single all-reduce; the fits and the offset rows (docs/weibull.md)
 are then plain host arithmetic.
 """
 

@@ -1,4 +1,4 @@
-"""Two-parameter Weibull fits of weight magnitudes (SPEC section 4) and the σ→λ bridges (section 5).
+"""Two-parameter Weibull fits of weight magnitudes (docs/weibull.md) and the σ→λ bridges (section 5).
 
 The paper's protocol (Ding, arXiv:2605.18898), for one matrix or a pooled group, in float64:
 
@@ -19,7 +19,7 @@ Three ways to run it, each labelled in :attr:`WeibullFit.method`:
   fixed log-spaced bins, additive across tensors, shards and ranks (all-reduce a sum).  The fit uses
   each non-empty bin's geometric midpoint, weighted by its count, at the mid-bin empirical CDF
   F = (cum_before + count/2)/n; the two bins cut by the window edges count only their in-window
-  ranks.  Tolerance versus ``"exact"`` at 1024 bins per decade (the default edges, and the SPEC's
+  ranks.  Tolerance versus ``"exact"`` at 1024 bins per decade (the default edges, and the the docs'
   4096 bins over 4 decades): |Δk| <= 1e-4 and |Δλ|/λ <= 5e-5 for n >= 10^4.  Measured over 5 seeds
   and both edge choices: Gaussian, n = 10^6: |Δk| <= 4.4e-6, |Δλ|/λ <= 1.6e-6; Weibull k in
   {0.7, 1, 1.5, 2.5} and Gaussian at n in {10^4, 10^5, 10^6}: |Δk| <= 7.4e-5 (largest at k = 2.5,
@@ -83,14 +83,14 @@ __all__ = [
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Method = Literal["exact", "histogram", "mle"]
 
-#: Protocol k for i.i.d. Gaussian weights (half-normal magnitudes), SPEC section 4.
+#: Protocol k for i.i.d. Gaussian weights (half-normal magnitudes), docs/weibull.md.
 WEIBULL_GAUSSIAN_K0 = 1.2054
-#: Protocol λ/σ for i.i.d. Gaussian weights, SPEC section 4.
+#: Protocol λ/σ for i.i.d. Gaussian weights, docs/weibull.md.
 WEIBULL_GAUSSIAN_LAMBDA_RATIO0 = 0.8875
 
 #: Default histogram edges: a fixed absolute range, so histograms of any tensor, shard, layer or
 #: step merge without agreeing on a range first.  1024 log bins per decade (the resolution of the
-#: SPEC prototype's 4096 bins over [1e-4·max|w|, max|w|]) over [1e-8, 1e2]: 10240 bins.  Values
+#: docs/weibull.md prototype's 4096 bins over [1e-4·max|w|, max|w|]) over [1e-8, 1e2]: 10240 bins.  Values
 #: below 1e-8 or above 1e2 go to the underflow/overflow bins and still count in n, so F stays right
 #: as long as the middle 80% lies inside the range.
 DEFAULT_LO = 1e-8
@@ -321,7 +321,7 @@ def fit_weibull_sorted(xs: np.ndarray, *, message: str = "", trim: str = "mid80"
 
 
 def fit_weibull(x: ArrayLike, *, exclude_top: int = 0, trim: str = "mid80") -> WeibullFit:
-    """Fit Weibull(k, λ) to |x| with the paper's exact protocol (module docstring, SPEC §4).
+    """Fit Weibull(k, λ) to |x| with the paper's exact protocol (module docstring, docs/weibull.md).
 
     ``x`` is a torch tensor (any dtype or device; copied to CPU) or a numpy array.  Zeros and
     non-finite values are dropped; ``exclude_top`` further drops that many of the largest
@@ -451,7 +451,7 @@ class MagnitudeHistogram:
     (``h1 + h2``, ``h1.merge(h2)``, or an all-reduce of ``counts``) only if their edges are equal.
     The default edges are absolute (:data:`DEFAULT_LO`, :data:`DEFAULT_HI`, 1024 bins per decade),
     so every histogram built with defaults merges with every other.  :meth:`for_max_abs` builds the
-    SPEC prototype's 4096 bins over [1e-4·max|w|, max|w|] instead.
+    docs/weibull.md prototype's 4096 bins over [1e-4·max|w|, max|w|] instead.
 
     Usage::
 
@@ -491,7 +491,7 @@ class MagnitudeHistogram:
 
     @classmethod
     def for_max_abs(cls, max_abs: float, *, decades: float = 4.0, bins: int = 4096) -> MagnitudeHistogram:
-        """The SPEC prototype: ``bins`` log bins over [10^-decades · max|w|, max|w|]."""
+        """The docs/weibull.md prototype: ``bins`` log bins over [10^-decades · max|w|, max|w|]."""
         return cls.log_spaced(max_abs * 10.0 ** (-decades), max_abs, bins)
 
     @property
@@ -600,7 +600,7 @@ def fit_weibull_histogram(counts: ArrayLike, edges: ArrayLike, *, trim: str = "m
 
 
 # ----------------------------------------------------------------------------------------------
-# σ → λ bridges (SPEC section 5)
+# σ → λ bridges (docs/weibull.md)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -610,7 +610,7 @@ def gamma_bridge_scale(
     """Γ bridge: λ_Γ = σ / sqrt(Γ(1 + 2/k)), exact when |w| is exactly Weibull(k, λ) with RMS σ.
 
     Because E[x²] = λ² Γ(1 + 2/k) for Weibull(k, λ).  For Gaussian weights at the protocol's
-    k0 = 1.2054 it overstates λ: λ0 sqrt(Γ(1 + 2/k0)) = 1.0854 σ (SPEC §5).  Accepts floats, numpy
+    k0 = 1.2054 it overstates λ: λ0 sqrt(Γ(1 + 2/k0)) = 1.0854 σ (docs/weibull.md).  Accepts floats, numpy
     arrays or torch tensors (the result has the same kind).
     """
     if isinstance(sigma, torch.Tensor) or isinstance(k, torch.Tensor):

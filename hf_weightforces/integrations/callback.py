@@ -7,7 +7,7 @@ Usage::
 
 At every optimizer step (or every ``every`` steps) it reads the optimizer's own moments, rebuilds
 w_t from the post-step weights (no copy of the weights is kept) and adds, per parameter and on
-the device, the signed contributions to Δ||w||² (SPEC section 2)::
+the device, the signed contributions to Δ||w||² (docs/budget.md)::
 
     A = -2η<w_t, u_t>   I = η²||u_t||²   D = -2ηλ||w_t||²   R = η²λ²||w_t||² + 2η²λ<w_t, u_t>
 
@@ -112,12 +112,12 @@ class WeightForcesCallback(TrainerCallback):
             ``train/weightforces/...`` and the console progress bar prints them.  Default: W&B gets
             them under their own names in the ``train/loss`` row, other integrations do not.
         output_subdir: folder under ``args.output_dir`` for ``metrics.jsonl``.
-        weibull_every: fit Weibull (k, λ) per class (SPEC section 4) at the first log event at or
+        weibull_every: fit Weibull (k, λ) per class (docs/weibull.md) at the first log event at or
             after every ``weibull_every`` optimizer steps, from a mergeable log-spaced histogram
             of |w| (one sort of the weights: see the README for the cost); 0 turns it off.
         weibull_per_matrix: also fit every weight matrix at those events (bigger reduction).
         offset_sample_every: the sparse-recording variant of the σ prediction integrates forces
-            recorded every N steps (SPEC section 5); must be a multiple of ``every`` (default: the
+            recorded every N steps (docs/weibull.md); must be a multiple of ``every`` (default: the
             smallest multiple of ``every`` that is at least 10).
         probes: extra live quantities (see :class:`Probe`) logged in the same rows.
         super_weights: also report the budget shares and Weibull fits without the N largest |w|

@@ -1,4 +1,4 @@
-"""The intended update of low-precision parameters, staged before each budget step (SPEC section 9).
+"""The intended update of low-precision parameters, staged before each budget step (docs/budget.md).
 
 A parameter the optimizer updates in bfloat16 or float16 (a model loaded with
 ``torch_dtype=torch.bfloat16`` and trained with ``adamw_torch``: no float32 master) loses most of a

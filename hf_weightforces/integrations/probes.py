@@ -1,5 +1,5 @@
 """Trajectory-geometry probes for :class:`~hf_weightforces.integrations.callback.WeightForcesCallback`
-(SPEC section 7): the AdamW backbone and per-layer rank statistics, in the same rows as the forces.
+(docs/geometry.md): the AdamW backbone and per-layer rank statistics, in the same rows as the forces.
 
 Usage::
 
@@ -62,7 +62,7 @@ def _positive(label: str, value: int, low: int = 1) -> int:
 
 
 class _Collective:
-    """The failure discipline of a probe whose log events reduce over ranks (SPEC section 8).
+    """The failure discipline of a probe whose log events reduce over ranks (docs/distributed.md).
 
     ``guard`` runs a hook: without a reduction errors propagate (the callback drops the probe);
     with one the first error is remembered and warned about, and the next :meth:`reduce` carries
@@ -107,7 +107,7 @@ def _after_add(m: int, capacity: int) -> int:
 
 class BackboneProbe(_Collective):
     """The AdamW "backbone": the top singular direction of the stacked displacements from the
-    start of training, with its null beside every figure (SPEC section 7; Xu, arXiv:2602.23696).
+    start of training, with its null beside every figure (docs/geometry.md; Xu, arXiv:2602.23696).
 
     Args:
         every: estimate the backbone at the first log event at or after every ``every`` optimizer
@@ -418,7 +418,7 @@ class BackboneProbe(_Collective):
 
 
 class RankProbe(_Collective):
-    """Condensation and key-query rank collapse per attention layer (SPEC section 7).
+    """Condensation and key-query rank collapse per attention layer (docs/geometry.md).
 
     Args:
         every: compute at the first log event at or after every ``every`` optimizer steps (and at
