@@ -1,4 +1,4 @@
-"""What the live monitor integrates over a whole run, and its Weibull/offset rows (SPEC 4-5).
+"""What the live monitor integrates over a whole run, and its Weibull/offset rows (docs/weibull.md).
 
 :class:`RunIntegral` keeps, per monitored parameter, the squared norm at the start of training
 and the running integral of the forces since then (dense: every budget step; sampled: a step every
