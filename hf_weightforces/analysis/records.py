@@ -204,7 +204,7 @@ def read_params(path: PathLike) -> ParamsRecord:
         )
         record = ParamsRecord(str(data.get("optimizer", "")), beta1, beta2, float(data.get("eps", 1e-8)),
                               int(data.get("every", 1)), params)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise RecordError(f"{path}: malformed params record ({type(exc).__name__}: {exc})") from exc
     for p in record.params:
         if math.prod(p.shape) != p.numel:
@@ -273,7 +273,7 @@ def read_schedule(path: PathLike) -> Schedule:
                 lr = [float(x) for x in row["lr"]]
                 wd = [float(x) for x in row["weight_decay"]]
                 skipped = bool(row.get("skipped", False))
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
                 raise RecordError(f"{path}:{lineno}: not a schedule row ({type(exc).__name__}: {exc})") from exc
             if lrs and (len(lr) != len(lrs[0]) or len(wd) != len(wds[0])):
                 raise RecordError(f"{path}:{lineno}: {len(lr)} param groups, earlier rows have {len(lrs[0])}")
@@ -363,7 +363,7 @@ def read_metrics(path: PathLike) -> list[dict]:
                 continue
             if value is None:
                 row[key] = math.nan
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and _as_float(value) is not None:
                 row[key] = value
             else:
                 dropped += 1
@@ -375,6 +375,13 @@ def read_metrics(path: PathLike) -> list[dict]:
     if not rows and skipped:
         raise RecordError(f"{path}: no usable row ({read.first_problem or 'steps do not increase'})")
     return [_renamed_pool_keys(row) for row in rows]
+
+
+def _as_float(value: int | float) -> float | None:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range: not a usable number
+        return None
 
 
 # Rows written before the ``matrices`` aggregate carried the Weibull pool's keys under ``total``

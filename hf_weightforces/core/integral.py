@@ -91,7 +91,9 @@ class RunIntegral:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if isinstance(x, int) and not isinstance(x, bool):
+        return abs(x) < 2**1023  # converts to float64
+    return isinstance(x, float)
 
 
 def _numbers(values: object, n: int, field: str) -> np.ndarray:
@@ -99,7 +101,10 @@ def _numbers(values: object, n: int, field: str) -> np.ndarray:
     if not isinstance(values, list) or len(values) != n or not all(_is_number(x) for x in values):
         got = f"a list of {len(values)}" if isinstance(values, list) else type(values).__name__
         raise ValueError(f"{field} must be a list of {n} numbers (got {got})")
-    return np.asarray(values, dtype=np.float64)
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except OverflowError:
+        raise ValueError(f"{field} holds an integer beyond float range") from None
 
 
 def _number_map(values: object, field: str, pair: bool = False) -> dict:

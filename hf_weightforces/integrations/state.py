@@ -127,7 +127,7 @@ def load_state(args, state, names: list[str]) -> dict | None:
         try:
             with open(path, encoding="utf-8") as f:
                 data = _checked(json.load(f), names, state.global_step)
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
             logger.warning("weight forces: cannot use %s (%s: %s); the force integrals restart here",
                            path, type(exc).__name__, exc)
             return None
