@@ -325,17 +325,16 @@ def test_a_gradscaler_skip_under_fsdp2(launches, reference):
 
 def test_a_skip_no_flag_reports(reference):
     """A fused AdamW under a GradScaler skips inside its kernel and puts its step counter back;
-    Accelerate's step_was_skipped stays False.  No counter advanced, so the reader reports no
-    update: the step's row (logged every step here) has no forces and no change, and closes."""
+    Accelerate's step_was_skipped stays False.  The scaler's found_inf, read in a step post-hook
+    (integrations/overflow.py), says so: the step's row (logged every step here) counts it as
+    skipped and holds no forces; the next step counts again."""
     (facts,) = reference.facts("scaler-fused")
-    assert facts["skipped"] == []  # nobody reported it
+    assert facts["skipped"] == []  # Accelerate did not report it
     rows = {r["step"]: r for r in reference.rows("scaler-fused")}
-    check_closure(rows.values())
+    check_closure(r for r in rows.values() if r["weightforces/steps"] > 0)
     skipped = rows[SKIP_AT]
-    assert skipped["weightforces/skipped_steps"] == 0 and skipped["weightforces/steps"] == 1
-    for k in ("align", "inject", "decay", "rest"):
-        assert skipped[f"weightforces/total/{k}"] == 0.0
-    assert abs(skipped["weightforces/total/delta"]) <= 1e-12 * skipped["weightforces/total/norm2"]
+    assert skipped["weightforces/skipped_steps"] == 1 and skipped["weightforces/steps"] == 0
+    assert "weightforces/total/align" not in skipped  # no budget step in this row: no forces, not zeros
     assert rows[SKIP_AT + 1]["weightforces/total/align"] != 0.0  # and the next step counts again
 
 
