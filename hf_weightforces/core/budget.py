@@ -1,38 +1,40 @@
 """The exact three-force budget of the squared weight norm under AdamW (docs/budget.md).
 
-For one tensor at optimizer step t, with lr η, decoupled weight decay λ and the adaptive update
-direction u_t = (m_t / (1-β1^t)) / (sqrt(v_t / (1-β2^t)) + ε), PyTorch's AdamW does
-
-    w_{t+1} = (1 - ηλ) w_t - η u_t
-
+For one tensor at optimizer step t, with lr η, the decay factor c the optimizer really applies
+(c = fl32(1 - ηλ), :func:`decay_factor`; write d = 1 - c ≈ ηλ) and the adaptive update direction
+u_t = (m_t / (1-β1^t)) / (sqrt(v_t / (1-β2^t)) + ε), PyTorch's AdamW does w_{t+1} = c w_t - η u_t,
 so, exactly, with Δ = ||w_{t+1}||² - ||w_t||²:
 
     Δ = A + I + D + R
     A = -2η <w_t, u_t>                       alignment (> 0 grows the norm)
     I =  η² ||u_t||²                          injection (≥ 0)
-    D = -2ηλ ||w_t||²                         decay (≤ 0)
-    R =  η²λ² ||w_t||² + 2η²λ <w_t, u_t>      higher-order rest
+    D = -2d ||w_t||²                          decay (≤ 0)
+    R =  d² ||w_t||² + 2ηd <w_t, u_t>         higher-order rest
 
 Reference: Ding, "Weibull Weight-Scale Parameter Evolution under AdamW Training Dynamics",
 arXiv:2606.19367 (the paper logs the magnitudes; we log signed contributions to Δ).
 
-Two layers live here:
+Three layers live here:
 
 * :func:`adamw_direction` and :func:`force_budget`: slow, float64, obviously correct references
   for one tensor (used by tests and by anyone who wants a single number).
-* :func:`step_dots` and :func:`budget_from_dots`: the fast path the callback runs every step.
-  Nothing copies the weights: w_t is reconstructed from the post-step tensor and the optimizer's
-  moments.  Writing ũ = m / (sqrt(v) + ε sqrt(1-β2^t)) so that u = s ũ with s = sqrt(1-β2^t)/(1-β1^t),
-  and w' = w_{t+1}, c = 1/(1-ηλ):
+* :func:`step_dots` and :func:`budget_from_dots`: the fast path the callback runs every step
+  after the optimizer step.  Nothing copies the weights: w_t is rebuilt from the post-step tensor
+  and the optimizer's moments.  Writing ũ = m / (sqrt(v) + ε sqrt(1-β2^t)) so that u = s ũ with
+  s = sqrt(1-β2^t)/(1-β1^t), and w' = w_{t+1}:
 
-      w_t = c (w' + η s ũ)
-      <w_t, u>  = c (s <w', ũ> + η s² ||ũ||²)
+      w_t = (w' + η s ũ) / c
+      <w_t, u>  = (s <w', ũ> + η s² ||ũ||²) / c
       ||u||²    = s² ||ũ||²
-      ||w_t||²  = c² (||w'||² + 2ηs <w', ũ> + η² s² ||ũ||²)
+      ||w_t||²  = (||w'||² + 2ηs <w', ũ> + η² s² ||ũ||²) / c²
 
-  so three dot products per tensor (||w'||², <w', ũ>, ||ũ||², accumulated in float64) give every
-  term.  The closure Δ_observed - (A + I + D + R) compares the reconstructed ||w_t||² with the
-  one *observed* before the step, so it catches a wrong lr, decay, step or moment.
+  so three sums per tensor (||w'||² from exact float64 squares, <w', ũ>, ||ũ||², all accumulated
+  in float64) give every term.  The closure Δ_observed - (A + I + D + R) compares the rebuilt
+  ||w_t||² with the one *observed* before the step, so it catches a wrong lr, decay, step or
+  moment; what is left is the float32 rounding of the stored weights (docs/budget.md, section 4).
+* :func:`intended_dots` and :func:`budget_from_intended`: before the step, for weights stored in
+  low precision (where w_t cannot be rebuilt from the rounded w_{t+1}): the update AdamW intends,
+  from the true w_t, the gradients and the moments (docs/budget.md, section 5).
 """
 
 from __future__ import annotations
