@@ -51,7 +51,7 @@ _FIELD_SECTION: dict[str, str] = {
     **dict.fromkeys(("align", "inject", "decay", "rest", "delta", "align_post", "align_no_super"), "forces"),
     **dict.fromkeys(("align_share", "inject_share", "decay_share", "align_share_no_super"), "shares"),
     **dict.fromkeys(("closure", "closure_rel", "rounding", "rounding_rel", "nonfinite_steps", "decay_ratio",
-                     "super_weights"), "health"),
+                     "super_weights", "align_se", "inject_se"), "health"),
     **dict.fromkeys(("norm2", "rms"), "scale"),
     **dict.fromkeys(("rms_pred", "rms_pred_sampled"), "offset"),
 }
