@@ -190,17 +190,20 @@ def test_two_groups_use_their_own_lr_and_decay():
 
 
 def test_nonfinite_is_reported_not_summed():
-    mon = ForceMonitor([ParamInfo("a", "transmission", 0, 4), ParamInfo("b", "other", 0, 4)])
-    w = [torch.ones(4), torch.ones(4)]
-    m = [torch.full((4,), float("nan")), torch.ones(4) * 1e-3]
-    v = [torch.ones(4) * 1e-6, torch.ones(4) * 1e-6]
+    infos = [ParamInfo("a", "transmission", 0, 4), ParamInfo("b", "other", 0, 4), ParamInfo("c", "transmission", 0, 4)]
+    mon = ForceMonitor(infos)
+    w = [torch.ones(4)] * 3
+    m = [torch.full((4,), float("nan")), torch.ones(4) * 1e-3, torch.full((4,), float("inf"))]
+    v = [torch.ones(4) * 1e-6] * 3
     mon.observe_norms(w)
-    mon.record_step([0, 1], w, m, v, [1.0, 1.0], [1e-3, 1e-3], [0.1, 0.1], [(0.9, 0.999)] * 2, [1e-8] * 2)
+    mon.record_step([0, 1, 2], w, m, v, [1.0] * 3, [1e-3] * 3, [0.1] * 3, [(0.9, 0.999)] * 3, [1e-8] * 3)
     rows = mon.summarize(mon.pack().numpy(), mon.steps)
     assert math.isnan(rows["weightforces/transmission/align"])
+    # one step went non-finite (in two tensors at once): counted once, as a step
     assert rows["weightforces/transmission/nonfinite_steps"] == 1
+    assert rows["weightforces/total/nonfinite_steps"] == 1
     assert math.isnan(rows["weightforces/total/align"])
-    assert math.isfinite(rows["weightforces/other/align"])
+    assert math.isfinite(rows["weightforces/other/align"]) and rows["weightforces/other/nonfinite_steps"] == 0
 
 
 def test_unsupported_optimizers_are_refused_with_the_supported_list():

@@ -338,7 +338,10 @@ class ForceMonitor:
             metrics[f"{prefix}/budget_mode"] = float(BUDGET_MODES[self.budget_mode])
         sampled = self.budget_mode == "observed_sampled"
         for name, mask in self.aggregates(per_layer, per_matrix).items():
-            row = summarize_sums(sums[mask].sum(0), float(nonfinite[mask].sum()), float(norm2[mask].sum()), float(numel[mask].sum()), steps)
+            # steps, not tensor-steps: the most any one tensor of the aggregate had (exact when the
+            # non-finite steps hit its tensors together, as an overflow does; never more than the steps)
+            worst = float(nonfinite[mask].max()) if mask.any() else 0.0
+            row = summarize_sums(sums[mask].sum(0), worst, float(norm2[mask].sum()), float(numel[mask].sum()), steps)
             if sampled and steps > 0:  # standard errors of the logged per-step means (independent draws per step)
                 var = packed.var[mask].sum(0)
                 row["align_se"], row["inject_se"] = (math.sqrt(max(float(v), 0.0)) / steps for v in var)
