@@ -231,11 +231,14 @@ def _dots_packed(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor:
     w = torch.cat([x.detach().reshape(-1) for x in weights]).double()
     m = torch.cat([x.detach().reshape(-1) for x in exp_avgs]).double()
     u = torch.cat([x.detach().reshape(-1) for x in second_moments]).double().sqrt_()
-    if all(isinstance(e, torch.Tensor) for e in eps_terms):
-        e = torch.stack([x.reshape(()).double() for x in eps_terms])
+    if not any(isinstance(e, torch.Tensor) for e in eps_terms) and len(set(eps_terms)) == 1:
+        u.add_(float(eps_terms[0]))  # the usual case: one ε' for every tensor (no per-element gather)
     else:
-        e = torch.tensor([float(x) for x in eps_terms], dtype=torch.float64, device=dev)
-    u.add_(e.index_select(0, seg))
+        if all(isinstance(e, torch.Tensor) for e in eps_terms):
+            e = torch.stack([x.reshape(()).double() for x in eps_terms])
+        else:
+            e = torch.tensor([float(x) for x in eps_terms], dtype=torch.float64, device=dev)
+        u.add_(e.index_select(0, seg))
     torch.div(m, u, out=u)  # ũ = m / (sqrt(v) + ε')
     m.copy_(w).add_(u)  # reuse m's buffer for w' + ũ
     a, c, s = (torch.stack(torch._foreach_norm(list(x.split(lens)), 2)).square() for x in (w, u, m))
