@@ -74,11 +74,12 @@ def test_bf16_weights_report_the_intended_update_and_its_rounding(tmp_path, wf_r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lr", [1e-3, 5e-5, 1e-5])
-@pytest.mark.parametrize("wd", [0.01, 0.1])
-def test_closure_sits_on_the_float32_rounding_floor(tmp_path, wf_rows, lr, wd):
+@pytest.mark.parametrize("lr,wd,kernel", [(lr, wd, "exact") for lr in (1e-3, 5e-5, 1e-5) for wd in (0.01, 0.1)]
+                         + [(1e-3, 0.1, "compiled"), (5e-5, 0.01, "compiled")])
+def test_closure_sits_on_the_float32_rounding_floor(tmp_path, wf_rows, lr, wd, kernel):
     ref = Reference(intended=False)
-    train_tiny(tmp_path, [WeightForcesCallback(weibull_every=0, per_layer=False), ref], max_steps=10, logging_steps=1,
+    cb = WeightForcesCallback(weibull_every=0, per_layer=False, kernel=kernel)
+    train_tiny(tmp_path, [cb, ref], max_steps=10, logging_steps=1,
                learning_rate=lr, weight_decay=wd, warmup_steps=0, lr_scheduler_type="constant")
     for agg, (got, floor) in closure_and_floor(_rows_by_step(wf_rows, tmp_path), ref.rows).items():
         assert np.median(got) <= 2 * np.median(floor) + 1e-12, (agg, np.median(got), np.median(floor))

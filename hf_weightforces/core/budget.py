@@ -323,10 +323,11 @@ def _dots_one(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, e: torch.Tensor
 
 
 def _dots_compiled(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor:
-    """:func:`_dots_exact` with each big tensor in one fused kernel (``torch.compile``, dynamic
-    shapes: one compilation for every size, cached on disk between runs).  Small tensors still
-    take the packed pass.  Opt-in (``kernel="compiled"``): the first compilation costs tens of
-    seconds at train start."""
+    """:func:`_dots_exact` through ``torch.compile``: each big tensor in one fused kernel (dynamic
+    shapes: one compilation for every size), the small ones packed into one fused kernel with
+    segment sums; cached on disk between runs.  ||w'||² stays exact (float64 squares); ũ is
+    float32, as on the eager path's big tensors (1e-6 on <w', ũ> and ||ũ||²).  The first
+    compilation costs seconds to tens of seconds, at the first budget step."""
     global _COMPILED, _COMPILE_FAILED
     if _COMPILE_FAILED:
         return _dots_exact(weights, exp_avgs, second_moments, eps_terms)
@@ -341,15 +342,34 @@ def _dots_compiled(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor
         return _dots_exact(weights, exp_avgs, second_moments, eps_terms)
 
 
+def _packed_one(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, e: torch.Tensor, seg: torch.Tensor,
+                n: int) -> torch.Tensor:
+    """The three sums of ``n`` small tensors packed into flat ``w``, ``m``, ``v`` (``seg``: each
+    element's tensor), written for ``torch.compile`` to fuse into one pass with segment sums."""
+    w64 = w.to(torch.float64)
+    u = (m / (torch.sqrt(v) + e)).to(torch.float64)
+    z = torch.zeros(n, dtype=torch.float64, device=w.device)
+    return torch.stack((z.index_add(0, seg, w64 * w64), z.index_add(0, seg, w64 * u), z.index_add(0, seg, u * u)), 1)
+
+
+_COMPILED_PACKED = None
+
+
 def _run_compiled(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor:
+    global _COMPILED_PACKED
     dev = weights[0].device
     out = torch.zeros(len(weights), 3, dtype=torch.float64, device=dev)
     small = [k for k, w in enumerate(weights) if w.numel() < _SMALL]
     if small:
-        pick = lambda xs: [xs[k] for k in small]  # noqa: E731
-        out[small] = _dots_packed(pick(weights), pick(exp_avgs), pick(second_moments), pick(eps_terms))
-    big = [k for k, w in enumerate(weights) if w.numel() >= _SMALL]
-    for k in big:
+        if _COMPILED_PACKED is None:
+            _COMPILED_PACKED = torch.compile(_packed_one, dynamic=False, fullgraph=True)
+        flat = lambda xs: torch.cat([xs[k].detach().reshape(-1).float() for k in small])  # noqa: E731
+        seg = _segments(tuple(weights[k].numel() for k in small), dev)
+        e = torch.stack([torch.as_tensor(eps_terms[k], dtype=torch.float32, device=dev).reshape(()) for k in small])
+        e = e[0] if all(not isinstance(eps_terms[k], torch.Tensor) for k in small) and len({eps_terms[k] for k in small}) == 1 \
+            else e.index_select(0, seg)
+        out[small] = _COMPILED_PACKED(flat(weights), flat(exp_avgs), flat(second_moments), e, seg, len(small))
+    for k in (k for k, w in enumerate(weights) if w.numel() >= _SMALL):
         e = eps_terms[k]
         e = e.reshape(()).to(device=dev, dtype=torch.float32) if isinstance(e, torch.Tensor) else torch.tensor(float(e), device=dev)
         out[k] = _COMPILED(weights[k].detach().reshape(-1), exp_avgs[k].detach().reshape(-1),
