@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .budget import _Scratch, _chunk
+from .kernels import _Scratch, _chunk
 
 __all__ = ["budget_from_observed", "observed_dots", "sample_indices", "sampled_budget"]
 
