@@ -130,6 +130,30 @@ def test_unserialisable_probe_state_loses_that_probe_alone(tmp_path, plain, wf_r
     assert RunIntegral.from_dict(data["integral"], data["integral"]["names"]).started
 
 
+def test_an_unexpected_error_at_train_start_switches_off_and_trains_on(tmp_path, plain, monkeypatch):
+    """Not bad configuration (that raises at train start): a bug while setting up warns once and
+    leaves the monitor off; the run finishes with the weights of a run without it."""
+    from hf_weightforces import distributed
+
+    def broken(self, model, optimizer):
+        raise RuntimeError("planted set-up failure")
+
+    monkeypatch.setattr(distributed.ShardContext, "entries", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train_tiny(tmp_path, [WeightForcesCallback()], **RUN)
+    said = [str(w.message) for w in caught if "planted set-up failure" in str(w.message)]
+    assert len(said) == 1 and "on_train_begin" in said[0]
+    _same(_weights(trainer), plain)
+    assert trainer.state.global_step == 8
+
+
+def test_bad_configuration_still_fails_at_train_start(tmp_path):
+    """A real configuration error (nothing to split without AdamW's moments) stops the run before any step."""
+    with pytest.raises(ValueError, match="rounding_split needs AdamW"):
+        train_tiny(tmp_path, [WeightForcesCallback(rounding_split=True)], optim="sgd", **RUN)
+
+
 def test_records_folder_unusable_from_the_start(tmp_path, plain):
     (tmp_path / "weightforces").write_text("a file where the records folder should be")
     trainer, ours = _train_warned(tmp_path, [WeightForcesCallback()])

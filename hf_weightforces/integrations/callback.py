@@ -45,7 +45,7 @@ from ..core.budget import KERNELS, choose_kernel
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import plan_optimizer, unwrap_optimizer
 from ..core.pools import WeibullPools
-from ..distributed import ParamEntry, ShardContext, ShardFailureError
+from ..distributed import ParamEntry, ShardContext, ShardFailureError, UnsupportedBackendError
 from .frozen import find_frozen
 from .optimizers import OBSERVED_MODES, budget_info, budget_reader
 from .intended import LOW_PRECISION, IntendedStager
@@ -60,7 +60,11 @@ from .guard import Faults
 from .overflow import OverflowWatch
 from .superweights import SuperWeightTracker
 
-__all__ = ["WeightForcesCallback"]
+__all__ = ["CONFIG_ERRORS", "WeightForcesCallback"]
+
+#: What bad configuration raises at train start (an optimizer or backend without a reader, a bad
+#: argument): these stop the run before any step, on purpose; anything else only switches the monitor off.
+CONFIG_ERRORS = (ValueError, UnsupportedBackendError)
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +215,28 @@ class WeightForcesCallback(TrainerCallback):
             self._ordered = ordered
 
     def on_init_end(self, args, state, control, **kwargs):
-        self._place_before_reporters()
+        try:
+            self._place_before_reporters()
+        except Exception as exc:  # only where our keys land is at stake; on_train_begin tries again
+            logger.warning("weight forces: could not reorder the callbacks (%s: %s)", type(exc).__name__, exc)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Bad configuration (the errors :data:`CONFIG_ERRORS`) raises here, before any step.  Any
+        other failure warns and leaves the monitor off, training goes on; under a multi-process
+        run it raises too, since a rank that skipped the set-up's collectives would hang the others."""
+        try:
+            self._setup(args, state, model, optimizer)
+        except CONFIG_ERRORS:
+            raise
+        except Exception as exc:
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                raise
+            self.monitor = None
+            self._owes_reduction = False
+            self._fail("on_train_begin", exc)
+
+    def _setup(self, args, state, model, optimizer) -> None:
         self._place_before_reporters()
         if optimizer is None:
             raise ValueError("WeightForcesCallback needs the optimizer at train start; none was passed")
@@ -565,13 +588,13 @@ class WeightForcesCallback(TrainerCallback):
         if getattr(self, "_schedule", None) is not None:
             with self._faults.guard("close", "closing schedule.jsonl", "its last rows may be missing"):
                 self._schedule.close()
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        for name in ("_stager", "_reader", "_overflow"):
+            hook = getattr(self, name, None)
+            if hook is not None:
+                with self._faults.guard("close", f"removing the monitor's optimizer hooks ({name[1:]})",
+                                        "nothing recorded is affected"):
+                    hook.close()
+                setattr(self, name, None)
         if self.ctx is not None:
             with self._faults.guard("close", "removing the monitor's optimizer hook", "nothing recorded is affected"):
                 self.ctx.close()  # the step hook it put on the optimizer
-                self._overflow.close()
