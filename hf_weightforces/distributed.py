@@ -60,10 +60,12 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .core.optim import AdamHyper, group_hyper
+from .core.plan import StepPlan
 
 __all__ = [
     "Backend",
@@ -231,14 +233,24 @@ class _StepRecorder:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.lrs: dict[int, object] = {}
         self.before: dict[int, float] = {}
+        #: the planned fast path (:class:`_PlannedTensors`), whose counters the pre-hook stacks
+        self.planned: _PlannedTensors | None = None
+        self.planned_before: torch.Tensor | None = None
+        self.before_of: _PlannedTensors | None = None
         self._handle = optimizer.register_step_pre_hook(self._record)
 
     def _record(self, optimizer, args, kwargs) -> None:
         for group in optimizer.param_groups:
-            if not group["params"]:
-                continue  # ZeRO-3 steps one sub-group at a time; the others are empty meanwhile
-            lr = group["lr"]
-            self.lrs[id(group)] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+            if group["params"]:  # ZeRO-3 steps one sub-group at a time; the others are empty meanwhile
+                lr = group["lr"]
+                self.lrs[id(group)] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+        planned = self.planned
+        if planned is not None and planned.fresh(optimizer):
+            # the planned tensors' counters in one stacked copy; the per-tensor dict only if asked
+            self.planned_before, self.before_of = planned.snapshot(), planned
+            return
+        self.planned_before, self.before_of = None, None
+        for group in optimizer.param_groups:
             for p in group["params"]:
                 state = optimizer.state.get(p)
                 step = state.get("step") if state else None
@@ -252,6 +264,10 @@ class _StepRecorder:
         step = state.get("step")
         if step is None or not _is_host(step):
             return True
+        if self.before_of is not None:  # the pre-hook took the planned snapshot: unpack it once
+            planned, self.before_of = self.before_of, None
+            if _is_host(self.planned_before):
+                self.before.update(zip(planned.keys, self.planned_before.tolist()))
         return float(step) > self.before.get(id(t), 0.0)
 
     def lr(self, group: dict) -> float | torch.Tensor:
@@ -273,6 +289,98 @@ class _StepRecorder:
 
 def _is_host(x: object) -> bool:
     return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+
+
+class PlannedStep(NamedTuple):
+    """One step's inputs to :meth:`StepPlan.run` (:meth:`ShardContext.planned_step`)."""
+
+    plan: StepPlan
+    weights: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    second_moments: list[torch.Tensor]
+    t_after: torch.Tensor
+    t_before: torch.Tensor
+    hyper_now: torch.Tensor  # StepPlan.step_vector: the groups' lrs and decay factors, the bias corrections
+
+
+def _group_key(group: dict) -> tuple:
+    beta1, beta2 = group["betas"]
+    return (group.get("weight_decay", 0.0), beta1, beta2, group["eps"], bool(group.get("amsgrad", False)))
+
+
+class _PlannedTensors:
+    """A replicated optimizer's monitored tensors, listed once (the per-step fast path).
+
+    Holds flat detached aliases of the weights, the moments and the step counters of every tensor with
+    AdamW state in the monitored set, in the optimizer's order, and the :class:`StepPlan` over them.
+    :meth:`valid` checks, per step, that nothing was replaced (the optimizer's state, a moment, a
+    counter, a weight's storage, a group's hyper-parameters); when anything was, the callback
+    takes the per-tensor path for that step and plans again."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], counts, kernel: str) -> None:
+        self.state = optimizer.state
+        self.n_state = len(optimizer.state)
+        self.group_keys = [(group["params"], len(group["params"]), _group_key(group)) for group in optimizer.param_groups]
+        rows = []
+        for g, group in enumerate(optimizer.param_groups):
+            amsgrad = bool(group.get("amsgrad", False))
+            for p in group["params"]:
+                st = optimizer.state.get(p)
+                if not st or "exp_avg" not in st:
+                    continue
+                idx = index_of.get(id(p))
+                if idx is None or not counts(p):
+                    continue
+                step = st.get("step")
+                if not isinstance(step, torch.Tensor):
+                    raise _NotPlannable("a step counter is not a tensor")
+                m, v = st["exp_avg"], st["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
+                if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+                    raise _NotPlannable("a tensor is not contiguous")
+                rows.append((idx, g, p, p.detach().view(-1), st, m.view(-1), v.view(-1), step, m, v))
+        if not rows:
+            raise _NotPlannable("no tensor has AdamW state yet")
+        devices = {t.device for r in rows for t in (r[3], r[5], r[6])}
+        step_devices = {r[7].device for r in rows}
+        if len(devices) != 1 or len(step_devices) != 1:
+            raise _NotPlannable("the tensors live on several devices")
+        self.device = devices.pop()
+        self.keys = [id(r[2]) for r in rows]
+        self.weights = [r[3] for r in rows]
+        self.exp_avgs = [r[5] for r in rows]
+        self.second_moments = [r[6] for r in rows]
+        self.steps = [r[7] for r in rows]
+        self._check = [(r[2], r[2].data_ptr(), r[4], r[8], r[9], r[7], "max_exp_avg_sq" if
+                        _group_key(optimizer.param_groups[r[1]])[4] else "exp_avg_sq") for r in rows]
+        self.groups = [k for _, _, k in self.group_keys]
+        hypers = [(float(k[0]), float(k[1]), float(k[2]), float(k[3])) for k in self.groups]
+        self.plan = StepPlan([r[0] for r in rows], [r[1] for r in rows], hypers,
+                             [r[3].dtype == torch.float64 for r in rows], [r[3].numel() for r in rows], self.device,
+                             kernel)
+
+    def fresh(self, optimizer) -> bool:
+        """Cheap: the optimizer still holds the same state (no tensor gained state, none reloaded)."""
+        return optimizer.state is self.state and len(optimizer.state) == self.n_state
+
+    def valid(self, optimizer) -> bool:
+        """Every planned tensor, counter and hyper-parameter still the one planned."""
+        if not self.fresh(optimizer) or len(optimizer.param_groups) != len(self.group_keys):
+            return False
+        for group, (params, n, key) in zip(optimizer.param_groups, self.group_keys):
+            if group["params"] is not params or len(params) != n or _group_key(group) != key:
+                return False
+        for p, ptr, st, m, v, step, second in self._check:
+            if st["exp_avg"] is not m or st[second] is not v or st["step"] is not step or p.data_ptr() != ptr:
+                return False
+        return True
+
+    def snapshot(self) -> torch.Tensor:
+        """The planned tensors' step counters, stacked (a copy: read before the step)."""
+        return torch.stack(self.steps)
+
+
+class _NotPlannable(Exception):
+    """The step cannot take the planned path (the per-tensor path reads it instead)."""
 
 
 # ---------------------------------------------------------------------------------- readers
@@ -632,6 +740,41 @@ class ShardContext:
         elif whole and self.backend.sharded:
             raise UnsupportedBackendError(f"whole tensors are not held under {self.backend.value}")
         return self._reader.views(optimizer, index_of)
+
+    def planned_step(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], kernel: str) -> PlannedStep | None:
+        """This step's inputs to the planned pass (core/plan.py), or None where the per-tensor
+        :meth:`views` must read it: a sharded backend, the first budget step, or a step where a
+        tensor, counter or hyper-parameter was replaced since the plan (planned again for the
+        next step).  The shares of a divided DDP run are planned like a single process's."""
+        reader = self._reader
+        rec = getattr(reader, "rec", None)
+        if type(reader) is not _ReplicatedReader or rec is None:
+            return None
+        if self._owned is not None:
+            index_of = self._share_index(index_of)
+        planned = rec.planned
+        if planned is None or planned.index_of is not index_of or planned.kernel != kernel or not planned.valid(optimizer):
+            rec.planned = self._plan(optimizer, index_of, kernel)
+            return None  # the pre-hook of this step did not snapshot the new plan's counters
+        if rec.planned_before is None:
+            return None
+        t_before, t_after = rec.planned_before, planned.snapshot()
+        hyper = planned.plan.step_vector([rec.lr(g) for g in optimizer.param_groups], t_after)
+        if t_after.device != planned.device:  # host counters of accelerator tensors: pinned, no sync
+            t_before, t_after = (x.pin_memory().to(planned.device, non_blocking=True) for x in (t_before, t_after))
+        return PlannedStep(planned.plan, planned.weights, planned.exp_avgs, planned.second_moments, t_after, t_before, hyper)
+
+    def _plan(self, optimizer, index_of: dict[int, int], kernel: str) -> _PlannedTensors | None:
+        key = (id(optimizer.state), len(optimizer.state), id(index_of), kernel)
+        if getattr(self, "_unplannable", None) == key:
+            return None
+        try:
+            planned = _PlannedTensors(optimizer, index_of, self._reader.counts, kernel)
+        except _NotPlannable:
+            self._unplannable = key
+            return None
+        planned.index_of, planned.kernel = index_of, kernel
+        return planned
 
     def _share_index(self, index_of: dict[int, int]) -> dict[int, int]:
         """``index_of`` cut down to this rank's share (cached: the callback passes one dict)."""

@@ -86,18 +86,37 @@ def _segments(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return seg
 
 
+_SPLITS: dict[tuple, tuple] = {}  # planned once per set of tensor sizes and device
+
+
+def _split(numels: tuple[int, ...], device: torch.device) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
+    """(small, big) positions and their index tensors on ``device`` (cached: no per-step host copy)."""
+    key = (numels, str(device))
+    hit = _SPLITS.get(key)
+    if hit is None:
+        if len(_SPLITS) > 64:
+            _SPLITS.clear()
+        small = [k for k, n in enumerate(numels) if n < _SMALL]
+        big = [k for k, n in enumerate(numels) if n >= _SMALL]
+        hit = _SPLITS[key] = (small, big, torch.tensor(small, dtype=torch.long).to(device),
+                              torch.tensor(big, dtype=torch.long).to(device))
+    return hit
+
+
 def _dots_packed(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor:
     """:func:`_dots_exact` for many small tensors at once, in float64 throughout: packed into one
     flat buffer for the elementwise work, reduced per tensor by multi-tensor norms of its views
     (<w', ũ> by polarisation, harmless in float64).  A fixed handful of kernels, however many
-    tensors."""
+    tensors.  ``eps_terms``: one ε' per tensor (numbers, 0-d tensors, or one float64 vector)."""
     dev = weights[0].device
     lens = [w.numel() for w in weights]
     seg = _segments(tuple(lens), dev)
     w = torch.cat([x.detach().reshape(-1) for x in weights]).double()
     m = torch.cat([x.detach().reshape(-1) for x in exp_avgs]).double()
     u = torch.cat([x.detach().reshape(-1) for x in second_moments]).double().sqrt_()
-    if not any(isinstance(e, torch.Tensor) for e in eps_terms) and len(set(eps_terms)) == 1:
+    if isinstance(eps_terms, torch.Tensor):
+        u.add_(eps_terms.to(torch.float64).index_select(0, seg))
+    elif not any(isinstance(e, torch.Tensor) for e in eps_terms) and len(set(eps_terms)) == 1:
         u.add_(float(eps_terms[0]))  # the usual case: one ε' for every tensor (no per-element gather)
     else:
         if all(isinstance(e, torch.Tensor) for e in eps_terms):
@@ -115,7 +134,7 @@ def _dots_exact(
     weights: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     second_moments: Sequence[torch.Tensor],
-    eps_terms: Sequence[float | torch.Tensor],
+    eps_terms: Sequence[float | torch.Tensor] | torch.Tensor,
 ) -> torch.Tensor:
     """(||w'||², <w', ũ>, ||ũ||²), one read of w, m, v, every sum accumulated in float64.
 
@@ -127,14 +146,17 @@ def _dots_exact(
     the packed small tensors); no host synchronisation (sums stay on the device).
     """
     dev = weights[0].device
-    small = [k for k, w in enumerate(weights) if w.numel() < _SMALL]
-    big = [k for k, w in enumerate(weights) if w.numel() >= _SMALL]
+    small, big, small_index, big_index = _split(tuple(w.numel() for w in weights), dev)
+    vector = isinstance(eps_terms, torch.Tensor)
     out = torch.zeros(len(weights), 3, dtype=torch.float64, device=dev)
     if small:
         pick = lambda xs: [xs[k] for k in small]  # noqa: E731
-        out[small] = _dots_packed(pick(weights), pick(exp_avgs), pick(second_moments), pick(eps_terms))
+        eps_small = eps_terms.index_select(0, small_index) if vector else pick(eps_terms)
+        out.index_copy_(0, small_index, _dots_packed(pick(weights), pick(exp_avgs), pick(second_moments), eps_small))
     if not big:
         return out
+    if vector:
+        eps_terms = eps_terms.to(torch.float32).unbind()
     step = _chunk(dev)
     size = min(max(weights[k].numel() for k in big), step)
     scratch = _Scratch(1, size, dev)
@@ -156,7 +178,7 @@ def _dots_exact(
             acc[1] = acc[1] + _rowdot(wf[i : i + step], u, prod)
             acc[2] = acc[2] + _rowdot(u, u, prod)
         rows.append(torch.stack(acc))
-    out[big] = torch.stack(rows)
+    out.index_copy_(0, big_index, torch.stack(rows))
     return out
 
 
@@ -255,6 +277,8 @@ def _dots_foreach(
     square in the input precision, so norms carry float32 rounding (~1e-7 relative): fine at
     pre-training learning rates, not at fine-tuning ones (use the default exact path there).
     """
+    if isinstance(eps_terms, torch.Tensor):
+        eps_terms = list(eps_terms.to(torch.float32).unbind())
     w32 = [w.detach().float() for w in weights]
     u = torch._foreach_sqrt([v.detach() for v in second_moments])
     if all(isinstance(e, torch.Tensor) for e in eps_terms):

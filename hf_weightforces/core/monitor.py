@@ -169,6 +169,19 @@ class ForceMonitor:
         self._add(idx, terms, step_id)
         self.norm2[idx] = dots[:, 0].to(self.device)
 
+    def record_planned(self, step, step_id: int | None = None) -> None:
+        """Add one optimizer step's budget through a planned pass (core/plan.py): ``step`` holds the
+        :class:`~.plan.StepPlan` (on this monitor's device) and this step's tensors, counters and
+        step vector (``ShardContext.planned_step``).  One compiled call (or a handful of device
+        operations) however many tensors; tensors the step did not update are masked out on the
+        device."""
+        self.steps += 1
+        plan = step.plan
+        terms = plan.run(step.weights, step.exp_avgs, step.second_moments, step.t_after, step.t_before,
+                         step.hyper_now, self.sums, self.nonfinite, self.norm2)
+        if self.sample_every and step_id is not None and step_id % self.sample_every == 0:
+            self.sampled.index_add_(0, plan.index, terms[:, :3].sum(dim=1) * self.sample_every)
+
     def _add(self, idx: torch.Tensor, terms: torch.Tensor, step_id: int | None) -> None:
         finite = torch.isfinite(terms).all(dim=1)
         terms = torch.where(finite[:, None], terms, torch.zeros_like(terms))

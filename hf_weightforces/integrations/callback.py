@@ -511,7 +511,13 @@ class WeightForcesCallback(TrainerCallback):
             else:
                 self._reader.record(step_id)
             return
-        views = self.ctx.views(unwrap_optimizer(optimizer), self._index_of)
+        opt = unwrap_optimizer(optimizer)
+        if self._super is None and getattr(self.monitor, "_staged", None) is None:
+            planned = self.ctx.planned_step(opt, self._index_of, self.monitor.dots_method)
+            if planned is not None and planned.plan.device == self.monitor.device:  # planned at an earlier step
+                self.monitor.record_planned(planned, step_id)
+                return
+        views = self.ctx.views(opt, self._index_of)
         self.monitor.record_views(views, step_id)
         if self._super is not None:
             whole = self.ctx.views(unwrap_optimizer(optimizer), self._index_of, whole=True) if self.ctx.divides else views

@@ -1,0 +1,280 @@
+"""A step's force pass planned once: everything that does not change from step to step is made at
+the first budget step, so a step hands the kernels only its learning rates, decay factors and step
+counters (docs/budget.md, section 9).
+
+:class:`StepPlan` holds, for a fixed list of tensors on one device, the index tensors, each
+tensor's parameter group and hyper-parameters (as device vectors), and the pass itself.  One
+:meth:`StepPlan.run` gives, for every tensor, its budget row (:data:`~.budget.BUDGET_TERMS`), whether
+its terms were not finite, and its new squared norm, with the tensors the step did not update
+(counter not moved: no gradient, a GradScaler skip inside a fused kernel) masked out on the device:
+no Python work per tensor, no host synchronisation, no host-to-device copy of a Python list.
+
+The pass (``kernel``):
+
+* ``exact``: the eager reference, :func:`~.kernels.step_dots` then :func:`~.budget.budget_from_dots`;
+* ``compiled``: :func:`_chunk_pass` through ``torch.compile``: the three sums of every tensor, the
+  bias corrections from the step counters and the budget in one compiled call per chunk of
+  :data:`CHUNK` tensors (usually one call a step), equal to the reference within 1e-6 of each
+  sum (``tests/test_plan.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import types
+from collections.abc import Sequence
+
+import torch
+
+from .budget import budget_from_dots, decay_factor
+from .kernels import _SMALL as SMALL
+from .kernels import step_dots
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHUNK", "StepPlan", "planned_terms"]
+
+#: Tensors per compiled call: one graph for a whole small or mid-sized model; a large model is cut
+#: into a few graphs so that compiling stays bounded (chunks of equal shapes share one compilation).
+CHUNK = 64
+
+
+def planned_terms(
+    dots: torch.Tensor,
+    t_after: torch.Tensor,
+    t_before: torch.Tensor,
+    lr: torch.Tensor,
+    factor: torch.Tensor,
+    weight_decay: torch.Tensor,
+    beta1: torch.Tensor,
+    norm2_before: torch.Tensor,
+    bc2_sqrt: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(terms [k, len(BUDGET_TERMS)], not finite [k], new squared norm [k]) from the three sums.
+
+    A tensor whose step counter did not move (``t_after <= t_before``) was not updated: its row
+    is zero, its norm stays.  A non-finite row is zero and flagged.  Float64 vectors throughout."""
+    t = t_after.to(torch.float64)
+    s = bc2_sqrt / (1.0 - beta1**t)
+    terms = budget_from_dots(dots, lr, weight_decay, s, norm2_before, factor)
+    keep = t_after > t_before
+    finite = torch.isfinite(terms).all(dim=1)
+    good = keep & finite
+    terms = torch.where(good[:, None], terms, torch.zeros_like(terms))
+    bad = (keep & ~finite).to(torch.float64)
+    norm2 = torch.where(keep, dots[:, 0], norm2_before)
+    return terms, bad, norm2
+
+
+def _accumulate(dots, t_after, t_before, hv, gidx, fidx, bidx, wd, b1, idx, sums, nonfinite, norm2) -> torch.Tensor:
+    """The budget of ``dots`` added to the accumulators at ``idx`` (in place); returns the terms."""
+    terms, bad, norm2_new = planned_terms(dots, t_after, t_before, hv[gidx], hv[fidx], wd, b1, norm2[idx], hv[bidx])
+    sums.index_add_(0, idx, terms)
+    nonfinite.index_add_(0, idx, bad)
+    norm2.index_copy_(0, idx, norm2_new)
+    return terms
+
+
+def _chunk_pass(ws, ms, vs, t_after, t_before, hv, gidx, fidx, bidx, eidx, wd, b1, idx, sums, nonfinite, norm2):
+    """One chunk of tensors, written for ``torch.compile`` to fuse: per tensor one read of w', m, v
+    (exact float64 squares for ||w'||², ũ in float32 with ε' = ``hv[eidx[k]]``, its products
+    summed in float64, as the eager pass), then the budget of the chunk, added to the monitor's
+    accumulators in place."""
+    e = hv[eidx].to(torch.float32)
+    rows = []
+    for k, (w, m, v) in enumerate(zip(ws, ms, vs)):
+        w64 = w.to(torch.float64)
+        u = (m / (torch.sqrt(v) + e[k])).to(torch.float64)
+        rows.append(torch.stack(((w64 * w64).sum(), (w64 * u).sum(), (u * u).sum())))
+    return _accumulate(torch.stack(rows), t_after, t_before, hv, gidx, fidx, bidx, wd, b1, idx, sums, nonfinite, norm2)
+
+
+_COMPILE_FAILED = False
+
+
+def _compile_chunk(tag: str, device: torch.device):
+    """:func:`_chunk_pass` compiled for one chunk of one plan.  Each gets its own code object, so
+    dynamo keeps exactly one compiled entry per chunk (no recompile limit is ever reached however
+    many plans a process makes, and a call checks one set of guards); on CPU the wrapper around
+    the kernel is C++ (``cpp_wrapper``: a third less time per call than the Python wrapper on the
+    tiny model).  Identical graphs come back from inductor's on-disk cache."""
+    code = _chunk_pass.__code__.replace(co_name=f"_chunk_pass_{tag}")
+    fn = types.FunctionType(code, _chunk_pass.__globals__, code.co_name)
+    options = {"cpp_wrapper": True} if device.type == "cpu" else {}
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+
+
+_PLANS = itertools.count()
+
+
+class StepPlan:
+    """The per-step pass over a fixed list of tensors on one device, planned once.
+
+    ``groups[k]`` is tensor k's parameter group number and ``hypers[g]`` that group's
+    (weight_decay, beta1, beta2, eps); ``float64[k]`` says whether tensor k is stored in float64
+    (its decay factor is not rounded to float32); ``numels[k]`` its size (the tensors a step hands
+    over are flat).  Per step, :meth:`step_vector` turns the groups' lrs and the step counters into
+    one float64 vector, and :meth:`run` adds the step's budget to the accumulators."""
+
+    def __init__(
+        self,
+        indices: Sequence[int],
+        groups: Sequence[int],
+        hypers: Sequence[tuple[float, float, float, float]],
+        float64: Sequence[bool],
+        numels: Sequence[int],
+        device: torch.device,
+        kernel: str = "exact",
+    ) -> None:
+        dev = torch.device(device)
+        self.device, self.kernel, self.size = dev, kernel, len(indices)
+        self.groups, self.hypers, self.float64 = list(groups), [tuple(map(float, h)) for h in hypers], list(float64)
+        n_groups, n = len(hypers), len(indices)
+        vec = lambda xs, dtype=torch.float64: torch.tensor(list(xs), dtype=dtype).to(dev)  # noqa: E731
+        # the step vector (step_vector): lr of group g at g; its decay factors at G + 2g (float32-rounded)
+        # and G + 2g + 1 (exact); sqrt(1 - β2^t) of tensor k at 3G + k; its ε' at 3G + P + k
+        self.index = vec(indices, torch.long)
+        self.gidx = vec(groups, torch.long)
+        self.fidx = vec([n_groups + 2 * g + int(f) for g, f in zip(groups, float64)], torch.long)
+        self.bidx = vec(range(3 * n_groups, 3 * n_groups + n), torch.long)
+        self.eidx = self.bidx + n
+        self.wd, self.b1, self.b2, self.eps = (vec(self.hypers[g][j] for g in groups) for j in range(4))
+        # contiguous chunks of at most CHUNK tensors, their slices of every per-tensor vector
+        self.chunks = []
+        for a in range(0, n, CHUNK):
+            sl = slice(a, min(a + CHUNK, n))
+            self.chunks.append((sl, self.gidx[sl], self.fidx[sl], self.bidx[sl], self.eidx[sl], self.wd[sl],
+                                self.b1[sl], self.index[sl]))
+        self._fns: list | None = None  # the compiled chunks, made at the first compiled step
+        # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
+        self._numels = list(numels)
+        self._small: _PackedSmall | None = None
+        self._big = [k for k, n in enumerate(numels) if n >= SMALL]
+        self._big_index = vec(self._big, torch.long)
+
+    def step_vector(self, lrs: Sequence[float | torch.Tensor], t_after: torch.Tensor) -> torch.Tensor:
+        """[3G + 2P] float64 on the plan's device: each group's lr, its two decay factors, and each
+        tensor's sqrt(1 - β2^t) and ε' = ε sqrt(1 - β2^t).  Host counters and host lrs: computed
+        in Python and sent as one tensor (pinned, non-blocking on an accelerator); counters or an
+        lr on the accelerator: computed there, no host synchronisation."""
+        if t_after.device.type == "cpu" and not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in lrs):
+            lr = [float(x) for x in lrs]
+            factors = [f for x, h in zip(lr, self.hypers)
+                       for f in (decay_factor(x, h[0], torch.float32), decay_factor(x, h[0], torch.float64))]
+            ts = t_after.tolist()
+            memo: dict[tuple, float] = {}
+            bc2 = [memo.get((t, g)) or memo.setdefault((t, g), math.sqrt(1.0 - self.hypers[g][2] ** t))
+                   for t, g in zip(ts, self.groups)]
+            eps = [self.hypers[g][3] * b for g, b in zip(self.groups, bc2)]
+            host = torch.tensor(lr + factors + bc2 + eps, dtype=torch.float64)
+            return host if self.device.type == "cpu" else host.pin_memory().to(self.device, non_blocking=True)
+        lr = torch.stack([torch.as_tensor(x, dtype=torch.float64).reshape(()).to(self.device) for x in lrs])
+        wd = torch.tensor([h[0] for h in self.hypers], dtype=torch.float64).to(self.device)
+        exact = 1.0 - lr * wd
+        factors = torch.stack((exact.to(torch.float32).to(torch.float64), exact), dim=1).reshape(-1)
+        bc2 = torch.sqrt(1.0 - self.b2 ** t_after.to(self.device, torch.float64))
+        return torch.cat((lr, factors, bc2, self.eps * bc2))
+
+    def run(
+        self,
+        weights: Sequence[torch.Tensor],
+        exp_avgs: Sequence[torch.Tensor],
+        second_moments: Sequence[torch.Tensor],
+        t_after: torch.Tensor,
+        t_before: torch.Tensor,
+        hv: torch.Tensor,
+        sums: torch.Tensor,
+        nonfinite: torch.Tensor,
+        norm2: torch.Tensor,
+    ) -> torch.Tensor:
+        """Add the step's budget to ``sums`` [N, len(BUDGET_TERMS)], ``nonfinite`` [N] and set
+        ``norm2`` [N] (the monitor's accumulators, on the plan's device) at the planned indices;
+        returns the step's terms [P, len(BUDGET_TERMS)].
+
+        ``weights``, ``exp_avgs``, ``second_moments`` are flat, in the planned order;
+        ``t_after`` and ``t_before`` the tensors' step counters stacked after and before the step
+        (on the device), ``hv`` the :meth:`step_vector`."""
+        acc = (sums, nonfinite, norm2)
+        if self.kernel == "compiled" and not _COMPILE_FAILED:
+            try:
+                return self._run_compiled(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+            except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
+                _compile_failed(exc)
+        return self._run_eager(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+
+    def _run_compiled(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
+        if self._fns is None:
+            tag = next(_PLANS)
+            self._fns = [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
+        if len(self.chunks) == 1:
+            return self._fns[0](weights, exp_avgs, second_moments, t_after, t_before, hv, *self.chunks[0][1:], *acc)
+        out = [fn(weights[c[0]], exp_avgs[c[0]], second_moments[c[0]], t_after[c[0]], t_before[c[0]], hv, *c[1:], *acc)
+               for fn, c in zip(self._fns, self.chunks)]
+        return torch.cat(out)
+
+    def _packed_small(self) -> _PackedSmall | None:
+        if self._small is None:
+            small = [k for k, n in enumerate(self._numels) if n < SMALL]
+            self._small = _PackedSmall(small, [self._numels[k] for k in small], self.device) if small else False
+        return self._small or None
+
+    def dots(self, weights, exp_avgs, second_moments, hv: torch.Tensor) -> torch.Tensor:
+        """The eager reference pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64."""
+        eps = hv[self.eidx]  # ε' per tensor
+        if self.kernel == "foreach":
+            return step_dots(weights, exp_avgs, second_moments, eps, method="foreach")
+        dots = torch.empty(self.size, 3, dtype=torch.float64, device=self.device)
+        small, big = self._packed_small(), self._big
+        if small is not None:
+            pick = lambda xs: [xs[k] for k in small.members]  # noqa: E731
+            dots.index_copy_(0, small.index, small.dots(pick(weights), pick(exp_avgs), pick(second_moments),
+                                                        eps.index_select(0, small.index)))
+        if big:
+            pick = lambda xs: [xs[k] for k in big]  # noqa: E731
+            dots.index_copy_(0, self._big_index, step_dots(pick(weights), pick(exp_avgs), pick(second_moments),
+                                                           eps.index_select(0, self._big_index), method="exact"))
+        return dots
+
+    def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
+        dots = self.dots(weights, exp_avgs, second_moments, hv)
+        return _accumulate(dots, t_after, t_before, hv, self.gidx, self.fidx, self.bidx, self.wd, self.b1, self.index,
+                           *acc)
+
+
+class _PackedSmall:
+    """The eager pass over many small tensors, planned once: float64 buffers and their per-tensor
+    views made at the first step, so a step is a dozen multi-tensor and flat operations
+    (converting copies, ũ, three multi-tensor norms) with no allocation of the packed size."""
+
+    def __init__(self, members: list[int], numels: list[int], device: torch.device) -> None:
+        self.members = members
+        self.index = torch.tensor(members, dtype=torch.long).to(device)
+        total = sum(numels)
+        self.seg = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)).to(device)
+        self.w, self.m, self.u, self.e = (torch.empty(total, dtype=torch.float64, device=device) for _ in range(4))
+        self.views = [list(b.split(numels)) for b in (self.w, self.m, self.u)]
+
+    def dots(self, ws, ms, vs, eps: torch.Tensor) -> torch.Tensor:
+        """(||w'||², <w', ũ>, ||ũ||²) per tensor, float64 throughout (as the packed eager pass of
+        core/kernels.py); ``ws``, ``ms``, ``vs`` flat."""
+        wv, mv, uv = self.views
+        torch._foreach_copy_(wv, ws)
+        torch._foreach_copy_(mv, ms)
+        torch._foreach_copy_(uv, vs)
+        torch.index_select(eps, 0, self.seg, out=self.e)
+        self.u.sqrt_().add_(self.e)
+        self.m.div_(self.u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
+        a = torch.stack(torch._foreach_norm(wv, 2)).square()
+        c = torch.stack(torch._foreach_norm(mv, 2)).square()
+        torch.add(self.w, self.m, out=self.u)  # w' + ũ: <w', ũ> by polarisation (float64)
+        s = torch.stack(torch._foreach_norm(uv, 2)).square()
+        return torch.stack((a, 0.5 * (s - a - c), c), dim=1)
+
+
+def _compile_failed(exc: Exception) -> None:
+    global _COMPILE_FAILED
+    _COMPILE_FAILED = True
+    logger.warning("weight forces: torch.compile of the planned force pass failed (%s: %s); using the eager pass",
+                   type(exc).__name__, exc)
