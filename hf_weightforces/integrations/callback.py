@@ -269,6 +269,9 @@ class WeightForcesCallback(TrainerCallback):
                                              self.monitor.device)
             self._super.select(self.ctx.whole_weights(entries))
         self._setup_readers(opt, entries)
+        # a fused AdamW's overflow flag on an accelerator stays there: the planned pass masks the step
+        self._overflow.defer = (self.monitor.budget_mode == "moments" and self._stager is None and self._super is None
+                                and not self.ctx.backend.sharded)
         self.integral = RunIntegral([e.name for e in entries])
         self._skipped = 0
         self._last_logged = state.global_step
@@ -472,8 +475,8 @@ class WeightForcesCallback(TrainerCallback):
             return
         step_id = state.global_step + 1  # the Trainer increments global_step after this hook
         try:
-            skipped = self._overflow.skipped(optimizer)
-            self._note_schedule(step_id, optimizer, skipped)
+            skipped = self._overflow.skipped(optimizer, self._is_budget_step(step_id))
+            self._note_schedule(step_id, optimizer, self._overflow.last)
             self._call_probes("on_step", step_id, optimizer, skipped)
             if skipped:
                 self._skipped += 1
@@ -552,7 +555,9 @@ class WeightForcesCallback(TrainerCallback):
             return torch.cat([mon.pack()] + ([self.pools.counts(self.ctx.local_weights(self._entries))] if weibull_due else []))
 
         flat = self._reduce(local_part, mon.packed_size, weibull_due)
-        steps = mon.steps
+        overflows, budget_overflows = self._overflow.drain()  # deferred device flags: their steps added nothing
+        self._skipped += overflows
+        steps = mon.steps - budget_overflows
         mon.reset()
         packed = mon.unpack(flat[: mon.packed_size])
         self.integral.add(packed.sums[:, :3].sum(axis=1), packed.sampled, self.every)

@@ -169,8 +169,11 @@ class ScheduleLog:
             if any(isinstance(x, torch.Tensor) for row in lrs for x in row):  # device lr: one transfer
                 lrs = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in row])
                                    for row in lrs]).tolist()
-            self.sink.write_rows([({"lr": lr, "weight_decay": wds, "skipped": skipped}, step)
-                                  for (step, _, wds, skipped), lr in zip(rows, lrs)])
+            flags = [skipped for _, _, _, skipped in rows]
+            if any(isinstance(x, torch.Tensor) for x in flags):  # deferred overflow flags: one transfer
+                flags = torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in flags]).tolist()
+            self.sink.write_rows([({"lr": lr, "weight_decay": wds, "skipped": bool(skipped)}, step)
+                                  for (step, _, wds, _), lr, skipped in zip(rows, lrs, flags)])
         except Exception as exc:  # the schedule file alone is lost; the metrics rows go on
             warn_fault(f"writing {SCHEDULE_FILE}", exc, f"the schedule from step {rows[0][0]} on is not recorded")
             self.sink = NullSink()
