@@ -231,7 +231,8 @@ def intended_dots(
     step, in float64 (exact squares, float64 sums), the moments advanced the way AdamW advances
     them:  m_t = β1 m + (1-β1) g,  v_t = β2 v + (1-β2) g² (AMSGrad: max with the running max),
     u_t = (m_t/(1-β1^t)) / (sqrt(v_t/(1-β2^t)) + ε), ``steps[i]`` = t, the step about to be
-    taken.  ``maximize`` flips g; ``grad_scale`` divides it (a fused AdamW under a GradScaler
+    taken (a number, or a 0-d tensor on the accelerator, which is never read on the host).
+    ``maximize`` flips g; ``grad_scale`` divides it (a fused AdamW under a GradScaler
     unscales inside its kernel).  Missing moments (the first step) are zeros.
     """
     if not weights:
@@ -243,7 +244,9 @@ def intended_dots(
     rows = []
     for k, w in enumerate(weights):
         b1, b2 = betas[k]
-        t = float(steps[k])
+        t = steps[k] if isinstance(steps[k], torch.Tensor) and steps[k].device.type != "cpu" else float(steps[k])
+        if isinstance(t, torch.Tensor):  # a device counter: the corrections stay 0-d device tensors (no sync)
+            t = t.to(device=dev, dtype=torch.float64)
         bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
         n = w.numel()
         flat = [x.detach().reshape(-1) if x is not None else None

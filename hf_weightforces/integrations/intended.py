@@ -71,7 +71,10 @@ class IntendedStager:
                     continue  # not staged here, or no update this step (the optimizer skips it too)
                 state = optimizer.state.get(p) or {}
                 step = state.get("step", 0.0)
-                step = float(step.item()) if isinstance(step, torch.Tensor) else float(step)
+                if isinstance(step, torch.Tensor) and step.device.type == "cpu":
+                    step = float(step)  # a host counter: read it (no sync)
+                elif not isinstance(step, torch.Tensor):
+                    step = float(step)  # a device counter (fused/capturable) stays there: no host sync
                 cols["idx"].append(i)
                 cols["w"].append(p.detach())
                 cols["g"].append(p.grad.detach())
