@@ -33,6 +33,14 @@ _CHUNK_CPU = 1 << 17
 _CHUNK_ACCEL = 1 << 22
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device`` without a host synchronisation (pinned, non-blocking copy)."""
+    device = torch.device(device)
+    if device.type == "cpu" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _chunk(device: torch.device) -> int:
     return _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCEL
 
@@ -81,7 +89,7 @@ def _segments(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if seg is None:
         if len(_SEGMENTS) > 64:
             _SEGMENTS.clear()
-        seg = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)).to(device)
+        seg = to_device(torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)), device)
         _SEGMENTS[key] = seg
     return seg
 
@@ -98,8 +106,8 @@ def _split(numels: tuple[int, ...], device: torch.device) -> tuple[list[int], li
             _SPLITS.clear()
         small = [k for k, n in enumerate(numels) if n < _SMALL]
         big = [k for k, n in enumerate(numels) if n >= _SMALL]
-        hit = _SPLITS[key] = (small, big, torch.tensor(small, dtype=torch.long).to(device),
-                              torch.tensor(big, dtype=torch.long).to(device))
+        hit = _SPLITS[key] = (small, big, to_device(torch.tensor(small, dtype=torch.long), device),
+                              to_device(torch.tensor(big, dtype=torch.long), device))
     return hit
 
 

@@ -30,7 +30,7 @@ import torch
 
 from .budget import budget_from_dots, decay_factor
 from .kernels import _SMALL as SMALL
-from .kernels import step_dots
+from .kernels import step_dots, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class StepPlan:
         self.device, self.kernel, self.size = dev, kernel, len(indices)
         self.groups, self.hypers, self.float64 = list(groups), [tuple(map(float, h)) for h in hypers], list(float64)
         n_groups, n = len(hypers), len(indices)
-        vec = lambda xs, dtype=torch.float64: torch.tensor(list(xs), dtype=dtype).to(dev)  # noqa: E731
+        vec = lambda xs, dtype=torch.float64: to_device(torch.tensor(list(xs), dtype=dtype), dev)  # noqa: E731
         # the step vector (step_vector): lr of group g at g; its decay factors at G + 2g (float32-rounded)
         # and G + 2g + 1 (exact); sqrt(1 - β2^t) of tensor k at 3G + k; its ε' at 3G + P + k
         self.index = vec(indices, torch.long)
@@ -170,11 +170,12 @@ class StepPlan:
             eps = [self.hypers[g][3] * b for g, b in zip(self.groups, bc2)]
             host = torch.tensor(lr + factors + bc2 + eps, dtype=torch.float64)
             return host if self.device.type == "cpu" else host.pin_memory().to(self.device, non_blocking=True)
-        lr = torch.stack([torch.as_tensor(x, dtype=torch.float64).reshape(()).to(self.device) for x in lrs])
-        wd = torch.tensor([h[0] for h in self.hypers], dtype=torch.float64).to(self.device)
+        lr = torch.stack([x.to(self.device, torch.float64).reshape(()) if isinstance(x, torch.Tensor)
+                          else to_device(torch.tensor(float(x), dtype=torch.float64), self.device) for x in lrs])
+        wd = to_device(torch.tensor([h[0] for h in self.hypers], dtype=torch.float64), self.device)
         exact = 1.0 - lr * wd
         factors = torch.stack((exact.to(torch.float32).to(torch.float64), exact), dim=1).reshape(-1)
-        bc2 = torch.sqrt(1.0 - self.b2 ** t_after.to(self.device, torch.float64))
+        bc2 = torch.sqrt(1.0 - self.b2 ** to_device(t_after, self.device).to(torch.float64))
         return torch.cat((lr, factors, bc2, self.eps * bc2))
 
     def run(
@@ -250,9 +251,9 @@ class _PackedSmall:
 
     def __init__(self, members: list[int], numels: list[int], device: torch.device) -> None:
         self.members = members
-        self.index = torch.tensor(members, dtype=torch.long).to(device)
+        self.index = to_device(torch.tensor(members, dtype=torch.long), device)
         total = sum(numels)
-        self.seg = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)).to(device)
+        self.seg = to_device(torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)), device)
         self.w, self.m, self.u, self.e = (torch.empty(total, dtype=torch.float64, device=device) for _ in range(4))
         self.views = [list(b.split(numels)) for b in (self.w, self.m, self.u)]
 
