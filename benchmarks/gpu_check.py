@@ -11,7 +11,7 @@ its own failure and reporting it in the table:
   parameter counts), bf16 autocast, ``adamw_torch_fused``, a batch sized to fill most of the GPU;
   runs without and with the callback (budget every step, logging every 10) interleaved, every
   step timed with CUDA events; the median step time of each, the GPU time inside the callback's
-  ``on_optimizer_step`` and ``ForceMonitor.record_views`` (CUDA events), the force pass's achieved
+  ``on_optimizer_step`` and the force pass (``ForceMonitor.record_views`` or ``record_planned``) (CUDA events), the force pass's achieved
   bandwidth against its floor of one read of w, m and v (12 bytes a parameter, also timed as
   three ``torch._foreach_norm`` passes), the thread CPU time inside every hook, and the peak extra
   GPU memory (run peak with vs without, and the allocation peak inside the optimizer-step hook).
@@ -123,7 +123,7 @@ def _train(cfg, size: str, out: str, callbacks: list, *, steps: int, batch: int,
 def _callback_class():
     """The real callback, with every hook (and the optimizer pre-hook of its reader) timed from
     outside: thread CPU time, and GPU time and allocation peak around ``on_optimizer_step`` and
-    ``record_views``."""
+    the force pass (``record_views`` or ``record_planned``)."""
     from transformers import TrainerCallback
 
     from hf_weightforces import WeightForcesCallback
@@ -158,16 +158,18 @@ def _callback_class():
                 self.cpu_s += time.thread_time() - t0
                 self._time_reader()
                 mon = self.monitor
-                if mon is not None and hasattr(mon, "record_views"):
-                    inner = mon.record_views
+                for name in ("record_views", "record_planned"):  # the force pass: per-tensor or planned
+                    if mon is not None and hasattr(mon, name):
+                        setattr(mon, name, self._timed_pass(getattr(mon, name)))
 
-                    def timed(*a, **k):
-                        start = self.clock.stamp()
-                        try:
-                            return inner(*a, **k)
-                        finally:
-                            self.rv_events.append((start, self.clock.stamp()))
-                    mon.record_views = timed
+        def _timed_pass(self, inner):
+            def timed(*a, **k):
+                start = self.clock.stamp()
+                try:
+                    return inner(*a, **k)
+                finally:
+                    self.rv_events.append((start, self.clock.stamp()))
+            return timed
 
         def _time_reader(self) -> None:
             rec = getattr(getattr(self.ctx, "_reader", None), "rec", None)
@@ -323,10 +325,10 @@ def section_overhead(cfg, size: str, data) -> dict:
     return {
         "params": n_params, "batch": batch, "seq": cfg.seq, "steps": cfg.steps, "repeats": cfg.repeats,
         "plain_ms": p, "watched_ms": w, "overhead_pct": 100 * (w - p) / p,
-        "hook_ms": hook, "hook_pct": 100 * hook / p, "record_views_ms": rv, "hook_cpu_ms": statistics.median(cpu),
-        "bytes_12": bytes_12, "record_views_GBps": bytes_12 / (rv * 1e-3) / 1e9 if rv > 0 else math.nan,
+        "hook_ms": hook, "hook_pct": 100 * hook / p, "force_pass_ms": rv, "hook_cpu_ms": statistics.median(cpu),
+        "bytes_12": bytes_12, "force_pass_GBps": bytes_12 / (rv * 1e-3) / 1e9 if rv > 0 else math.nan,
         "floor_ms": floor_ms, "floor_GBps": floor_bytes / (floor_ms * 1e-3) / 1e9 if floor_ms > 0 else math.nan,
-        "record_views_over_floor": rv / floor_ms if floor_ms > 0 else math.nan,
+        "force_pass_over_floor": rv / floor_ms if floor_ms > 0 else math.nan,
         "peak_plain_MiB": peaks["plain"] / 2**20, "peak_watched_MiB": peaks["watched"] / 2**20,
         "peak_extra_MiB": (peaks["watched"] - peaks["plain"]) / 2**20, "hook_alloc_peak_MiB": hook_peak / 2**20,
     }
@@ -536,9 +538,9 @@ def _summary(name: str, r: dict) -> str:
         return r.get("detail", "")
     return (f"{r['params'] / 1e6:.1f}M params, batch {r['batch']}x{r['seq']}: plain {r['plain_ms']:.1f} ms, "
             f"with {r['watched_ms']:.1f} ms ({r['overhead_pct']:+.1f}%); hook {r['hook_ms']:.2f} ms "
-            f"({r['hook_pct']:.2f}%), CPU {r['hook_cpu_ms']:.2f} ms; record_views {r['record_views_ms']:.2f} ms = "
-            f"{r['record_views_GBps']:.0f} GB/s vs floor {r['floor_GBps']:.0f} GB/s "
-            f"({r['record_views_over_floor']:.1f}x); peak extra {r['peak_extra_MiB']:.0f} MiB, "
+            f"({r['hook_pct']:.2f}%), CPU {r['hook_cpu_ms']:.2f} ms; force pass {r['force_pass_ms']:.2f} ms = "
+            f"{r['force_pass_GBps']:.0f} GB/s vs floor {r['floor_GBps']:.0f} GB/s "
+            f"({r['force_pass_over_floor']:.1f}x); peak extra {r['peak_extra_MiB']:.0f} MiB, "
             f"in hook {r['hook_alloc_peak_MiB']:.0f} MiB")
 
 

@@ -9,9 +9,11 @@ optimizer steps; the configurations take turns ``--repeats`` times, so drift on 
 hits all of them.  Configurations:
 
 * ``none``: nothing attached;
-* ``budget/1``, ``budget/10``: :class:`WeightForcesCallback` every step / every 10 steps (its
-  defaults otherwise: logging every 10, Weibull every 100); ``budget/1/compiled`` with
-  ``kernel="compiled"`` (the sums fused by ``torch.compile``; compiled before the timed steps);
+* ``floor``: one read of w, m and v after each step (three multi-tensor float32 norms over lists made
+  once): the memory traffic any exact pass must pay, measured in the same run;
+* ``budget/1``, ``budget/10``: :class:`WeightForcesCallback` every step / every 10 steps with its
+  defaults (``kernel="auto"``, logging every 10, Weibull every 100); ``budget/1/exact`` and
+  ``budget/1/compiled`` force the eager or the compiled pass (compiled before the timed steps);
 * ``wandb.watch``: ``wandb.watch(model, log="all", log_freq=10)`` on an offline W&B run
   (histograms of every parameter and gradient every 10 steps);
 * ``per-tensor loop``: the forces computed tensor by tensor after each optimizer step with one host
@@ -46,7 +48,8 @@ from hf_weightforces import WeightForcesCallback  # noqa: E402
 from hf_weightforces.demo import make_datasets, pythia_config  # noqa: E402
 from hf_weightforces.distributed import _StepRecorder  # noqa: E402
 
-CONFIGS = ("none", "budget/1", "budget/10", "budget/1/compiled", "wandb.watch", "per-tensor loop")
+CONFIGS = ("none", "floor", "budget/1", "budget/1/exact", "budget/1/compiled", "budget/10", "wandb.watch",
+           "per-tensor loop")
 
 
 class HookClock:
@@ -109,6 +112,25 @@ class PerTensorLoop(TrainerCallback):
 
 
 PerTensorLoop.on_optimizer_step = CLOCK.wrap(PerTensorLoop.on_optimizer_step)
+
+
+class Floor(TrainerCallback):
+    """One read of w, m and v after each step: three multi-tensor float32 norms over lists made once."""
+
+    lists = None
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.lists is None:
+            opt = getattr(optimizer, "optimizer", optimizer)
+            ps = [p for g in opt.param_groups for p in g["params"] if "exp_avg" in opt.state.get(p, {})]
+            self.lists = ([p.detach() for p in ps], [opt.state[p]["exp_avg"] for p in ps],
+                          [opt.state[p]["exp_avg_sq"] for p in ps])
+        for xs in self.lists:
+            torch._foreach_norm(xs, 2)
+
+
+Floor.on_optimizer_step = CLOCK.wrap(Floor.on_optimizer_step)
 
 
 @contextlib.contextmanager
@@ -177,7 +199,9 @@ def run(config: str, size: str, args, data, cuda: bool) -> dict:
     wandb_run = None
     if config.startswith("budget/"):
         parts = config.split("/")  # budget/<every>[/<kernel>]
-        callbacks.append(TimedWeightForces(every=int(parts[1]), kernel=parts[2] if len(parts) > 2 else "exact"))
+        callbacks.append(TimedWeightForces(every=int(parts[1]), kernel=parts[2] if len(parts) > 2 else "auto"))
+    elif config == "floor":
+        callbacks.append(Floor())
     elif config == "per-tensor loop":
         callbacks.append(PerTensorLoop())
     CLOCK.seconds = 0.0

@@ -30,7 +30,7 @@ def test_gpu_check_smoke_mode_writes_one_table_and_one_json(tmp_path):
     over = sections["overhead/tiny"]
     assert over["status"] == "ok", over
     assert over["plain_ms"] > 0 and over["watched_ms"] > 0 and over["hook_ms"] > 0 and over["hook_cpu_ms"] > 0
-    assert 0 < over["record_views_ms"] <= over["hook_ms"]  # the force pass is inside the hook
+    assert 0 < over["force_pass_ms"] <= over["hook_ms"]  # the force pass is inside the hook
     assert over["bytes_12"] == 12 * over["params"] and over["floor_ms"] > 0
     assert sections["sync"]["status"] == "skip"  # no CUDA here
     skip = sections["scaler_skip"]
