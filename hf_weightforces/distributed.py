@@ -255,6 +255,7 @@ class _StepRecorder:
                 state = optimizer.state.get(p)
                 step = state.get("step") if state else None
                 if step is None:
+                    self.before.pop(id(p), None)  # no state (yet, or reset): its first step counts
                     continue
                 if not _is_host(step):
                     break  # device counters (fused/capturable on a GPU): one group, one kind
@@ -304,8 +305,13 @@ class PlannedStep(NamedTuple):
 
 
 def _group_key(group: dict) -> tuple:
+    """What a plan fixes about a group (its hyper-parameters come with each step)."""
+    return (bool(group.get("amsgrad", False)),)
+
+
+def _group_hypers(group: dict) -> tuple:
     beta1, beta2 = group["betas"]
-    return (group.get("weight_decay", 0.0), beta1, beta2, group["eps"], bool(group.get("amsgrad", False)))
+    return (group.get("weight_decay", 0.0), beta1, beta2, group["eps"])
 
 
 class _PlannedTensors:
@@ -351,10 +357,8 @@ class _PlannedTensors:
         self.second_moments = [r[6] for r in rows]
         self.steps = [r[7] for r in rows]
         self._check = [(r[2], r[2].data_ptr(), r[4], r[8], r[9], r[7], "max_exp_avg_sq" if
-                        _group_key(optimizer.param_groups[r[1]])[4] else "exp_avg_sq") for r in rows]
-        self.groups = [k for _, _, k in self.group_keys]
-        hypers = [(float(k[0]), float(k[1]), float(k[2]), float(k[3])) for k in self.groups]
-        self.plan = StepPlan([r[0] for r in rows], [r[1] for r in rows], hypers,
+                        _group_key(optimizer.param_groups[r[1]])[0] else "exp_avg_sq") for r in rows]
+        self.plan = StepPlan([r[0] for r in rows], [r[1] for r in rows], len(optimizer.param_groups),
                              [r[3].dtype == torch.float64 for r in rows], [r[3].numel() for r in rows], self.device,
                              kernel)
 
@@ -369,8 +373,9 @@ class _PlannedTensors:
         for group, (params, n, key) in zip(optimizer.param_groups, self.group_keys):
             if group["params"] is not params or len(params) != n or _group_key(group) != key:
                 return False
+        state = optimizer.state
         for p, ptr, st, m, v, step, second in self._check:
-            if st["exp_avg"] is not m or st[second] is not v or st["step"] is not step or p.data_ptr() != ptr:
+            if state.get(p) is not st or st.get("exp_avg") is not m or st.get(second) is not v or st.get("step") is not step or p.data_ptr() != ptr:
                 return False
         return True
 
@@ -759,7 +764,8 @@ class ShardContext:
         if rec.planned_before is None:
             return None
         t_before, t_after = rec.planned_before, planned.snapshot()
-        hyper = planned.plan.step_vector([rec.lr(g) for g in optimizer.param_groups], t_after)
+        groups = optimizer.param_groups
+        hyper = planned.plan.step_vector([rec.lr(g) for g in groups], [_group_hypers(g) for g in groups], t_after)
         if t_after.device != planned.device:  # host counters of accelerator tensors: pinned, no sync
             t_before, t_after = (x.pin_memory().to(planned.device, non_blocking=True) for x in (t_before, t_after))
         return PlannedStep(planned.plan, planned.weights, planned.exp_avgs, planned.second_moments, t_after, t_before, hyper)

@@ -68,16 +68,17 @@ def planned_terms(
     return terms, bad, norm2
 
 
-def _accumulate(dots, t_after, t_before, hv, gidx, fidx, bidx, wd, b1, idx, sums, nonfinite, norm2) -> torch.Tensor:
+def _accumulate(dots, t_after, t_before, hv, gidx, widx, b1idx, fidx, bidx, idx, sums, nonfinite, norm2) -> torch.Tensor:
     """The budget of ``dots`` added to the accumulators at ``idx`` (in place); returns the terms."""
-    terms, bad, norm2_new = planned_terms(dots, t_after, t_before, hv[gidx], hv[fidx], wd, b1, norm2[idx], hv[bidx])
+    terms, bad, norm2_new = planned_terms(dots, t_after, t_before, hv[gidx], hv[fidx], hv[widx], hv[b1idx], norm2[idx],
+                                          hv[bidx])
     sums.index_add_(0, idx, terms)
     nonfinite.index_add_(0, idx, bad)
     norm2.index_copy_(0, idx, norm2_new)
     return terms
 
 
-def _chunk_pass(ws, ms, vs, t_after, t_before, hv, gidx, fidx, bidx, eidx, wd, b1, idx, sums, nonfinite, norm2):
+def _chunk_pass(ws, ms, vs, t_after, t_before, hv, gidx, widx, b1idx, fidx, bidx, eidx, idx, sums, nonfinite, norm2):
     """One chunk of tensors, written for ``torch.compile`` to fuse: per tensor one read of w', m, v
     (exact float64 squares for ||w'||², ũ in float32 with ε' = ``hv[eidx[k]]``, its products
     summed in float64, as the eager pass), then the budget of the chunk, added to the monitor's
@@ -88,7 +89,8 @@ def _chunk_pass(ws, ms, vs, t_after, t_before, hv, gidx, fidx, bidx, eidx, wd, b
         w64 = w.to(torch.float64)
         u = (m / (torch.sqrt(v) + e[k])).to(torch.float64)
         rows.append(torch.stack(((w64 * w64).sum(), (w64 * u).sum(), (u * u).sum())))
-    return _accumulate(torch.stack(rows), t_after, t_before, hv, gidx, fidx, bidx, wd, b1, idx, sums, nonfinite, norm2)
+    return _accumulate(torch.stack(rows), t_after, t_before, hv, gidx, widx, b1idx, fidx, bidx, idx, sums, nonfinite,
+                       norm2)
 
 
 _COMPILE_FAILED = False
@@ -112,17 +114,17 @@ _PLANS = itertools.count()
 class StepPlan:
     """The per-step pass over a fixed list of tensors on one device, planned once.
 
-    ``groups[k]`` is tensor k's parameter group number and ``hypers[g]`` that group's
-    (weight_decay, beta1, beta2, eps); ``float64[k]`` says whether tensor k is stored in float64
+    ``groups[k]`` is tensor k's parameter group number, of ``n_groups`` (their hyper-parameters come
+    with each step: schedules may move them); ``float64[k]`` says whether tensor k is stored in float64
     (its decay factor is not rounded to float32); ``numels[k]`` its size (the tensors a step hands
-    over are flat).  Per step, :meth:`step_vector` turns the groups' lrs and the step counters into
-    one float64 vector, and :meth:`run` adds the step's budget to the accumulators."""
+    over are flat).  Per step, :meth:`step_vector` turns the groups' hyper-parameters and the step
+    counters into one float64 vector, and :meth:`run` adds the step's budget to the accumulators."""
 
     def __init__(
         self,
         indices: Sequence[int],
         groups: Sequence[int],
-        hypers: Sequence[tuple[float, float, float, float]],
+        n_groups: int,
         float64: Sequence[bool],
         numels: Sequence[int],
         device: torch.device,
@@ -130,23 +132,26 @@ class StepPlan:
     ) -> None:
         dev = torch.device(device)
         self.device, self.kernel, self.size = dev, kernel, len(indices)
-        self.groups, self.hypers, self.float64 = list(groups), [tuple(map(float, h)) for h in hypers], list(float64)
-        n_groups, n = len(hypers), len(indices)
+        self.groups, self.float64 = list(groups), list(float64)
+        self.n_groups = n_groups
+        n = len(indices)
         vec = lambda xs, dtype=torch.float64: to_device(torch.tensor(list(xs), dtype=dtype), dev)  # noqa: E731
-        # the step vector (step_vector): lr of group g at g; its decay factors at G + 2g (float32-rounded)
-        # and G + 2g + 1 (exact); sqrt(1 - β2^t) of tensor k at 3G + k; its ε' at 3G + P + k
+        # the step vector (step_vector), G groups, P tensors: lr, weight decay, β1 of group g at g, G + g,
+        # 2G + g; its decay factors at 3G + 2g (float32-rounded) and 3G + 2g + 1 (exact); sqrt(1 - β2^t)
+        # of tensor k at 5G + k, its ε' at 5G + P + k
         self.index = vec(indices, torch.long)
         self.gidx = vec(groups, torch.long)
-        self.fidx = vec([n_groups + 2 * g + int(f) for g, f in zip(groups, float64)], torch.long)
-        self.bidx = vec(range(3 * n_groups, 3 * n_groups + n), torch.long)
+        self.widx = self.gidx + n_groups
+        self.b1idx = self.gidx + 2 * n_groups
+        self.fidx = vec([3 * n_groups + 2 * g + int(f) for g, f in zip(groups, float64)], torch.long)
+        self.bidx = vec(range(5 * n_groups, 5 * n_groups + n), torch.long)
         self.eidx = self.bidx + n
-        self.wd, self.b1, self.b2, self.eps = (vec(self.hypers[g][j] for g in groups) for j in range(4))
         # contiguous chunks of at most CHUNK tensors, their slices of every per-tensor vector
         self.chunks = []
         for a in range(0, n, CHUNK):
             sl = slice(a, min(a + CHUNK, n))
-            self.chunks.append((sl, self.gidx[sl], self.fidx[sl], self.bidx[sl], self.eidx[sl], self.wd[sl],
-                                self.b1[sl], self.index[sl]))
+            self.chunks.append((sl, *(x[sl] for x in (self.gidx, self.widx, self.b1idx, self.fidx, self.bidx,
+                                                     self.eidx, self.index))))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
         # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
         self._numels = list(numels)
@@ -154,29 +159,32 @@ class StepPlan:
         self._big = [k for k, n in enumerate(numels) if n >= SMALL]
         self._big_index = vec(self._big, torch.long)
 
-    def step_vector(self, lrs: Sequence[float | torch.Tensor], t_after: torch.Tensor) -> torch.Tensor:
-        """[3G + 2P] float64 on the plan's device: each group's lr, its two decay factors, and each
-        tensor's sqrt(1 - β2^t) and ε' = ε sqrt(1 - β2^t).  Host counters and host lrs: computed
-        in Python and sent as one tensor (pinned, non-blocking on an accelerator); counters or an
-        lr on the accelerator: computed there, no host synchronisation."""
+    def step_vector(self, lrs: Sequence[float | torch.Tensor], hypers: Sequence[tuple[float, float, float, float]],
+                    t_after: torch.Tensor) -> torch.Tensor:
+        """[5G + 2P] float64 on the plan's device from each group's lr and (weight decay, β1, β2, ε),
+        read at this step (a schedule may move any of them), and the tensors' step counters after
+        the step: the groups' lr, weight decay, β1 and two decay factors, the tensors'
+        sqrt(1 - β2^t) and ε' = ε sqrt(1 - β2^t).  Host counters and host lrs: computed in Python
+        and sent as one tensor (pinned, non-blocking on an accelerator); counters or an lr on the
+        accelerator: computed there, no host synchronisation."""
+        hypers = [tuple(float(x) for x in h) for h in hypers]
+        wd, b1 = [h[0] for h in hypers], [h[1] for h in hypers]
         if t_after.device.type == "cpu" and not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in lrs):
             lr = [float(x) for x in lrs]
-            factors = [f for x, h in zip(lr, self.hypers)
+            factors = [f for x, h in zip(lr, hypers)
                        for f in (decay_factor(x, h[0], torch.float32), decay_factor(x, h[0], torch.float64))]
-            ts = t_after.tolist()
             memo: dict[tuple, float] = {}
-            bc2 = [memo.get((t, g)) or memo.setdefault((t, g), math.sqrt(1.0 - self.hypers[g][2] ** t))
-                   for t, g in zip(ts, self.groups)]
-            eps = [self.hypers[g][3] * b for g, b in zip(self.groups, bc2)]
-            host = torch.tensor(lr + factors + bc2 + eps, dtype=torch.float64)
-            return host if self.device.type == "cpu" else host.pin_memory().to(self.device, non_blocking=True)
+            bc2 = [memo.get((t, g)) or memo.setdefault((t, g), math.sqrt(1.0 - hypers[g][2] ** t))
+                   for t, g in zip(t_after.tolist(), self.groups)]
+            eps = [hypers[g][3] * b for g, b in zip(self.groups, bc2)]
+            return to_device(torch.tensor(lr + wd + b1 + factors + bc2 + eps, dtype=torch.float64), self.device)
         lr = torch.stack([x.to(self.device, torch.float64).reshape(()) if isinstance(x, torch.Tensor)
                           else to_device(torch.tensor(float(x), dtype=torch.float64), self.device) for x in lrs])
-        wd = to_device(torch.tensor([h[0] for h in self.hypers], dtype=torch.float64), self.device)
-        exact = 1.0 - lr * wd
+        per_group = to_device(torch.tensor(hypers, dtype=torch.float64).T.contiguous(), self.device)  # [4, G]
+        exact = 1.0 - lr * per_group[0]
         factors = torch.stack((exact.to(torch.float32).to(torch.float64), exact), dim=1).reshape(-1)
-        bc2 = torch.sqrt(1.0 - self.b2 ** to_device(t_after, self.device).to(torch.float64))
-        return torch.cat((lr, factors, bc2, self.eps * bc2))
+        bc2 = torch.sqrt(1.0 - per_group[2][self.gidx] ** to_device(t_after, self.device).to(torch.float64))
+        return torch.cat((lr, per_group[0], per_group[1], factors, bc2, per_group[3][self.gidx] * bc2))
 
     def run(
         self,
@@ -240,8 +248,8 @@ class StepPlan:
 
     def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
         dots = self.dots(weights, exp_avgs, second_moments, hv)
-        return _accumulate(dots, t_after, t_before, hv, self.gidx, self.fidx, self.bidx, self.wd, self.b1, self.index,
-                           *acc)
+        return _accumulate(dots, t_after, t_before, hv, self.gidx, self.widx, self.b1idx, self.fidx, self.bidx,
+                           self.index, *acc)
 
 
 class _PackedSmall:
