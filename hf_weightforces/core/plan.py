@@ -1,21 +1,22 @@
 """A step's force pass planned once: everything that does not change from step to step is made at
-the first budget step, so a step hands the kernels only its learning rates, decay factors and step
-counters (docs/budget.md, section 9).
+the first budget step, so a step hands the kernels only one float64 vector (learning rates, weight
+decays, β1, decay factors, bias corrections) and the step counters (docs/budget.md, section 9).
 
-:class:`StepPlan` holds, for a fixed list of tensors on one device, the index tensors, each
-tensor's parameter group and hyper-parameters (as device vectors), and the pass itself.  One
-:meth:`StepPlan.run` gives, for every tensor, its budget row (:data:`~.budget.BUDGET_TERMS`), whether
-its terms were not finite, and its new squared norm, with the tensors the step did not update
-(counter not moved: no gradient, a GradScaler skip inside a fused kernel) masked out on the device:
-no Python work per tensor, no host synchronisation, no host-to-device copy of a Python list.
+:class:`StepPlan` holds, for a fixed list of tensors on one device, the index tensors into the
+monitor and into the step vector, and the pass itself.  One :meth:`StepPlan.run` adds every tensor's
+budget row (:data:`~.budget.BUDGET_TERMS`) to the monitor's sums, flags non-finite rows and sets the
+new squared norms, with the tensors the step did not update (counter not moved: no gradient, a
+GradScaler skip inside a fused kernel) masked out on the device: no Python work per tensor, no host
+synchronisation, no host-to-device copy of a Python list.
 
 The pass (``kernel``):
 
-* ``exact``: the eager reference, :func:`~.kernels.step_dots` then :func:`~.budget.budget_from_dots`;
+* ``exact``: the eager reference (small tensors packed into float64 buffers made once, big ones
+  through :func:`~.kernels.step_dots`), then the budget;
 * ``compiled``: :func:`_chunk_pass` through ``torch.compile``: the three sums of every tensor, the
-  bias corrections from the step counters and the budget in one compiled call per chunk of
-  :data:`CHUNK` tensors (usually one call a step), equal to the reference within 1e-6 of each
-  sum (``tests/test_plan.py``).
+  budget and the accumulation in one compiled call per chunk of :data:`CHUNK` tensors (one call a
+  step up to 64 tensors), equal to the eager pass within 1e-6 of each sum (``tests/test_plan.py``);
+* ``foreach``: :func:`~.kernels.step_dots`'s multi-tensor pass.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CHUNK", "StepPlan", "planned_terms"]
 
 #: Tensors per compiled call: one graph for a whole small or mid-sized model; a large model is cut
-#: into a few graphs so that compiling stays bounded (chunks of equal shapes share one compilation).
+#: into a few graphs so that each compilation stays bounded.
 CHUNK = 64
 
 

@@ -105,8 +105,8 @@ class ShardContext:
     def planned_step(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], kernel: str) -> PlannedStep | None:
         """This step's inputs to the planned pass (core/plan.py), or None where the per-tensor
         :meth:`views` must read it: a sharded backend, the first budget step, or a step where a
-        tensor, counter or hyper-parameter was replaced since the plan (planned again for the
-        next step).  The shares of a divided DDP run are planned like a single process's."""
+        tensor, a moment or a counter was replaced since the plan (planned again for the next
+        step).  The shares of a divided DDP run are planned like a single process's."""
         reader = self._reader
         rec = getattr(reader, "rec", None)
         if type(reader) is not _ReplicatedReader or rec is None:
@@ -117,7 +117,7 @@ class ShardContext:
         if planned is None or planned.index_of is not index_of or planned.kernel != kernel or not planned.valid(optimizer):
             rec.planned = self._plan(optimizer, index_of, kernel)
             return None  # the pre-hook of this step did not snapshot the new plan's counters
-        if rec.planned_before is None:
+        if rec.planned_before is None:  # set (or cleared) by the pre-hook of every step
             return None
         t_before, t_after = rec.planned_before, planned.snapshot()
         groups = optimizer.param_groups

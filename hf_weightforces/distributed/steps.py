@@ -64,7 +64,7 @@ class _StepRecorder:
             return True
         if self.before_of is not None:  # the pre-hook took the planned snapshot: unpack it once
             planned, self.before_of = self.before_of, None
-            if _is_host(self.planned_before):
+            if self.planned_before is not None and _is_host(self.planned_before):
                 self.before.update(zip(planned.keys, self.planned_before.tolist()))
         return float(step) > self.before.get(id(t), 0.0)
 
@@ -94,7 +94,7 @@ class PlannedStep(NamedTuple):
     second_moments: list[torch.Tensor]
     t_after: torch.Tensor
     t_before: torch.Tensor
-    hyper_now: torch.Tensor  # StepPlan.step_vector: the groups' lrs and decay factors, the bias corrections
+    hyper_now: torch.Tensor  # StepPlan.step_vector: the groups' hyper-parameters and decay factors, the bias corrections
 
 
 def _group_key(group: dict) -> tuple:
@@ -112,9 +112,10 @@ class _PlannedTensors:
 
     Holds flat detached aliases of the weights, the moments and the step counters of every tensor with
     AdamW state in the monitored set, in the optimizer's order, and the :class:`StepPlan` over them.
-    :meth:`valid` checks, per step, that nothing was replaced (the optimizer's state, a moment, a
-    counter, a weight's storage, a group's hyper-parameters); when anything was, the callback
-    takes the per-tensor path for that step and plans again."""
+    :meth:`valid` checks, per step, that nothing was replaced (the optimizer's state or a tensor's
+    entry in it, a moment, a counter, a weight's storage, a group, AMSGrad switched); when anything
+    was, the callback takes the per-tensor path for that step and plans again.  Hyper-parameters are
+    not planned: they come with each step (:meth:`StepPlan.step_vector`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], counts, kernel: str) -> None:
         self.state = optimizer.state
@@ -160,7 +161,7 @@ class _PlannedTensors:
         return optimizer.state is self.state and len(optimizer.state) == self.n_state
 
     def valid(self, optimizer) -> bool:
-        """Every planned tensor, counter and hyper-parameter still the one planned."""
+        """Every planned tensor, moment and counter still the one planned, in the same groups."""
         if not self.fresh(optimizer) or len(optimizer.param_groups) != len(self.group_keys):
             return False
         for group, (params, n, key) in zip(optimizer.param_groups, self.group_keys):
@@ -168,7 +169,8 @@ class _PlannedTensors:
                 return False
         state = optimizer.state
         for p, ptr, st, m, v, step, second in self._check:
-            if state.get(p) is not st or st.get("exp_avg") is not m or st.get(second) is not v or st.get("step") is not step or p.data_ptr() != ptr:
+            if (state.get(p) is not st or st.get("exp_avg") is not m or st.get(second) is not v
+                    or st.get("step") is not step or p.data_ptr() != ptr):
                 return False
         return True
 
