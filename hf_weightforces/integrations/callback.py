@@ -255,8 +255,8 @@ class WeightForcesCallback(TrainerCallback):
         self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
         self.monitor.dots_method = choose_kernel(self.kernel, sum(e.numel for e in entries), self.monitor.device)
         if self.monitor.dots_method == "compiled":
-            logger.info("weight forces: the per-step pass is compiled by torch.compile at the first budget step "
-                        "(once; cached on disk for later runs)")
+            logger.info("weight forces: the per-step pass is compiled by torch.compile at the second budget step "
+                        "(once: up to a minute on a small CPU the first time, seconds once inductor's disk cache has it)")
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
         self.pools = WeibullPools(infos, self.monitor.device, per_matrix=self.weibull_per_matrix)
         self._next_weibull = 0
