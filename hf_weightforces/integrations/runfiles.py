@@ -160,18 +160,20 @@ class ScheduleLog:
         self._rows.append((step_id, lr, [float(g.get("weight_decay", 0.0)) for g in groups], skipped))
 
     def flush(self) -> None:
-        """One row a step since the last flush."""
+        """One row a step since the last flush (at a log event: values still on a device come back in
+        one transfer)."""
         if not self._rows:
             return
         rows, self._rows = self._rows, []
         try:
-            lrs = [lr for _, lr, _, _ in rows]
-            if any(isinstance(x, torch.Tensor) for row in lrs for x in row):  # device lr: one transfer
-                lrs = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in row])
-                                   for row in lrs]).tolist()
-            flags = [skipped for _, _, _, skipped in rows]
-            if any(isinstance(x, torch.Tensor) for x in flags):  # deferred overflow flags: one transfer
-                flags = torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in flags]).tolist()
+            widths = [len(lr) for _, lr, _, _ in rows]
+            # device lrs and deferred overflow flags: one transfer for all of them
+            values = _host_values([x for _, lr, _, _ in rows for x in lr] + [skipped for _, _, _, skipped in rows])
+            lrs, at = [], 0
+            for n in widths:
+                lrs.append(values[at : at + n])
+                at += n
+            flags = values[at:]
             self.sink.write_rows([({"lr": lr, "weight_decay": wds, "skipped": bool(skipped)}, step)
                                   for (step, _, wds, _), lr, skipped in zip(rows, lrs, flags)])
         except Exception as exc:  # the schedule file alone is lost; the metrics rows go on
@@ -181,3 +183,15 @@ class ScheduleLog:
     def close(self) -> None:
         self.flush()
         self.sink.close()
+
+
+def _host_values(values: list) -> list[float]:
+    """Numbers, host tensors and device scalars as floats; the device ones in one transfer."""
+    on_device = [i for i, x in enumerate(values) if isinstance(x, torch.Tensor) and x.device.type != "cpu"]
+    out = [float(x) for x in values] if not on_device else [
+        None if isinstance(x, torch.Tensor) and x.device.type != "cpu" else float(x) for x in values]
+    if on_device:
+        moved = torch.stack([values[i].reshape(()).to(torch.float64) for i in on_device]).tolist()
+        for i, v in zip(on_device, moved):
+            out[i] = v
+    return out
