@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMPILE_FROM", "KERNELS", "choose_kernel", "squared_norms", "step_dots"]
+__all__ = ["COMPILE_FROM", "KERNELS", "PackedSmall", "choose_kernel", "squared_norms", "step_dots", "to_device"]
 
 
 #: Elements converted to float64 at a time by the exact passes (1 MiB a float64 buffer on CPU):
@@ -111,31 +111,59 @@ def _split(numels: tuple[int, ...], device: torch.device) -> tuple[list[int], li
     return hit
 
 
+class PackedSmall:
+    """The eager pass over many small tensors, float64 throughout: packed into float64 buffers made
+    once (with their per-tensor views), so a step is a dozen multi-tensor and flat operations
+    (converting copies, ũ, three multi-tensor norms; <w', ũ> by polarisation, harmless in float64)
+    with no allocation of the packed size.  ``members``: the tensors' positions in the caller's
+    list (``index`` on the device)."""
+
+    def __init__(self, members: list[int], numels: list[int], device: torch.device) -> None:
+        self.members = members
+        self.index = to_device(torch.tensor(members, dtype=torch.long), device)
+        total = sum(numels)
+        self.seg = _segments(tuple(numels), device)
+        self.w, self.m, self.u, self.e = (torch.empty(total, dtype=torch.float64, device=device) for _ in range(4))
+        self.views = [list(b.split(numels)) for b in (self.w, self.m, self.u)]
+
+    def dots(self, ws, ms, vs, eps: torch.Tensor) -> torch.Tensor:
+        """(||w'||², <w', ũ>, ||ũ||²) per tensor [k, 3]; ``ws``, ``ms``, ``vs`` flat, ``eps`` one
+        float64 ε' per tensor on the device."""
+        wv, mv, uv = self.views
+        torch._foreach_copy_(wv, ws)
+        torch._foreach_copy_(mv, ms)
+        torch._foreach_copy_(uv, vs)
+        torch.index_select(eps, 0, self.seg, out=self.e)
+        self.u.sqrt_().add_(self.e)
+        self.m.div_(self.u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
+        a = torch.stack(torch._foreach_norm(wv, 2)).square()
+        c = torch.stack(torch._foreach_norm(mv, 2)).square()
+        torch.add(self.w, self.m, out=self.u)  # w' + ũ: <w', ũ> by polarisation (float64)
+        s = torch.stack(torch._foreach_norm(uv, 2)).square()
+        return torch.stack((a, 0.5 * (s - a - c), c), dim=1)
+
+
+_PACKED: dict[tuple, PackedSmall] = {}  # the per-tensor path's packed buffers, per set of sizes and device
+
+
 def _dots_packed(weights, exp_avgs, second_moments, eps_terms) -> torch.Tensor:
-    """:func:`_dots_exact` for many small tensors at once, in float64 throughout: packed into one
-    flat buffer for the elementwise work, reduced per tensor by multi-tensor norms of its views
-    (<w', ũ> by polarisation, harmless in float64).  A fixed handful of kernels, however many
-    tensors.  ``eps_terms``: one ε' per tensor (numbers, 0-d tensors, or one float64 vector)."""
+    """:class:`PackedSmall` for the per-tensor path (buffers cached per set of tensor sizes and
+    device).  ``eps_terms``: one ε' per tensor (numbers, 0-d tensors, or one float64 vector)."""
     dev = weights[0].device
-    lens = [w.numel() for w in weights]
-    seg = _segments(tuple(lens), dev)
-    w = torch.cat([x.detach().reshape(-1) for x in weights]).double()
-    m = torch.cat([x.detach().reshape(-1) for x in exp_avgs]).double()
-    u = torch.cat([x.detach().reshape(-1) for x in second_moments]).double().sqrt_()
+    lens = tuple(w.numel() for w in weights)
+    packed = _PACKED.get((lens, str(dev)))
+    if packed is None:
+        if len(_PACKED) >= 4:
+            _PACKED.clear()
+        packed = _PACKED[(lens, str(dev))] = PackedSmall(list(range(len(lens))), list(lens), dev)
     if isinstance(eps_terms, torch.Tensor):
-        u.add_(eps_terms.to(torch.float64).index_select(0, seg))
-    elif not any(isinstance(e, torch.Tensor) for e in eps_terms) and len(set(eps_terms)) == 1:
-        u.add_(float(eps_terms[0]))  # the usual case: one ε' for every tensor (no per-element gather)
+        eps = eps_terms.to(torch.float64)
+    elif all(isinstance(e, torch.Tensor) for e in eps_terms):
+        eps = torch.stack([x.reshape(()).to(dev, torch.float64) for x in eps_terms])
     else:
-        if all(isinstance(e, torch.Tensor) for e in eps_terms):
-            e = torch.stack([x.reshape(()).double() for x in eps_terms])
-        else:
-            e = torch.tensor([float(x) for x in eps_terms], dtype=torch.float64, device=dev)
-        u.add_(e.index_select(0, seg))
-    torch.div(m, u, out=u)  # ũ = m / (sqrt(v) + ε')
-    m.copy_(w).add_(u)  # reuse m's buffer for w' + ũ
-    a, c, s = (torch.stack(torch._foreach_norm(list(x.split(lens)), 2)).square() for x in (w, u, m))
-    return torch.stack((a, 0.5 * (s - a - c), c), dim=1)
+        eps = to_device(torch.tensor([float(x) for x in eps_terms], dtype=torch.float64), dev)
+    flat = lambda xs: [x.detach().reshape(-1) for x in xs]  # noqa: E731
+    return packed.dots(flat(weights), flat(exp_avgs), flat(second_moments), eps)
 
 
 def _dots_exact(

@@ -32,6 +32,7 @@ from .budget import (
     step_dots,
 )
 from .aggregates import ParamInfo, aggregate_masks
+from .kernels import to_device
 
 __all__ = ["BUDGET_MODES", "FORCE_KEYS", "ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
 
@@ -60,10 +61,7 @@ def _is_host(x: object) -> bool:
 
 def _to_device(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A host list as a device tensor without a host synchronisation (pinned, non-blocking copy)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 _INDEX_CACHE_SIZE = 64

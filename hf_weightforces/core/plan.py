@@ -31,7 +31,7 @@ import torch
 
 from .budget import budget_from_dots, decay_factor
 from .kernels import _SMALL as SMALL
-from .kernels import step_dots, to_device
+from .kernels import PackedSmall, step_dots, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class StepPlan:
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
         # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
         self._numels = list(numels)
-        self._small: _PackedSmall | None = None
+        self._small: PackedSmall | None = None
         self._big = [k for k, n in enumerate(numels) if n >= SMALL]
         self._big_index = vec(self._big, torch.long)
 
@@ -224,10 +224,10 @@ class StepPlan:
                for fn, c in zip(self._fns, self.chunks)]
         return torch.cat(out)
 
-    def _packed_small(self) -> _PackedSmall | None:
+    def _packed_small(self) -> PackedSmall | None:
         if self._small is None:
             small = [k for k, n in enumerate(self._numels) if n < SMALL]
-            self._small = _PackedSmall(small, [self._numels[k] for k in small], self.device) if small else False
+            self._small = PackedSmall(small, [self._numels[k] for k in small], self.device) if small else False
         return self._small or None
 
     def dots(self, weights, exp_avgs, second_moments, hv: torch.Tensor) -> torch.Tensor:
@@ -251,36 +251,6 @@ class StepPlan:
         dots = self.dots(weights, exp_avgs, second_moments, hv)
         return _accumulate(dots, t_after, t_before, hv, self.gidx, self.widx, self.b1idx, self.fidx, self.bidx,
                            self.index, *acc)
-
-
-class _PackedSmall:
-    """The eager pass over many small tensors, planned once: float64 buffers and their per-tensor
-    views made at the first step, so a step is a dozen multi-tensor and flat operations
-    (converting copies, ũ, three multi-tensor norms) with no allocation of the packed size."""
-
-    def __init__(self, members: list[int], numels: list[int], device: torch.device) -> None:
-        self.members = members
-        self.index = to_device(torch.tensor(members, dtype=torch.long), device)
-        total = sum(numels)
-        self.seg = to_device(torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)), device)
-        self.w, self.m, self.u, self.e = (torch.empty(total, dtype=torch.float64, device=device) for _ in range(4))
-        self.views = [list(b.split(numels)) for b in (self.w, self.m, self.u)]
-
-    def dots(self, ws, ms, vs, eps: torch.Tensor) -> torch.Tensor:
-        """(||w'||², <w', ũ>, ||ũ||²) per tensor, float64 throughout (as the packed eager pass of
-        core/kernels.py); ``ws``, ``ms``, ``vs`` flat."""
-        wv, mv, uv = self.views
-        torch._foreach_copy_(wv, ws)
-        torch._foreach_copy_(mv, ms)
-        torch._foreach_copy_(uv, vs)
-        torch.index_select(eps, 0, self.seg, out=self.e)
-        self.u.sqrt_().add_(self.e)
-        self.m.div_(self.u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
-        a = torch.stack(torch._foreach_norm(wv, 2)).square()
-        c = torch.stack(torch._foreach_norm(mv, 2)).square()
-        torch.add(self.w, self.m, out=self.u)  # w' + ũ: <w', ũ> by polarisation (float64)
-        s = torch.stack(torch._foreach_norm(uv, 2)).square()
-        return torch.stack((a, 0.5 * (s - a - c), c), dim=1)
 
 
 def _compile_failed(exc: Exception) -> None:
