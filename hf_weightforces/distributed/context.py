@@ -126,6 +126,12 @@ class ShardContext:
             t_before, t_after = (x.pin_memory().to(planned.device, non_blocking=True) for x in (t_before, t_after))
         return PlannedStep(planned.plan, planned.weights, planned.exp_avgs, planned.second_moments, t_after, t_before, hyper)
 
+    @property
+    def has_plan(self) -> bool:
+        """Whether the next step can take the planned pass (a plan was made and holds)."""
+        rec = getattr(self._reader, "rec", None)
+        return rec is not None and rec.planned is not None
+
     def _plan(self, optimizer, index_of: dict[int, int], kernel: str) -> _PlannedTensors | None:
         key = (id(optimizer.state), len(optimizer.state), id(index_of), kernel)
         if getattr(self, "_unplannable", None) == key:

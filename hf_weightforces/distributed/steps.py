@@ -134,10 +134,11 @@ class _PlannedTensors:
                 step = st.get("step")
                 if not isinstance(step, torch.Tensor):
                     raise _NotPlannable("a step counter is not a tensor")
-                m, v = st["exp_avg"], st["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]
+                second = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
+                m, v = st["exp_avg"], st[second]
                 if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
                     raise _NotPlannable("a tensor is not contiguous")
-                rows.append((idx, g, p, p.detach().view(-1), st, m.view(-1), v.view(-1), step, m, v))
+                rows.append((idx, g, p, p.detach().view(-1), st, m.view(-1), v.view(-1), step, m, v, second))
         if not rows:
             raise _NotPlannable("no tensor has AdamW state yet")
         devices = {t.device for r in rows for t in (r[3], r[5], r[6])}
@@ -150,8 +151,7 @@ class _PlannedTensors:
         self.exp_avgs = [r[5] for r in rows]
         self.second_moments = [r[6] for r in rows]
         self.steps = [r[7] for r in rows]
-        self._check = [(r[2], r[2].data_ptr(), r[4], r[8], r[9], r[7], "max_exp_avg_sq" if
-                        _group_key(optimizer.param_groups[r[1]])[0] else "exp_avg_sq") for r in rows]
+        self._check = [(r[2], r[2].data_ptr(), r[4], r[8], r[9], r[7], r[10]) for r in rows]
         self.plan = StepPlan([r[0] for r in rows], [r[1] for r in rows], len(optimizer.param_groups),
                              [r[3].dtype == torch.float64 for r in rows], [r[3].numel() for r in rows], self.device,
                              kernel)

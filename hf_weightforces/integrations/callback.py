@@ -515,13 +515,16 @@ class WeightForcesCallback(TrainerCallback):
                 self._reader.record(step_id)
             return
         opt = unwrap_optimizer(optimizer)
+        method = None
         if self._super is None and getattr(self.monitor, "_staged", None) is None:
             planned = self.ctx.planned_step(opt, self._index_of, self.monitor.dots_method)
             if planned is not None and planned.plan.device == self.monitor.device:  # planned at an earlier step
                 self.monitor.record_planned(planned, step_id)
                 return
+            if self.ctx.has_plan:  # planned from the next step on: this one step is not worth a compilation
+                method = "exact" if self.monitor.dots_method == "compiled" else None
         views = self.ctx.views(opt, self._index_of)
-        self.monitor.record_views(views, step_id)
+        self.monitor.record_views(views, step_id, method=method)
         if self._super is not None:
             whole = self.ctx.views(unwrap_optimizer(optimizer), self._index_of, whole=True) if self.ctx.divides else views
             self._super.record(whole, step_id)
