@@ -366,7 +366,7 @@ class WeightForcesCallback(TrainerCallback):
         restore_probes(data, self._all_probes, state.global_step, self.probes)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.monitor is None or not state.is_world_process_zero or not self.ctx.is_main:
+        if self.monitor is None or self.ctx is None or not state.is_world_process_zero or not self.ctx.is_main:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
