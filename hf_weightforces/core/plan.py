@@ -1,6 +1,7 @@
 """A step's force pass planned once: everything that does not change from step to step is made at
-the first budget step, so a step hands the kernels only one float64 vector (learning rates, weight
-decays, β1, decay factors, bias corrections) and the step counters (docs/budget.md, section 9).
+the first budget step, so a step hands the kernels only one float64 vector of the groups'
+hyper-parameters (learning rates, weight decays, betas, ε, decay factors) and the step counters;
+the bias corrections are computed from the counters inside the pass (docs/budget.md, section 9).
 
 :class:`StepPlan` holds, for a fixed list of tensors on one device, the index tensors into the
 monitor and into the step vector, and the pass itself.  One :meth:`StepPlan.run` adds every tensor's
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
+import threading
 import types
 from collections.abc import Sequence
 
@@ -35,11 +36,25 @@ from .kernels import PackedSmall, step_dots, to_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK", "StepPlan", "planned_terms"]
+__all__ = ["CHUNK", "HYPER_ROWS", "StepPlan", "per_tensor", "planned_terms"]
 
 #: Tensors per compiled call: one graph for a whole small or mid-sized model; a large model is cut
 #: into a few graphs so that each compilation stays bounded.
 CHUNK = 64
+
+
+#: Rows of the step vector (:meth:`StepPlan.step_vector`), G entries each: per parameter group
+HYPER_ROWS = ("lr", "weight_decay", "beta1", "beta2", "eps", "factor_fl32", "factor_exact")
+
+
+def per_tensor(hv: torch.Tensor, gidx: torch.Tensor, float64: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor:
+    """[6, P] float64, per tensor: lr, weight decay, β1, decay factor, sqrt(1 - β2^t) and
+    ε' = ε sqrt(1 - β2^t), from the step vector ``hv`` [7G], each tensor's group ``gidx``, whether it
+    is stored in float64 (its decay factor is exact, not float32-rounded) and its step counter after
+    the step.  A handful of operations on P-vectors (inside the compiled pass too)."""
+    lr, wd, b1, b2, eps, f32, f64 = hv.view(len(HYPER_ROWS), -1)[:, gidx].unbind(0)
+    bc2 = torch.sqrt(1.0 - b2 ** t_after.to(torch.float64))
+    return torch.stack((lr, wd, b1, torch.where(float64, f64, f32), bc2, eps * bc2))
 
 
 def planned_terms(
@@ -69,29 +84,39 @@ def planned_terms(
     return terms, bad, norm2
 
 
-def _accumulate(dots, t_after, t_before, hv, gidx, widx, b1idx, fidx, bidx, idx, sums, nonfinite, norm2) -> torch.Tensor:
-    """The budget of ``dots`` added to the accumulators at ``idx`` (in place); returns the terms."""
-    terms, bad, norm2_new = planned_terms(dots, t_after, t_before, hv[gidx], hv[fidx], hv[widx], hv[b1idx], norm2[idx],
-                                          hv[bidx])
+def _accumulate(dots, t_after, t_before, hyper, idx, sums, nonfinite, norm2) -> torch.Tensor:
+    """The budget of ``dots`` added to the accumulators at ``idx`` (in place); returns the terms.
+    ``hyper``: :func:`per_tensor`'s rows."""
+    lr, wd, b1, factor, bc2, _ = hyper.unbind(0)
+    terms, bad, norm2_new = planned_terms(dots, t_after, t_before, lr, factor, wd, b1, norm2[idx], bc2)
     sums.index_add_(0, idx, terms)
     nonfinite.index_add_(0, idx, bad)
     norm2.index_copy_(0, idx, norm2_new)
     return terms
 
 
-def _chunk_pass(ws, ms, vs, t_after, t_before, hv, gidx, widx, b1idx, fidx, bidx, eidx, idx, sums, nonfinite, norm2):
-    """One chunk of tensors, written for ``torch.compile`` to fuse: per tensor one read of w', m, v
-    (exact float64 squares for ||w'||², ũ in float32 with ε' = ``hv[eidx[k]]``, its products
-    summed in float64, as the eager pass), then the budget of the chunk, added to the monitor's
-    accumulators in place."""
-    e = hv[eidx].to(torch.float32)
+def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, idx, sums, nonfinite, norm2):
+    """One chunk of tensors, written for ``torch.compile`` to fuse: the per-tensor hyper-parameters
+    (:func:`per_tensor` of ``hyper`` = (step vector, groups, float64 flags, counters)), per tensor one
+    read of w', m, v (exact float64 squares for ||w'||², ũ in float32, its products summed in
+    float64, as the eager pass), then the budget of the chunk, added to the monitor's accumulators
+    in place.  Each tensor's three sums are one row made by ``cat`` of 1-element sums: inductor then
+    computes them in one loop over the tensor (one read of w', m, v) and allocates no scalar buffer
+    per sum (a compiled call pays for every buffer it allocates).  Measured against the other ways
+    of writing it (three 0-d sums stacked; three vectors of k sums): the fastest on both models of
+    ``benchmarks/overhead.py`` and the quickest to compile."""
+    hyper = per_tensor(*hyper)
+    # ε' in float32, made a buffer by a (trivial) reduction: inductor inlines pointwise values into
+    # their readers, and would recompute pow and sqrt inside every tensor's loop over its elements
+    e = torch.stack((hyper[5], hyper[5])).amin(0).to(torch.float32)
     rows = []
     for k, (w, m, v) in enumerate(zip(ws, ms, vs)):
         w64 = w.to(torch.float64)
         u = (m / (torch.sqrt(v) + e[k])).to(torch.float64)
-        rows.append(torch.stack(((w64 * w64).sum(), (w64 * u).sum(), (u * u).sum())))
-    return _accumulate(torch.stack(rows), t_after, t_before, hv, gidx, widx, b1idx, fidx, bidx, idx, sums, nonfinite,
-                       norm2)
+        rows.append(torch.cat(((w64 * w64).sum(0, keepdim=True), (w64 * u).sum(0, keepdim=True),
+                               (u * u).sum(0, keepdim=True))))
+    dots = torch.stack(rows)
+    return _accumulate(dots, t_after, t_before, hyper, idx, sums, nonfinite, norm2)
 
 
 _COMPILE_FAILED = False
@@ -118,8 +143,8 @@ class StepPlan:
     ``groups[k]`` is tensor k's parameter group number, of ``n_groups`` (their hyper-parameters come
     with each step: schedules may move them); ``float64[k]`` says whether tensor k is stored in float64
     (its decay factor is not rounded to float32); ``numels[k]`` its size (the tensors a step hands
-    over are flat).  Per step, :meth:`step_vector` turns the groups' hyper-parameters and the step
-    counters into one float64 vector, and :meth:`run` adds the step's budget to the accumulators."""
+    over are flat).  Per step, :meth:`step_vector` turns the groups' hyper-parameters into one float64
+    vector, and :meth:`run` adds the step's budget to the accumulators."""
 
     def __init__(
         self,
@@ -130,6 +155,7 @@ class StepPlan:
         numels: Sequence[int],
         device: torch.device,
         kernel: str = "exact",
+        background: bool = False,
     ) -> None:
         dev = torch.device(device)
         self.device, self.kernel, self.size = dev, kernel, len(indices)
@@ -137,55 +163,45 @@ class StepPlan:
         self.n_groups = n_groups
         n = len(indices)
         vec = lambda xs, dtype=torch.float64: to_device(torch.tensor(list(xs), dtype=dtype), dev)  # noqa: E731
-        # the step vector (step_vector), G groups, P tensors: lr, weight decay, β1 of group g at g, G + g,
-        # 2G + g; its decay factors at 3G + 2g (float32-rounded) and 3G + 2g + 1 (exact); sqrt(1 - β2^t)
-        # of tensor k at 5G + k, its ε' at 5G + P + k
         self.index = vec(indices, torch.long)
-        self.gidx = vec(groups, torch.long)
-        self.widx = self.gidx + n_groups
-        self.b1idx = self.gidx + 2 * n_groups
-        self.fidx = vec([3 * n_groups + 2 * g + int(f) for g, f in zip(groups, float64)], torch.long)
-        self.bidx = vec(range(5 * n_groups, 5 * n_groups + n), torch.long)
-        self.eidx = self.bidx + n
+        self.gidx = vec(groups, torch.long)  # each tensor's group: its column of the step vector
+        self.f64 = vec(float64, torch.bool)  # stored in float64: the exact decay factor
         # contiguous chunks of at most CHUNK tensors, their slices of every per-tensor vector
         self.chunks = []
         for a in range(0, n, CHUNK):
             sl = slice(a, min(a + CHUNK, n))
-            self.chunks.append((sl, *(x[sl] for x in (self.gidx, self.widx, self.b1idx, self.fidx, self.bidx,
-                                                     self.eidx, self.index))))
+            self.chunks.append((sl, self.gidx[sl], self.f64[sl], self.index[sl]))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
+        self.background = background  # compiled off the training thread, eager steps meanwhile
+        self._compiling: threading.Thread | None = None
+        self._ready: list | BaseException | None = None  # the background compilation's outcome
         # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
         self._numels = list(numels)
         self._small: PackedSmall | None = None
         self._big = [k for k, n in enumerate(numels) if n >= SMALL]
         self._big_index = vec(self._big, torch.long)
 
-    def step_vector(self, lrs: Sequence[float | torch.Tensor], hypers: Sequence[tuple[float, float, float, float]],
-                    t_after: torch.Tensor) -> torch.Tensor:
-        """[5G + 2P] float64 on the plan's device from each group's lr and (weight decay, β1, β2, ε),
-        read at this step (a schedule may move any of them), and the tensors' step counters after
-        the step: the groups' lr, weight decay, β1 and two decay factors, the tensors'
-        sqrt(1 - β2^t) and ε' = ε sqrt(1 - β2^t).  Host counters and host lrs: computed in Python
-        and sent as one tensor (pinned, non-blocking on an accelerator); counters or an lr on the
-        accelerator: computed there, no host synchronisation."""
+    def step_vector(self, lrs: Sequence[float | torch.Tensor],
+                    hypers: Sequence[tuple[float, float, float, float]]) -> torch.Tensor:
+        """[7G] float64 on the plan's device (rows :data:`HYPER_ROWS`): each group's lr, weight decay,
+        β1, β2, ε, read at this step (a schedule may move any of them), and its decay factor
+        rounded to float32 and exact; ``hypers`` are the groups' (weight decay, β1, β2, ε).  Per
+        group, not per tensor: the bias corrections come from the counters inside the pass.  Host
+        lrs: computed in Python and sent as one tensor (pinned, non-blocking on an accelerator);
+        an lr tensor on the accelerator: computed there, no host synchronisation."""
         hypers = [tuple(float(x) for x in h) for h in hypers]
-        wd, b1 = [h[0] for h in hypers], [h[1] for h in hypers]
-        if t_after.device.type == "cpu" and not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in lrs):
+        columns = list(zip(*hypers))  # weight decay, β1, β2, ε: G each
+        if not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in lrs):
             lr = [float(x) for x in lrs]
-            factors = [f for x, h in zip(lr, hypers)
-                       for f in (decay_factor(x, h[0], torch.float32), decay_factor(x, h[0], torch.float64))]
-            memo: dict[tuple, float] = {}
-            bc2 = [memo.get((t, g)) or memo.setdefault((t, g), math.sqrt(1.0 - hypers[g][2] ** t))
-                   for t, g in zip(t_after.tolist(), self.groups)]
-            eps = [hypers[g][3] * b for g, b in zip(self.groups, bc2)]
-            return to_device(torch.tensor(lr + wd + b1 + factors + bc2 + eps, dtype=torch.float64), self.device)
+            f32 = [decay_factor(x, wd, torch.float32) for x, wd in zip(lr, columns[0])]
+            f64 = [decay_factor(x, wd, torch.float64) for x, wd in zip(lr, columns[0])]
+            return to_device(torch.tensor([*lr, *(x for c in columns for x in c), *f32, *f64], dtype=torch.float64),
+                             self.device)
         lr = torch.stack([x.to(self.device, torch.float64).reshape(()) if isinstance(x, torch.Tensor)
                           else to_device(torch.tensor(float(x), dtype=torch.float64), self.device) for x in lrs])
-        per_group = to_device(torch.tensor(hypers, dtype=torch.float64).T.contiguous(), self.device)  # [4, G]
+        per_group = to_device(torch.tensor(columns, dtype=torch.float64), self.device)  # [4, G]
         exact = 1.0 - lr * per_group[0]
-        factors = torch.stack((exact.to(torch.float32).to(torch.float64), exact), dim=1).reshape(-1)
-        bc2 = torch.sqrt(1.0 - per_group[2][self.gidx] ** to_device(t_after, self.device).to(torch.float64))
-        return torch.cat((lr, per_group[0], per_group[1], factors, bc2, per_group[3][self.gidx] * bc2))
+        return torch.cat((lr, per_group.reshape(-1), exact.to(torch.float32).to(torch.float64), exact))
 
     def run(
         self,
@@ -216,13 +232,63 @@ class StepPlan:
 
     def _run_compiled(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
         if self._fns is None:
-            tag = next(_PLANS)
-            self._fns = [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
+            if self.background:
+                if not self._compiled_in_background(weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
+                    return self._run_eager(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+            else:
+                self._fns = self._compile()
+        return self._call(self._fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+
+    def _compile(self) -> list:
+        tag = next(_PLANS)
+        return [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
+
+    def _call(self, fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
         if len(self.chunks) == 1:
-            return self._fns[0](weights, exp_avgs, second_moments, t_after, t_before, hv, *self.chunks[0][1:], *acc)
-        out = [fn(weights[c[0]], exp_avgs[c[0]], second_moments[c[0]], t_after[c[0]], t_before[c[0]], hv, *c[1:], *acc)
-               for fn, c in zip(self._fns, self.chunks)]
+            return fns[0](weights, exp_avgs, second_moments, t_after, t_before, (hv, self.gidx, self.f64, t_after),
+                          self.index, *acc)
+        out = [fn(weights[sl], exp_avgs[sl], second_moments[sl], t_after[sl], t_before[sl], (hv, g, f, t_after[sl]),
+                  idx, *acc) for fn, (sl, g, f, idx) in zip(fns, self.chunks)]
         return torch.cat(out)
+
+    def _compiled_in_background(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc) -> bool:
+        """Whether the compiled pass is ready; the first call starts compiling it on a daemon thread
+        (torch.compile compiles at a function's first call: that thread makes one call on the
+        step's tensors, into scratch accumulators, under the training thread's grad mode, so the
+        training thread's first compiled call finds it compiled).  Training goes on with the eager
+        pass meanwhile: no step waits for the compiler.  A failure there is reported once, as a
+        failed synchronous compilation is, and the eager pass stays."""
+        ready = self._ready
+        if isinstance(ready, list):
+            self._fns = ready
+            return True
+        if isinstance(ready, BaseException):
+            self._ready = None
+            raise ready  # run() reports it and keeps the eager pass
+        if self._compiling is None:
+            args = (list(weights), list(exp_avgs), list(second_moments), t_after.clone(), t_before.clone(), hv.clone(),
+                    tuple(torch.zeros_like(a) for a in acc))
+            grad = torch.is_grad_enabled()
+
+            def compile_now() -> None:
+                try:
+                    with torch.set_grad_enabled(grad):
+                        fns = self._compile()
+                        self._call(fns, *args[:6], args[6])
+                    self._ready = fns
+                except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                    self._ready = exc
+
+            self._compiling = threading.Thread(target=compile_now, name="hf-weightforces-compile", daemon=True)
+            self._compiling.start()
+        return False
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until a background compilation (started by the first compiled step) has finished;
+        whether the compiled pass is ready (benchmarks and tests: time the steady state)."""
+        if self._compiling is not None:
+            self._compiling.join(timeout)
+        return isinstance(self._ready, list) or self._fns is not None
 
     def _packed_small(self) -> PackedSmall | None:
         if self._small is None:
@@ -230,9 +296,9 @@ class StepPlan:
             self._small = PackedSmall(small, [self._numels[k] for k in small], self.device) if small else False
         return self._small or None
 
-    def dots(self, weights, exp_avgs, second_moments, hv: torch.Tensor) -> torch.Tensor:
-        """The eager reference pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64."""
-        eps = hv[self.eidx]  # ε' per tensor
+    def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor) -> torch.Tensor:
+        """The eager reference pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64; ``eps``
+        the tensors' ε' (float64 [P])."""
         if self.kernel == "foreach":
             return step_dots(weights, exp_avgs, second_moments, eps, method="foreach")
         dots = torch.empty(self.size, 3, dtype=torch.float64, device=self.device)
@@ -248,9 +314,9 @@ class StepPlan:
         return dots
 
     def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
-        dots = self.dots(weights, exp_avgs, second_moments, hv)
-        return _accumulate(dots, t_after, t_before, hv, self.gidx, self.widx, self.b1idx, self.fidx, self.bidx,
-                           self.index, *acc)
+        hyper = per_tensor(hv, self.gidx, self.f64, t_after)
+        dots = self.dots(weights, exp_avgs, second_moments, hyper[5])
+        return _accumulate(dots, t_after, t_before, hyper, self.index, *acc)
 
 
 def _compile_failed(exc: Exception) -> None:
