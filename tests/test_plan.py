@@ -43,6 +43,7 @@ from hf_weightforces.core.budget import (
     force_budget,
 )
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
+from hf_weightforces.core.aot import AOTChunk
 from hf_weightforces.core.plan import StepPlan
 from hf_weightforces.distributed import Backend, ShardContext
 
@@ -160,9 +161,11 @@ def assert_rows_match_reference(got: np.ndarray, ref: np.ndarray, norm2: np.ndar
         assert got[i, COL["rounding"]] == 0.0  # rebuilt from the stored weights: no rounding term
 
 
-def check_compiled_really_ran(plan: StepPlan) -> None:
+def check_compiled_really_ran(plan: StepPlan, ahead_of_time: bool = True) -> None:
     assert not plan_module._COMPILE_FAILED, "torch.compile failed: the compiled tests ran the eager pass"
     assert plan._fns is not None and len(plan._fns) == len(plan.chunks)
+    if ahead_of_time:  # on CPU the library made by AOTInductor runs, not the torch.compile fallback
+        assert all(isinstance(fn, AOTChunk) and fn._run is not None and fn._instead is None for fn in plan._fns)
 
 
 # ---------------------------------------------------------------------------------- 1. reference
@@ -567,3 +570,54 @@ def test_background_compilation_failure_warns_once_and_stays_eager(monkeypatch, 
     assert plan._fns is None
     for a, b in zip(acc, acc_exact):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------- ahead of time
+def _same_steps_as_exact(plan: StepPlan, steps: int = 3, seed: int = 0) -> None:
+    """``plan`` (compiled) and an exact plan over the same real AdamW steps: equal within 1e-6."""
+    run = AdamWRun(seed=seed)
+    exact = run.plan("exact")
+    acc, acc_exact = run.accumulators(), run.accumulators()
+    for _ in range(steps):
+        t_before, t_after, _ = run.step()
+        got = run.run(plan, t_before, t_after, acc)
+        want = run.run(exact, t_before, t_after, acc_exact)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-300)
+        run.decay_lrs()
+    torch.testing.assert_close(acc[2], acc_exact[2], rtol=1e-12, atol=0)
+
+
+def test_ahead_of_time_package_is_kept_and_loaded_without_compiling(monkeypatch, tmp_path):
+    """The second plan over the same tensors loads the package the first one wrote: no export, no
+    compilation; and its numbers are the same."""
+    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
+    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
+    first = AdamWRun().plan("compiled")
+    _same_steps_as_exact(first)
+    check_compiled_really_ran(first)
+    packages = sorted(p.name for p in tmp_path.iterdir())
+    assert len(packages) == 1 and packages[0].endswith(".pt2") and ".partial" not in packages[0]
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again: the kept package was not used")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    second = AdamWRun().plan("compiled")
+    _same_steps_as_exact(second)
+    check_compiled_really_ran(second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == packages
+
+
+def test_ahead_of_time_failure_falls_back_to_torch_compile(monkeypatch, tmp_path):
+    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
+    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
+
+    def broken(self, args):
+        raise RuntimeError("no AOTInductor here")
+
+    monkeypatch.setattr(AOTChunk, "_build", broken)
+    plan = AdamWRun().plan("compiled")
+    _same_steps_as_exact(plan)
+    check_compiled_really_ran(plan, ahead_of_time=False)
+    assert all(fn._run is None and fn._instead is not None for fn in plan._fns)
+    assert not any(tmp_path.iterdir())

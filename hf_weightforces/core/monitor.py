@@ -337,8 +337,15 @@ class ForceMonitor:
         self.steps = 0
 
     def aggregates(self, per_layer: bool = True, per_matrix: bool = False) -> dict[str, np.ndarray]:
-        """Name → boolean mask over parameters: the classes, ``total``, layers and matrices."""
-        return aggregate_masks(self.infos, per_layer, per_matrix)
+        """Name → boolean mask over parameters: the classes, ``total``, layers and matrices (made once
+        per choice: the parameters never change)."""
+        cache = self.__dict__.setdefault("_aggregates", {})
+        if (per_layer, per_matrix) not in cache:
+            masks = aggregate_masks(self.infos, per_layer, per_matrix)
+            for mask in masks.values():
+                mask.flags.writeable = False
+            cache[per_layer, per_matrix] = masks
+        return dict(cache[per_layer, per_matrix])
 
     def summarize(
         self, flat: np.ndarray, steps: int, *, per_layer: bool = True, per_matrix: bool = False, prefix: str = "weightforces"

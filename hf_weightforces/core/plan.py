@@ -14,14 +14,17 @@ The pass (``kernel``):
 
 * ``exact``: the eager reference (small tensors packed into float64 buffers made once, big ones
   through :func:`~.kernels.step_dots`), then the budget;
-* ``compiled``: :func:`_chunk_pass` through ``torch.compile``: the three sums of every tensor, the
-  budget and the accumulation in one compiled call per chunk of :data:`CHUNK` tensors (one call a
-  step up to 64 tensors), equal to the eager pass within 1e-6 of each sum (``tests/test_plan.py``);
+* ``compiled``: :func:`_chunk_pass` compiled by inductor (ahead of time on CPU, :mod:`.aot`; else
+  ``torch.compile``): the three sums of every tensor, the budget and the accumulation in one
+  compiled call per chunk of :data:`CHUNK` tensors (one call a step up to 64 tensors), equal to the
+  eager pass within 1e-6 of each sum (``tests/test_plan.py``); ``background``: compiled on a daemon
+  thread while the steps go eager;
 * ``foreach``: :func:`~.kernels.step_dots`'s multi-tensor pass.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .aot import AOTChunk
 from .budget import budget_from_dots, decay_factor
 from .kernels import _SMALL as SMALL
 from .kernels import PackedSmall, step_dots, to_device
@@ -123,7 +127,15 @@ _COMPILE_FAILED = False
 
 
 def _compile_chunk(tag: str, device: torch.device):
-    """:func:`_chunk_pass` compiled for one chunk of one plan.  Each gets its own code object, so
+    """:func:`_chunk_pass` compiled for one chunk of one plan, at its first call: on CPU ahead of
+    time (:class:`~.aot.AOTChunk`: no Python around a call, the library kept on disk), with
+    ``torch.compile`` as its fallback and on other devices."""
+    dynamo = functools.partial(_dynamo_chunk, tag, device)
+    return AOTChunk(_chunk_pass, fallback=dynamo) if device.type == "cpu" else dynamo()
+
+
+def _dynamo_chunk(tag: str, device: torch.device):
+    """:func:`_chunk_pass` through ``torch.compile``.  Each chunk gets its own code object, so
     dynamo keeps exactly one compiled entry per chunk (no recompile limit is ever reached however
     many plans a process makes, and a call checks one set of guards); on CPU the wrapper around
     the kernel is C++ (``cpp_wrapper``: a third less time per call than the Python wrapper on the

@@ -43,6 +43,8 @@ class NullSink:
 
 def _json_value(v):
     """Numbers as floats, non-finite as null (strict JSON has no NaN/inf), lists element-wise."""
+    if type(v) is float:  # nearly every value: the short way
+        return v if math.isfinite(v) else None
     if isinstance(v, bool) or v is None or isinstance(v, str):
         return v
     if isinstance(v, (list, tuple)):
