@@ -12,8 +12,7 @@ hits all of them.  Configurations:
 * ``floor``: one read of w, m and v after each step (three multi-tensor float32 norms over lists made
   once): the memory traffic any exact pass must pay, measured in the same run;
 * ``budget/1``, ``budget/10``: :class:`WeightForcesCallback` every step / every 10 steps with its
-  defaults (``kernel="auto"``: on a CPU from 2M trained elements compiled on a background thread,
-  which the warm-up waits for; logging every 10, Weibull every 100); ``budget/1/exact`` and
+  defaults (``kernel="auto"``, logging every 10, Weibull every 100); ``budget/1/exact`` and
   ``budget/1/compiled`` force the eager or the compiled pass (compiled before the timed steps);
 * ``wandb.watch``: ``wandb.watch(model, log="all", log_freq=10)`` on an offline W&B run
   (histograms of every parameter and gradient every 10 steps);
@@ -165,15 +164,13 @@ def _rss() -> int:
 class Meter(TrainerCallback):
     """Step stamps (wall, thread CPU), the hook clock's gate, and peak memory."""
 
-    def __init__(self, warmup: int, cuda: bool, watched=None) -> None:
-        self.warmup, self.cuda, self.watched = warmup, cuda, watched
+    def __init__(self, warmup: int, cuda: bool) -> None:
+        self.warmup, self.cuda = warmup, cuda
         self.wall, self.cpu, self.peak = [], [], 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.cuda:
             torch.cuda.synchronize()
-        if state.global_step == self.warmup and self.watched is not None:
-            self.watched.wait_compiled()  # the steady state: a background compilation has finished
         CLOCK.on = state.global_step >= self.warmup
         if CLOCK.on:
             self.wall.append(time.perf_counter())
@@ -197,14 +194,14 @@ class Meter(TrainerCallback):
 def run(config: str, size: str, args, data, cuda: bool) -> dict:
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(pythia_config(size))
-    # the warm-up holds two budget steps, so a compiled pass is compiled (from the second) before timing
+    # the warm-up holds two budget steps, so a compiled pass is compiled (at the second) before timing
     every = int(config.split("/")[1]) if config.startswith("budget/") else 1
     warmup = max(args.warmup, 2 * every + 1)
     watched = None
     if config.startswith("budget/"):
         parts = config.split("/")  # budget/<every>[/<kernel>]
         watched = TimedWeightForces(every=int(parts[1]), kernel=parts[2] if len(parts) > 2 else "auto")
-    meter = Meter(warmup, cuda, watched)
+    meter = Meter(warmup, cuda)
     callbacks: list = [meter] + ([watched] if watched is not None else [])
     wandb_run = None
     if config == "floor":

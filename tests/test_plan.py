@@ -85,10 +85,10 @@ class AdamWRun:
         self.group_of = [g for g, group in enumerate(self.opt.param_groups) for _ in group["params"]]
         self.n = len(self.params)
 
-    def plan(self, kernel: str, background: bool = False) -> StepPlan:
+    def plan(self, kernel: str) -> StepPlan:
         return StepPlan(list(range(self.n)), self.group_of, len(self.opt.param_groups),
                         [p.dtype == torch.float64 for p in self.params], [p.numel() for p in self.params],
-                        torch.device("cpu"), kernel, background)
+                        torch.device("cpu"), kernel)
 
     def hypers(self):
         return [(g["weight_decay"], *g["betas"], g["eps"]) for g in self.opt.param_groups]
@@ -513,63 +513,6 @@ def test_per_tensor_path_counts_the_first_step_after_a_reset(what):
         assert_rows_match_reference(sums[i : i + 1], ref[i : i + 1], norm2[i : i + 1].numpy(),
                                     float64_rows=(0,) if i == FLOAT64 else ())
     torch.testing.assert_close(norm2, exact, rtol=1e-12, atol=0)
-
-
-# ---------------------------------------------------------------------------------- background compilation
-def test_background_compilation_runs_eager_until_ready_then_compiled(monkeypatch):
-    """``kernel="auto"``'s compiled pass compiles on a thread: the steps before it is ready are the
-    eager pass's bit for bit, the compiling call writes only into scratch accumulators, and the
-    training thread's first compiled call compiles nothing again (its grad mode was copied)."""
-    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
-    run = AdamWRun()
-    plan = run.plan("compiled", background=True)
-    exact = run.plan("exact")
-    acc, acc_exact = run.accumulators(), run.accumulators()
-    with torch.no_grad():  # as the callback's hooks run
-        t_before, t_after, _ = run.step()
-        terms = run.run(plan, t_before, t_after, acc)
-        assert plan._fns is None and plan._compiling is not None  # eager: nothing waited for the compiler
-        torch.testing.assert_close(terms, run.run(exact, t_before, t_after, acc_exact), rtol=0, atol=0)
-        assert plan.wait_compiled(timeout=900)
-        for a, b in zip(acc, acc_exact):  # the compiling call left the real accumulators alone
-            assert torch.equal(a, b)
-        frames = dict(torch._dynamo.utils.counters["frames"])
-        for _ in range(3):
-            run.decay_lrs()
-            t_before, t_after, _ = run.step()
-            got = run.run(plan, t_before, t_after, acc)
-            want = run.run(exact, t_before, t_after, acc_exact)
-            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-300)
-        assert dict(torch._dynamo.utils.counters["frames"]) == frames, "the training thread compiled again"
-    check_compiled_really_ran(plan)
-    torch.testing.assert_close(acc[2], acc_exact[2], rtol=1e-12, atol=0)
-
-
-def test_background_compilation_failure_warns_once_and_stays_eager(monkeypatch, caplog):
-    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
-
-    def broken(tag, device):
-        def fn(*args, **kwargs):
-            raise RuntimeError("no C++ compiler")
-        return fn
-
-    monkeypatch.setattr(plan_module, "_compile_chunk", broken)
-    run = AdamWRun()
-    plan = run.plan("compiled", background=True)
-    exact = run.plan("exact")
-    acc, acc_exact = run.accumulators(), run.accumulators()
-    with caplog.at_level("WARNING", logger=plan_module.__name__):
-        for step in range(4):
-            t_before, t_after, _ = run.step()
-            got = run.run(plan, t_before, t_after, acc)
-            torch.testing.assert_close(got, run.run(exact, t_before, t_after, acc_exact), rtol=0, atol=0)
-            if step == 0:
-                assert not plan.wait_compiled(timeout=60)
-    failures = [r for r in caplog.records if "compile" in r.getMessage()]
-    assert len(failures) == 1 and "no C++ compiler" in failures[0].getMessage()
-    assert plan._fns is None
-    for a, b in zip(acc, acc_exact):
-        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------- ahead of time

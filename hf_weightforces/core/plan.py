@@ -17,8 +17,7 @@ The pass (``kernel``):
 * ``compiled``: :func:`_chunk_pass` compiled by inductor (ahead of time on CPU, :mod:`.aot`; else
   ``torch.compile``): the three sums of every tensor, the budget and the accumulation in one
   compiled call per chunk of :data:`CHUNK` tensors (one call a step up to 64 tensors), equal to the
-  eager pass within 1e-6 of each sum (``tests/test_plan.py``); ``background``: compiled on a daemon
-  thread while the steps go eager;
+  eager pass within 1e-6 of each sum (``tests/test_plan.py``);
 * ``foreach``: :func:`~.kernels.step_dots`'s multi-tensor pass.
 """
 
@@ -27,7 +26,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import threading
 import types
 from collections.abc import Sequence
 
@@ -167,7 +165,6 @@ class StepPlan:
         numels: Sequence[int],
         device: torch.device,
         kernel: str = "exact",
-        background: bool = False,
     ) -> None:
         dev = torch.device(device)
         self.device, self.kernel, self.size = dev, kernel, len(indices)
@@ -184,9 +181,6 @@ class StepPlan:
             sl = slice(a, min(a + CHUNK, n))
             self.chunks.append((sl, self.gidx[sl], self.f64[sl], self.index[sl]))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
-        self.background = background  # compiled off the training thread, eager steps meanwhile
-        self._compiling: threading.Thread | None = None
-        self._ready: list | BaseException | None = None  # the background compilation's outcome
         # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
         self._numels = list(numels)
         self._small: PackedSmall | None = None
@@ -244,11 +238,7 @@ class StepPlan:
 
     def _run_compiled(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
         if self._fns is None:
-            if self.background:
-                if not self._compiled_in_background(weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
-                    return self._run_eager(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
-            else:
-                self._fns = self._compile()
+            self._fns = self._compile()
         return self._call(self._fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
 
     def _compile(self) -> list:
@@ -262,45 +252,6 @@ class StepPlan:
         out = [fn(weights[sl], exp_avgs[sl], second_moments[sl], t_after[sl], t_before[sl], (hv, g, f, t_after[sl]),
                   idx, *acc) for fn, (sl, g, f, idx) in zip(fns, self.chunks)]
         return torch.cat(out)
-
-    def _compiled_in_background(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc) -> bool:
-        """Whether the compiled pass is ready; the first call starts compiling it on a daemon thread
-        (torch.compile compiles at a function's first call: that thread makes one call on the
-        step's tensors, into scratch accumulators, under the training thread's grad mode, so the
-        training thread's first compiled call finds it compiled).  Training goes on with the eager
-        pass meanwhile: no step waits for the compiler.  A failure there is reported once, as a
-        failed synchronous compilation is, and the eager pass stays."""
-        ready = self._ready
-        if isinstance(ready, list):
-            self._fns = ready
-            return True
-        if isinstance(ready, BaseException):
-            self._ready = None
-            raise ready  # run() reports it and keeps the eager pass
-        if self._compiling is None:
-            args = (list(weights), list(exp_avgs), list(second_moments), t_after.clone(), t_before.clone(), hv.clone(),
-                    tuple(torch.zeros_like(a) for a in acc))
-            grad = torch.is_grad_enabled()
-
-            def compile_now() -> None:
-                try:
-                    with torch.set_grad_enabled(grad):
-                        fns = self._compile()
-                        self._call(fns, *args[:6], args[6])
-                    self._ready = fns
-                except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-                    self._ready = exc
-
-            self._compiling = threading.Thread(target=compile_now, name="hf-weightforces-compile", daemon=True)
-            self._compiling.start()
-        return False
-
-    def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Block until a background compilation (started by the first compiled step) has finished;
-        whether the compiled pass is ready (benchmarks and tests: time the steady state)."""
-        if self._compiling is not None:
-            self._compiling.join(timeout)
-        return isinstance(self._ready, list) or self._fns is not None
 
     def _packed_small(self) -> PackedSmall | None:
         if self._small is None:

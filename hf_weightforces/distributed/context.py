@@ -102,13 +102,11 @@ class ShardContext:
             raise UnsupportedBackendError(f"whole tensors are not held under {self.backend.value}")
         return self._reader.views(optimizer, index_of)
 
-    def planned_step(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], kernel: str,
-                     background: bool = False) -> PlannedStep | None:
+    def planned_step(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], kernel: str) -> PlannedStep | None:
         """This step's inputs to the planned pass (core/plan.py), or None where the per-tensor
         :meth:`views` must read it: a sharded backend, the first budget step, or a step where a
         tensor, a moment or a counter was replaced since the plan (planned again for the next
-        step).  The shares of a divided DDP run are planned like a single process's.  ``background``:
-        a compiled pass is compiled off the training thread (eager steps until it is ready)."""
+        step).  The shares of a divided DDP run are planned like a single process's."""
         reader = self._reader
         rec = getattr(reader, "rec", None)
         if type(reader) is not _ReplicatedReader or rec is None:
@@ -117,7 +115,7 @@ class ShardContext:
             index_of = self._share_index(index_of)
         planned = rec.planned
         if planned is None or planned.index_of is not index_of or planned.kernel != kernel or not planned.valid(optimizer):
-            rec.planned = self._plan(optimizer, index_of, kernel, background)
+            rec.planned = self._plan(optimizer, index_of, kernel)
             return None  # the pre-hook of this step did not snapshot the new plan's counters
         if rec.planned_before is None:  # set (or cleared) by the pre-hook of every step
             return None
@@ -134,19 +132,12 @@ class ShardContext:
         rec = getattr(self._reader, "rec", None)
         return rec is not None and rec.planned is not None
 
-    def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Block until the plan's background compilation, if one was started, has finished; whether
-        the compiled pass is ready."""
-        rec = getattr(self._reader, "rec", None)
-        planned = rec.planned if rec is not None else None
-        return planned is not None and planned.plan.wait_compiled(timeout)
-
-    def _plan(self, optimizer, index_of: dict[int, int], kernel: str, background: bool = False) -> _PlannedTensors | None:
+    def _plan(self, optimizer, index_of: dict[int, int], kernel: str) -> _PlannedTensors | None:
         key = (id(optimizer.state), len(optimizer.state), id(index_of), kernel)
         if getattr(self, "_unplannable", None) == key:
             return None
         try:
-            planned = _PlannedTensors(optimizer, index_of, self._reader.counts, kernel, background)
+            planned = _PlannedTensors(optimizer, index_of, self._reader.counts, kernel)
         except _NotPlannable:
             self._unplannable = key
             return None

@@ -117,8 +117,7 @@ class _PlannedTensors:
     was, the callback takes the per-tensor path for that step and plans again.  Hyper-parameters are
     not planned: they come with each step (:meth:`StepPlan.step_vector`)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], counts, kernel: str,
-                 background: bool = False) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, index_of: dict[int, int], counts, kernel: str) -> None:
         self.state = optimizer.state
         self.n_state = len(optimizer.state)
         self.group_keys = [(group["params"], len(group["params"]), _group_key(group)) for group in optimizer.param_groups]
@@ -155,7 +154,7 @@ class _PlannedTensors:
         self._check = [(r[2], r[2].data_ptr(), r[4], r[8], r[9], r[7], r[10]) for r in rows]
         self.plan = StepPlan([r[0] for r in rows], [r[1] for r in rows], len(optimizer.param_groups),
                              [r[3].dtype == torch.float64 for r in rows], [r[3].numel() for r in rows], self.device,
-                             kernel, background)
+                             kernel)
 
     def fresh(self, optimizer) -> bool:
         """Cheap: the optimizer still holds the same state (no tensor gained state, none reloaded)."""

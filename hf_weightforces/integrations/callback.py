@@ -131,10 +131,10 @@ class WeightForcesCallback(TrainerCallback):
             like low-precision parameters always are): where rounding of the stored weights is the
             story, at fine-tuning learning rates.  Costs a second pass over w, g, m, v per step.
         kernel: how the per-step sums run: ``"exact"`` (eager, float64 sums), ``"compiled"`` (the
-            whole step in one ``torch.compile``d call, ~3.5x faster on CPU, compiled once at the
-            second budget step, which waits for it; cached on disk), ``"foreach"`` (multi-tensor
-            kernels with float32-rounded norms) or ``"auto"`` (the default: on CPU from 2M trained
-            elements compiled on a background thread, eager steps until it is ready; else exact).
+            whole step in one compiled call, ahead of time on CPU, ~3.5x faster there; compiled
+            once at the second budget step, which waits for it; kept on disk), ``"foreach"``
+            (multi-tensor kernels with float32-rounded norms) or ``"auto"`` (the default: compiled
+            on CPU from 2M trained elements, else exact).
         quiet: no console summary (one line per log event when no tracker shows the keys, a table
             at train end; see ``integrations/console.py``).
         dashboard: what W&B, TensorBoard, MLflow and trackio get beside the aggregates' charts
@@ -188,7 +188,6 @@ class WeightForcesCallback(TrainerCallback):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.kernel = kernel
-        self._compile_background = False
         self._stager: IntendedStager | None = None
         self._super: SuperWeightTracker | None = None
         self.per_layer = per_layer
@@ -256,13 +255,9 @@ class WeightForcesCallback(TrainerCallback):
         self._index_of = {id(e.param): i for i, e in enumerate(entries)}
         self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
         self.monitor.dots_method = choose_kernel(self.kernel, sum(e.numel for e in entries), self.monitor.device)
-        # auto: compiled off the training thread (eager steps until it is ready), no step waits for it
-        self._compile_background = self.kernel == "auto"
         if self.monitor.dots_method == "compiled":
-            logger.info("weight forces: the per-step pass is compiled by torch.compile from the second budget step "
-                        "(once: up to a minute on a small CPU the first time, seconds once inductor's disk cache has "
-                        "it)%s", "; on a background thread, eager steps until it is ready" if self._compile_background
-                        else "")
+            logger.info("weight forces: the per-step pass is compiled at the second budget step, which waits for it "
+                        "(once: up to a minute on a small CPU the first time, seconds once the compiled pass is on disk)")
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
         self.pools = WeibullPools(infos, self.monitor.device, per_matrix=self.weibull_per_matrix)
         self._next_weibull = 0
@@ -523,7 +518,7 @@ class WeightForcesCallback(TrainerCallback):
         opt = unwrap_optimizer(optimizer)
         method = None
         if self._super is None and getattr(self.monitor, "_staged", None) is None:
-            planned = self.ctx.planned_step(opt, self._index_of, self.monitor.dots_method, self._compile_background)
+            planned = self.ctx.planned_step(opt, self._index_of, self.monitor.dots_method)
             if planned is not None and planned.plan.device == self.monitor.device:  # planned at an earlier step
                 self.monitor.record_planned(planned, step_id)
                 return
@@ -602,12 +597,6 @@ class WeightForcesCallback(TrainerCallback):
                 metrics[f"weightforces/{name}/weibull_scale_no_super"] = fit.scale
         sup.select(weights)
         return metrics
-
-    def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Block until the per-step pass that ``kernel="auto"`` compiles on a background thread is
-        ready (benchmarks time the steady state with it); whether the compiled pass is in use."""
-        ctx = getattr(self, "ctx", None)
-        return ctx is not None and ctx.wait_compiled(timeout)
 
     def on_train_end(self, args, state, control, **kwargs):
         close_sinks(self._sinks)  # each one guarded
