@@ -17,6 +17,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import marshal
 import os
 import warnings
 from collections.abc import Callable
@@ -39,11 +40,17 @@ def package_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _source_key() -> str:
-    """The source of everything the graph is made of, and the torch that compiles it."""
+    """The code the graph is made of, as loaded (the compiled code objects of every function of the
+    modules it comes from, not their files, which may have changed since), and the torch that
+    compiles it."""
     from . import budget, plan
 
-    text = inspect.getsource(plan) + inspect.getsource(budget) + torch.__version__
-    return hashlib.sha256(text.encode()).hexdigest()
+    digest = hashlib.sha256(torch.__version__.encode())
+    for module in (plan, budget):
+        for name, fn in sorted(vars(module).items()):
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__:
+                digest.update(name.encode() + marshal.dumps(fn.__code__))
+    return digest.hexdigest()
 
 
 def _flat(args) -> list[torch.Tensor]:

@@ -98,7 +98,7 @@ def _accumulate(dots, t_after, t_before, hyper, idx, sums, nonfinite, norm2) -> 
 
 
 def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, idx, sums, nonfinite, norm2):
-    """One chunk of tensors, written for ``torch.compile`` to fuse: the per-tensor hyper-parameters
+    """One chunk of tensors, written for inductor to fuse: the per-tensor hyper-parameters
     (:func:`per_tensor` of ``hyper`` = (step vector, groups, float64 flags, counters)), per tensor one
     read of w', m, v (exact float64 squares for ||w'||², ũ in float32, its products summed in
     float64, as the eager pass), then the budget of the chunk, added to the monitor's accumulators
