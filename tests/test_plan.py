@@ -564,3 +564,23 @@ def test_ahead_of_time_failure_falls_back_to_torch_compile(monkeypatch, tmp_path
     check_compiled_really_ran(plan, ahead_of_time=False)
     assert all(fn._run is None and fn._instead is not None for fn in plan._fns)
     assert not any(tmp_path.iterdir())
+
+
+def test_ahead_of_time_compiler_dying_midway_leaves_no_package(monkeypatch, tmp_path):
+    """A compiler that fails after writing part of a package: nothing is kept (a later run must not
+    load half a library), and the pass goes on through torch.compile."""
+    import torch._inductor
+
+    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
+    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
+
+    def dies(program, package_path):
+        with open(package_path, "wb") as f:
+            f.write(b"PK half a zip")
+        raise RuntimeError("killed while linking")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", dies)
+    plan = AdamWRun().plan("compiled")
+    _same_steps_as_exact(plan, steps=2)
+    check_compiled_really_ran(plan, ahead_of_time=False)
+    assert list(tmp_path.iterdir()) == []

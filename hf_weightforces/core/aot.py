@@ -4,8 +4,9 @@
 guards, the AOT-autograd runtime wrapper, the output code's argument handling): on the tiny model
 that is as much time as the pass itself.  ``torch.export`` + ``torch._inductor.aoti_compile_and_package``
 make the same inductor kernel a shared library whose loader is called with the flat list of tensors
-directly, and the package is kept on disk, keyed by the graph's source and its inputs' shapes, so a
-later run of the same model loads it in a fraction of a second instead of tracing and compiling again.
+directly, and the package is kept on disk, keyed by the graph's code and its inputs' shapes, so a
+later run of the same model loads it (seconds, most of them importing inductor) instead of tracing
+and compiling again.
 
 :class:`AOTChunk` has the call signature of a ``torch.compile``d :func:`~.plan._chunk_pass`: it builds
 (or loads) the library at its first call, from that call's tensors.
@@ -97,11 +98,14 @@ class AOTChunk:
 
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{key}.{os.getpid()}.partial.pt2")
-            with warnings.catch_warnings():  # torch's own deprecation notices while it packages
-                warnings.simplefilter("ignore", FutureWarning)
-                program = torch.export.export(Graph(), args, strict=False)
-                aoti_compile_and_package(program, package_path=str(tmp))
-            os.replace(tmp, path)  # whole or absent: another process (rank) may be writing the same
+            try:
+                with warnings.catch_warnings():  # torch's own deprecation notices while it packages
+                    warnings.simplefilter("ignore", FutureWarning)
+                    program = torch.export.export(Graph(), args, strict=False)
+                    aoti_compile_and_package(program, package_path=str(tmp))
+                os.replace(tmp, path)  # whole or absent: another process (rank) may be writing the same
+            finally:
+                tmp.unlink(missing_ok=True)
             logger.info("weight forces: compiled the planned pass ahead of time (%s)", path.name)
         loader = aoti_load_package(str(path)).loader
         # the loader's own entry point: the flat inputs in the exported order (it empties the list)
