@@ -181,6 +181,8 @@ class StepPlan:
             sl = slice(a, min(a + CHUNK, n))
             self.chunks.append((sl, self.gidx[sl], self.f64[sl], self.index[sl]))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
+        self._hv_key: tuple | None = None  # step_vector's last hyper-parameters and vector (CPU)
+        self._hv: torch.Tensor | None = None
         # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
         self._numels = list(numels)
         self._small: PackedSmall | None = None
@@ -194,7 +196,18 @@ class StepPlan:
         rounded to float32 and exact; ``hypers`` are the groups' (weight decay, β1, β2, ε).  Per
         group, not per tensor: the bias corrections come from the counters inside the pass.  Host
         lrs: computed in Python and sent as one tensor (pinned, non-blocking on an accelerator);
-        an lr tensor on the accelerator: computed there, no host synchronisation."""
+        an lr tensor on the accelerator: computed there, no host synchronisation.  On CPU with float
+        lrs the vector of the last step is handed out again while no hyper-parameter moved (it is
+        never written to)."""
+        if self.device.type == "cpu" and all(type(x) is float for x in lrs):
+            key = (*lrs, *hypers)
+            if key != self._hv_key:
+                wd = [float(h[0]) for h in hypers]
+                values = [*lrs, *wd, *(float(h[j]) for j in (1, 2, 3) for h in hypers),
+                          *(decay_factor(x, w, torch.float32) for x, w in zip(lrs, wd)),
+                          *(decay_factor(x, w, torch.float64) for x, w in zip(lrs, wd))]
+                self._hv_key, self._hv = key, torch.tensor(values, dtype=torch.float64)
+            return self._hv
         hypers = [tuple(float(x) for x in h) for h in hypers]
         columns = list(zip(*hypers))  # weight decay, β1, β2, ε: G each
         if not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in lrs):
