@@ -131,7 +131,7 @@ class WeightForcesCallback(TrainerCallback):
             like low-precision parameters always are): where rounding of the stored weights is the
             story, at fine-tuning learning rates.  Costs a second pass over w, g, m, v per step.
         kernel: how the per-step sums run: ``"exact"`` (eager, float64 sums), ``"compiled"`` (the
-            whole step in one compiled call, ahead of time on CPU, ~3.5x faster there; compiled
+            whole step in one compiled call, ahead of time on CPU, ~3x less time there; compiled
             once at the second budget step, which waits for it; kept on disk), ``"foreach"``
             (multi-tensor kernels with float32-rounded norms) or ``"auto"`` (the default: compiled
             on CPU from 2M trained elements, else exact).
