@@ -65,6 +65,7 @@ DEFAULTS = {
     "probes": False,  # a BackboneProbe and a RankProbe, estimating at every log event
     "probe_fail_rank": -1,  # that rank's BackboneProbe raises in its step hook at optimizer step probe_fail_at
     "probe_fail_at": 4,
+    "kernel": "auto",  # the callback's per-step pass
 }
 
 
@@ -304,7 +305,8 @@ def run_one(run: dict, out: Path) -> None:
         probes = [BackboneProbe(every=n, snapshot_every=1, capacity=4, coords=20_000),
                   RankProbe(every=n, num_heads=model.config.num_attention_heads, layout="gpt_neox")]
     cb = WeightForcesCallback(per_matrix=True, every=run["every"], weibull_every=run["logging_steps"],
-                              offset_sample_every=run["every"], super_weights=run["super"], probes=probes)
+                              offset_sample_every=run["every"], super_weights=run["super"], probes=probes,
+                              kernel=run["kernel"])
     rank = int(os.environ.get("RANK", "0"))
     before, after = helper_callbacks(cb, run, rank)
     trainer = trainer_class(run)(model=model, args=args, train_dataset=tiny_data(), callbacks=before + [cb] + after)
