@@ -29,6 +29,7 @@ import logging
 import types
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .aot import AOTChunk
@@ -183,6 +184,7 @@ class StepPlan:
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
         self._hv_key: tuple | None = None  # step_vector's last hyper-parameters and vector (CPU)
         self._hv: torch.Tensor | None = None
+        self._hv_bufs: list | None = None  # its two buffers, (tensor, numpy view of it)
         # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
         self._numels = list(numels)
         self._small: PackedSmall | None = None
@@ -197,16 +199,24 @@ class StepPlan:
         group, not per tensor: the bias corrections come from the counters inside the pass.  Host
         lrs: computed in Python and sent as one tensor (pinned, non-blocking on an accelerator);
         an lr tensor on the accelerator: computed there, no host synchronisation.  On CPU with float
-        lrs the vector of the last step is handed out again while no hyper-parameter moved (it is
-        never written to)."""
+        lrs the vector is one of two buffers the plan owns, filled in place (making a tensor from a
+        list costs more than the rest of the step's bookkeeping right after a training step): valid
+        until the second call after; while no hyper-parameter moved, the last one is handed out
+        again."""
         if self.device.type == "cpu" and all(type(x) is float for x in lrs):
             key = (*lrs, *hypers)
             if key != self._hv_key:
                 wd = [float(h[0]) for h in hypers]
+                exact = [1.0 - x * w for x, w in zip(lrs, wd)]  # decay_factor's, for the whole list at once
                 values = [*lrs, *wd, *(float(h[j]) for j in (1, 2, 3) for h in hypers),
-                          *(decay_factor(x, w, torch.float32) for x, w in zip(lrs, wd)),
-                          *(decay_factor(x, w, torch.float64) for x, w in zip(lrs, wd))]
-                self._hv_key, self._hv = key, torch.tensor(values, dtype=torch.float64)
+                          *np.float32(exact).tolist(), *exact]
+                if self._hv_bufs is None or len(values) != self._hv_bufs[0][0].numel():
+                    self._hv_bufs = [(t, t.numpy()) for t in (torch.empty(len(values), dtype=torch.float64),
+                                                               torch.empty(len(values), dtype=torch.float64))]
+                self._hv_bufs.reverse()  # the other buffer: the last vector stays whole one more step
+                tensor, array = self._hv_bufs[0]
+                array[:] = values
+                self._hv_key, self._hv = key, tensor
             return self._hv
         hypers = [tuple(float(x) for x in h) for h in hypers]
         columns = list(zip(*hypers))  # weight decay, β1, β2, ε: G each
