@@ -97,6 +97,7 @@ class ForceMonitor:
         self.sampled = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.steps = 0  # budget steps in the current interval (host-side count, no sync)
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}  # index tensors, planned once per set
+        self._aggregates: dict[tuple[bool, bool], dict[str, np.ndarray]] = {}  # masks, made once per choice
         self.dots_method = "auto"
         self.var = torch.zeros(n, 2, dtype=torch.float64, device=self.device)  # sampled observed mode
         #: which computation produced the rows (:data:`BUDGET_MODES`), set by the callback
@@ -339,13 +340,12 @@ class ForceMonitor:
     def aggregates(self, per_layer: bool = True, per_matrix: bool = False) -> dict[str, np.ndarray]:
         """Name → boolean mask over parameters: the classes, ``total``, layers and matrices (made once
         per choice: the parameters never change)."""
-        cache = self.__dict__.setdefault("_aggregates", {})
-        if (per_layer, per_matrix) not in cache:
+        if (per_layer, per_matrix) not in self._aggregates:
             masks = aggregate_masks(self.infos, per_layer, per_matrix)
             for mask in masks.values():
                 mask.flags.writeable = False
-            cache[per_layer, per_matrix] = masks
-        return dict(cache[per_layer, per_matrix])
+            self._aggregates[per_layer, per_matrix] = masks
+        return dict(self._aggregates[per_layer, per_matrix])
 
     def summarize(
         self, flat: np.ndarray, steps: int, *, per_layer: bool = True, per_matrix: bool = False, prefix: str = "weightforces"

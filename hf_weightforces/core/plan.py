@@ -169,7 +169,6 @@ class StepPlan:
     ) -> None:
         dev = torch.device(device)
         self.device, self.kernel, self.size = dev, kernel, len(indices)
-        self.groups, self.float64 = list(groups), list(float64)
         self.n_groups = n_groups
         n = len(indices)
         vec = lambda xs, dtype=torch.float64: to_device(torch.tensor(list(xs), dtype=dtype), dev)  # noqa: E731

@@ -19,6 +19,7 @@ from .common import (
     detect_backend,
     plan_shares,
 )
+from ..core.kernels import to_device
 from .readers import _READERS, _ReplicatedReader
 from .steps import PlannedStep, _group_hypers, _NotPlannable, _PlannedTensors
 
@@ -123,7 +124,7 @@ class ShardContext:
         groups = optimizer.param_groups
         hyper = planned.plan.step_vector([rec.lr(g) for g in groups], [_group_hypers(g) for g in groups])
         if t_after.device != planned.device:  # host counters of accelerator tensors: pinned, no sync
-            t_before, t_after = (x.pin_memory().to(planned.device, non_blocking=True) for x in (t_before, t_after))
+            t_before, t_after = (to_device(x, planned.device) for x in (t_before, t_after))
         return PlannedStep(planned.plan, planned.weights, planned.exp_avgs, planned.second_moments, t_after, t_before, hyper)
 
     @property

@@ -188,10 +188,7 @@ class ScheduleLog:
 def _host_values(values: list) -> list[float]:
     """Numbers, host tensors and device scalars as floats; the device ones in one transfer."""
     on_device = [i for i, x in enumerate(values) if isinstance(x, torch.Tensor) and x.device.type != "cpu"]
-    out = [float(x) for x in values] if not on_device else [
-        None if isinstance(x, torch.Tensor) and x.device.type != "cpu" else float(x) for x in values]
-    if on_device:
-        moved = torch.stack([values[i].reshape(()).to(torch.float64) for i in on_device]).tolist()
-        for i, v in zip(on_device, moved):
-            out[i] = v
-    return out
+    moved = {}
+    if on_device:  # one transfer for all of them
+        moved = dict(zip(on_device, torch.stack([values[i].reshape(()).to(torch.float64) for i in on_device]).tolist()))
+    return [moved[i] if i in moved else float(x) for i, x in enumerate(values)]
