@@ -13,7 +13,10 @@ hits all of them.  Configurations:
   once): the memory traffic any exact pass must pay, measured in the same run;
 * ``budget/1``, ``budget/10``: :class:`WeightForcesCallback` every step / every 10 steps with its
   defaults (``kernel="auto"``, logging every 10, Weibull every 100); ``budget/1/exact`` and
-  ``budget/1/compiled`` force the eager or the compiled pass (compiled before the timed steps);
+  ``budget/1/compiled`` force the eager or the compiled pass (compiled before the timed steps).
+  The Trainer is told the run is :data:`LONG_RUN` steps long (what ``auto`` picks for a long run:
+  on CPU the pass compiled by a background process, waited for in the warm-up; a constant-like
+  schedule) and stopped after the timed steps;
 * ``wandb.watch``: ``wandb.watch(model, log="all", log_freq=10)`` on an offline W&B run
   (histograms of every parameter and gradient every 10 steps);
 * ``per-tensor loop``: the forces computed tensor by tensor after each optimizer step with one host
@@ -46,7 +49,11 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from hf_weightforces import WeightForcesCallback  # noqa: E402
 from hf_weightforces.demo import make_datasets, pythia_config  # noqa: E402
+from hf_weightforces.core.aot import wait_background  # noqa: E402
 from hf_weightforces.distributed import _StepRecorder  # noqa: E402
+
+#: the run length the Trainer is told: its schedule and ``auto``'s choice are a long run's
+LONG_RUN = 100_000
 
 CONFIGS = ("none", "floor", "budget/1", "budget/1/exact", "budget/1/compiled", "budget/10", "wandb.watch",
            "per-tensor loop")
@@ -164,13 +171,15 @@ def _rss() -> int:
 class Meter(TrainerCallback):
     """Step stamps (wall, thread CPU), the hook clock's gate, and peak memory."""
 
-    def __init__(self, warmup: int, cuda: bool) -> None:
-        self.warmup, self.cuda = warmup, cuda
+    def __init__(self, warmup: int, stop: int, wait_at: int, cuda: bool) -> None:
+        self.warmup, self.stop, self.wait_at, self.cuda = warmup, stop, wait_at, cuda
         self.wall, self.cpu, self.peak = [], [], 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.cuda:
             torch.cuda.synchronize()
+        if state.global_step == self.wait_at:  # a background compilation: its package loads at the next budget step
+            wait_background()
         CLOCK.on = state.global_step >= self.warmup
         if CLOCK.on:
             self.wall.append(time.perf_counter())
@@ -179,6 +188,8 @@ class Meter(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._memory()
+        if state.global_step >= self.stop:  # the schedule is a long run's; this one stops here
+            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.cuda:
@@ -194,14 +205,15 @@ class Meter(TrainerCallback):
 def run(config: str, size: str, args, data, cuda: bool) -> dict:
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(pythia_config(size))
-    # the warm-up holds two budget steps, so a compiled pass is compiled (at the second) before timing
+    # the warm-up holds three budget steps: the compiled pass is compiled at the second (or started in
+    # the background there, waited for before the third, which loads it) before timing
     every = int(config.split("/")[1]) if config.startswith("budget/") else 1
-    warmup = max(args.warmup, 2 * every + 1)
+    warmup = max(args.warmup, 3 * every + 1)
     watched = None
     if config.startswith("budget/"):
         parts = config.split("/")  # budget/<every>[/<kernel>]
         watched = TimedWeightForces(every=int(parts[1]), kernel=parts[2] if len(parts) > 2 else "auto")
-    meter = Meter(warmup, cuda)
+    meter = Meter(warmup, args.steps + warmup - args.warmup, warmup - every, cuda)
     callbacks: list = [meter] + ([watched] if watched is not None else [])
     wandb_run = None
     if config == "floor":
@@ -219,7 +231,8 @@ def run(config: str, size: str, args, data, cuda: bool) -> dict:
             with timed_hook_registration():
                 wandb.watch(model, log="all", log_freq=10)
         targs = TrainingArguments(
-            output_dir=out, max_steps=args.steps + warmup - args.warmup, per_device_train_batch_size=args.batch,
+            # a long run's settings (``auto`` picks what it would pick there; lr ~constant), stopped by the meter
+            output_dir=out, max_steps=LONG_RUN, per_device_train_batch_size=args.batch,
             learning_rate=1e-3,
             weight_decay=0.1, logging_steps=10, report_to=["wandb"] if wandb_run else [], save_strategy="no",
             disable_tqdm=True, use_cpu=not cuda, seed=0, dataloader_num_workers=0,

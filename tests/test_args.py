@@ -137,3 +137,6 @@ def test_every_callback_argument_has_a_setting():
     from hf_weightforces.integrations.optimizers import OBSERVED_MODES
 
     assert set(_CHOICES["observed_mode"]) == set(OBSERVED_MODES)
+    from hf_weightforces.core.kernels import KERNELS
+
+    assert set(_CHOICES["kernel"]) == set(KERNELS)

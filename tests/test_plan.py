@@ -40,10 +40,11 @@ from hf_weightforces.core.budget import (
     BUDGET_TERMS,
     adamw_direction,
     decay_factor,
+    choose_kernel,
     force_budget,
 )
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
-from hf_weightforces.core.aot import AOTChunk
+from hf_weightforces.core.aot import AOTChunk, BackgroundBuild
 from hf_weightforces.core.plan import StepPlan
 from hf_weightforces.distributed import Backend, ShardContext
 
@@ -381,6 +382,39 @@ def test_trainer_planned_path_equals_the_per_tensor_path(tmp_path, wf_rows, monk
     assert _compare_rows(planned, per_tensor) > 1000
 
 
+def test_trainer_background_kernel_runs_exact_meanwhile_and_stops_its_child(tmp_path, wf_rows, monkeypatch):
+    """A real Trainer run with ``kernel="background"`` shorter than the compilation: every step runs
+    the eager pass (rows equal to an exact run), and the end of training stops the child."""
+    from hf_weightforces.core import aot
+
+    started = []
+    init = aot.BackgroundBuild.__init__
+
+    def keep_the_child(self, jobs):
+        init(self, jobs)
+        started.append(self._proc)
+
+    monkeypatch.setattr(aot.BackgroundBuild, "__init__", keep_the_child)
+    monkeypatch.setattr(aot, "package_dir", lambda: tmp_path / "packages")
+    rows = {}
+    for kernel in ("background", "exact"):
+        cb = WeightForcesCallback(kernel=kernel, per_matrix=True, quiet=True)
+        train_tiny(tmp_path / kernel, [cb], max_steps=12, logging_steps=1)
+        rows[kernel] = wf_rows(tmp_path / kernel)
+    assert len(started) == 1 and started[0].poll() is not None  # started at the second step, stopped at the end
+    assert not (tmp_path / "packages").exists() or not any((tmp_path / "packages").glob("*.pt2"))
+    assert _compare_rows(rows["background"], rows["exact"]) > 1000
+
+
+@pytest.mark.parametrize("numel, steps, device, want", [
+    (100_000, 999, "cpu", "exact"), (100_000, 1000, "cpu", "background"), (100_000, None, "cpu", "background"),
+    (2_000_000, 99, "cpu", "exact"), (2_000_000, 100, "cpu", "background"), (10**9, 10**6, "meta", "exact"),
+])
+def test_auto_kernel_choice(numel, steps, device, want):
+    assert choose_kernel("auto", numel, torch.device(device), steps) == want
+    assert choose_kernel("compiled", numel, torch.device(device), steps) == "compiled"
+
+
 # ---------------------------------------------------------------------------------- 6. re-plan
 def _context_run(action_at: int | None = None, action=None, steps: int = 8, kernel: str = "exact",
                  planned: bool = True):
@@ -584,3 +618,65 @@ def test_ahead_of_time_compiler_dying_midway_leaves_no_package(monkeypatch, tmp_
     _same_steps_as_exact(plan, steps=2)
     check_compiled_really_ran(plan, ahead_of_time=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- in the background
+def test_background_build_runs_eager_until_the_package_is_ready(monkeypatch, tmp_path):
+    """``background`` (what ``auto`` picks for long CPU runs): the first compiled step starts a child
+    process and runs the eager pass (same sums as exact, to the bit); once the child has written the
+    package, the plan loads it and the compiled pass runs, within 1e-6 of exact.  The child
+    compiled the layout of this process's tensors from their description alone."""
+    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
+    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
+    run = AdamWRun()
+    plan, exact = run.plan("background"), run.plan("exact")
+    acc, acc_exact = run.accumulators(), run.accumulators()
+    t_before, t_after, _ = run.step()
+    got, want = run.run(plan, t_before, t_after, acc), run.run(exact, t_before, t_after, acc_exact)
+    assert isinstance(plan._build, BackgroundBuild) and plan._fns is None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the eager pass ran meanwhile
+    assert plan._build.wait(600) is True, plan._build.error
+    packages = [p.name for p in tmp_path.iterdir()]
+    assert len(packages) == 1 and packages[0].endswith(".pt2") and ".partial" not in packages[0]
+    for _ in range(2):
+        t_before, t_after, _ = run.step()
+        got, want = run.run(plan, t_before, t_after, acc), run.run(exact, t_before, t_after, acc_exact)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-300)
+        run.decay_lrs()
+    check_compiled_really_ran(plan)
+    torch.testing.assert_close(acc[2], acc_exact[2], rtol=1e-12, atol=0)
+    # a later plan over the same layout loads the package at once: no child
+    again = AdamWRun().plan("background")
+    _same_steps_as_exact(again, steps=1)
+    assert again._build is True
+    check_compiled_really_ran(again)
+
+
+def test_background_build_stopped_and_failing(monkeypatch, tmp_path, caplog):
+    """Closing the plan (the end of training) stops the child and leaves no package; a child that
+    cannot build (its code differs from this process's) leaves the eager pass on, with a warning
+    that says why."""
+    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
+    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
+    run = AdamWRun()
+    plan = run.plan("background")
+    t_before, t_after, _ = run.step()
+    run.run(plan, t_before, t_after, run.accumulators())
+    proc = plan._build._proc
+    plan.close()
+    assert proc.poll() is not None and list(tmp_path.iterdir()) == []
+
+    # the child would compute another key: it refuses
+    monkeypatch.setattr("hf_weightforces.core.aot._source_key", lambda: "not what the child loads")
+    plan = run.plan("background")
+    acc = run.accumulators()
+    t_before, t_after, _ = run.step()
+    run.run(plan, t_before, t_after, acc)
+    assert plan._build.wait(600) is False and "changed" in plan._build.error
+    exact, acc_exact = run.plan("exact"), tuple(x.clone() for x in acc)
+    t_before, t_after, _ = run.step()
+    with caplog.at_level("WARNING", logger="hf_weightforces.core.plan"):
+        got = run.run(plan, t_before, t_after, acc)
+    assert "background compilation of the planned pass failed" in caplog.text and "changed" in caplog.text
+    assert plan._build is False and plan._fns is None and list(tmp_path.iterdir()) == []
+    torch.testing.assert_close(got, run.run(exact, t_before, t_after, acc_exact), rtol=0, atol=0)

@@ -14,13 +14,20 @@ and compiling again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib
 import inspect
+import json
 import logging
 import marshal
 import os
+import subprocess
+import sys
+import tempfile
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AOTChunk", "package_dir"]
+__all__ = ["AOTChunk", "BackgroundBuild", "compile_package", "package_dir", "wait_background"]
 
 
 def package_dir() -> Path:
@@ -65,7 +72,7 @@ class AOTChunk:
 
     def __init__(self, fn: Callable, fallback: Callable[[], Callable] | None = None) -> None:
         self.fn, self.fallback = fn, fallback
-        self._run: Callable[[list], list] | None = None
+        self._run: Callable[[list], list] | None = None  # the package's entry point, once loaded
         self._instead: Callable | None = None
 
     def __call__(self, *args):
@@ -82,31 +89,193 @@ class AOTChunk:
             return self._run(_flat(args))[0]
         return self._instead(*args)
 
-    def _build(self, args) -> Callable[[list], list]:
-        from torch._inductor import aoti_compile_and_package, aoti_load_package
+    def package_path(self, args) -> Path:
+        """Where the package of ``fn`` for tensors like ``args`` is kept (see :func:`_source_key`)."""
+        shapes = [(tuple(x.shape), x.stride(), x.storage_offset(), str(x.dtype), str(x.device)) for x in _flat(args)]
+        # inductor writes the thread count into its CPU kernels: a package made under 1 thread runs on 1
+        threads = torch.get_num_threads()
+        key = hashlib.sha256(repr((_source_key(), self.fn.__name__, shapes, threads)).encode()).hexdigest()[:40]
+        return package_dir() / f"{key}.pt2"
 
-        flat = _flat(args)
-        shapes = [(tuple(x.shape), x.stride(), x.storage_offset(), str(x.dtype), str(x.device)) for x in flat]
-        key = hashlib.sha256(repr((_source_key(), self.fn.__name__, shapes)).encode()).hexdigest()[:40]
-        path = package_dir() / f"{key}.pt2"
-        if not path.exists():
-            fn = self.fn
+    def load(self, path: Path) -> None:
+        """Run the package at ``path`` from now on."""
+        from torch._inductor import aoti_load_package
 
-            class Graph(torch.nn.Module):
-                def forward(self, *a):
-                    return fn(*a)
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{key}.{os.getpid()}.partial.pt2")
-            try:
-                with warnings.catch_warnings():  # torch's own deprecation notices while it packages
-                    warnings.simplefilter("ignore", FutureWarning)
-                    program = torch.export.export(Graph(), args, strict=False)
-                    aoti_compile_and_package(program, package_path=str(tmp))
-                os.replace(tmp, path)  # whole or absent: another process (rank) may be writing the same
-            finally:
-                tmp.unlink(missing_ok=True)
-            logger.info("weight forces: compiled the planned pass ahead of time (%s)", path.name)
-        loader = aoti_load_package(str(path)).loader
         # the loader's own entry point: the flat inputs in the exported order (it empties the list)
-        return loader.boxed_run
+        self._run = aoti_load_package(str(path)).loader.boxed_run
+
+    def _build(self, args) -> Callable[[list], list]:
+        path = self.package_path(args)
+        if not path.exists():
+            compile_package(self.fn, args, path)
+        self.load(path)
+        return self._run
+
+
+def compile_package(fn: Callable, args, path: Path) -> None:
+    """Export ``fn`` on ``args`` and compile it with AOTInductor into the package ``path``, written
+    under a temporary name and renamed: whole or absent (another process, a rank, may be writing
+    the same; a compiler that dies midway leaves nothing)."""
+    from torch._inductor import aoti_compile_and_package
+
+    class Graph(torch.nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+    try:
+        with warnings.catch_warnings():  # torch's own deprecation notices while it packages
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.export.export(Graph(), tuple(args), strict=False)
+            aoti_compile_and_package(program, package_path=str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("weight forces: compiled the planned pass ahead of time (%s)", path.name)
+
+
+# ----------------------------------------------------------------------------------- in the background
+def describe(args) -> dict:
+    """``args`` (CPU tensors in lists and tuples) as JSON: their structure and, per tensor, its
+    storage (tensors sharing one share it again), shape, strides, offset and dtype: what the graph
+    is compiled for, none of the values."""
+    leaves, spec = torch.utils._pytree.tree_flatten(args)
+    storages: dict[int, int] = {}
+    sizes: list[int] = []
+    tensors = []
+    for x in leaves:
+        if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+            raise TypeError(f"only CPU tensors can be described, not {type(x).__name__}")
+        storage = x.untyped_storage()
+        i = storages.setdefault(storage.data_ptr(), len(storages))
+        if i == len(sizes):
+            sizes.append(0)
+        sizes[i] = max(sizes[i], storage.nbytes())
+        tensors.append({"storage": i, "shape": list(x.shape), "stride": list(x.stride()),
+                        "offset": x.storage_offset(), "dtype": str(x.dtype).removeprefix("torch.")})
+    return {"tree": torch.utils._pytree.treespec_dumps(spec), "storages": sizes, "tensors": tensors}
+
+
+def rebuild(desc: dict):
+    """Tensors laid out as :func:`describe` recorded them (uninitialised memory, never touched)."""
+    buffers = [torch.empty(int(n), dtype=torch.uint8) for n in desc["storages"]]
+    leaves = []
+    for t in desc["tensors"]:
+        dtype = getattr(torch, t["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"not a dtype: {t['dtype']!r}")
+        buf = buffers[t["storage"]]
+        typed = buf[: buf.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
+        leaves.append(typed.as_strided(t["shape"], t["stride"], t["offset"]))
+    return torch.utils._pytree.tree_unflatten(leaves, torch.utils._pytree.treespec_loads(desc["tree"]))
+
+
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+class BackgroundBuild:
+    """Packages compiled by a child process while training goes on.
+
+    ``jobs``: (fn, args, path) — ``fn`` a function of this package, ``args`` CPU tensors like the
+    ones it will be called with (only their layout travels, as JSON), ``path`` where its package
+    goes (:meth:`AOTChunk.package_path`).  The child runs at a lower priority with the parent's
+    thread count (inductor writes it into the kernels) and one compile worker, refuses to build if
+    its code or the layout would give another package than ``path``, and is stopped by
+    :meth:`close` (the end of training, or this object's end).  Threads are not an option: tracing
+    shares module-level state with the training thread's own optimizer step (docs/budget.md, §9)."""
+
+    def __init__(self, jobs: list[tuple[Callable, tuple, Path]]) -> None:
+        spec = {"threads": torch.get_num_threads(),
+                "jobs": [{"fn": f"{fn.__module__}:{fn.__name__}", "path": str(path), "args": describe(args)}
+                         for fn, args, path in jobs]}
+        fd, spec_path = tempfile.mkstemp(prefix="hf_weightforces_build_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec, f)
+        log = tempfile.TemporaryFile()
+        root = str(Path(__file__).resolve().parents[2])  # the same hf_weightforces as this process
+        env = {k: v for k, v in os.environ.items() if k != "HF_WEIGHTFORCES"}  # no monitor in the child
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", __name__, spec_path], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=log, env=env)
+        except BaseException:
+            log.close()
+            os.unlink(spec_path)
+            raise
+        self.paths = [path for _, _, path in jobs]
+        self.error: str | None = None
+        self._proc, self._log = proc, log
+        self._finalizer = weakref.finalize(self, _stop, proc, spec_path, log)
+        _RUNNING.add(self)
+
+    def poll(self) -> bool | None:
+        """None while the child runs; then True if every package was built, False if not (the
+        reason in :attr:`error`)."""
+        rc = self._proc.poll()
+        if rc is None:
+            return None
+        if self._finalizer.alive:
+            if rc != 0:
+                self._log.seek(0)
+                lines = self._log.read().decode(errors="replace").strip().splitlines()
+                self.error = lines[-1] if lines else f"exit status {rc}"
+            self._finalizer()
+        return rc == 0 and all(p.exists() for p in self.paths)
+
+    def wait(self, timeout: float | None = None) -> bool | None:
+        """Block until the child ends (or ``timeout`` seconds); :meth:`poll`'s answer."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout)
+        return self.poll()
+
+    def close(self) -> None:
+        """Stop the child if it still runs (its package is not written: nothing half-made stays)."""
+        self._finalizer()
+
+
+def _stop(proc: subprocess.Popen, spec_path: str, log) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    with contextlib.suppress(OSError):
+        os.unlink(spec_path)
+    log.close()
+
+
+def wait_background(timeout: float | None = None) -> bool:
+    """Wait for every background build of this process; True if each one built its packages
+    (benchmarks and tests: time the steps after it)."""
+    return all(build.wait(timeout) for build in list(_RUNNING))
+
+
+def _main(argv: list[str]) -> int:
+    """The child of :class:`BackgroundBuild`: ``python -m hf_weightforces.core.aot SPEC.json``."""
+    spec = json.loads(Path(argv[0]).read_text())
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)  # the training process comes first
+    torch.set_num_threads(int(spec["threads"]))
+    for job in spec["jobs"]:
+        module, name = job["fn"].split(":")
+        if module.split(".")[0] != __name__.split(".")[0]:  # never import what a file names
+            print(f"refusing to compile {job['fn']}: not a function of this package", file=sys.stderr)
+            return 2
+        fn = getattr(importlib.import_module(module), name)
+        args, path = rebuild(job["args"]), Path(job["path"])
+        if AOTChunk(fn).package_path(args).name != path.name:
+            print("the code or the tensors' layout changed since the run started: no package", file=sys.stderr)
+            return 3
+        if not path.exists():
+            compile_package(fn, args, path)
+    return 0
+
+
+if __name__ == "__main__":  # run as the package's module, not as a second copy of it named __main__
+    from hf_weightforces.core import aot
+
+    sys.exit(aot._main(sys.argv[1:]))

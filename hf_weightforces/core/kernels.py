@@ -220,22 +220,32 @@ def _dots_exact(
 
 #: The ways :func:`step_dots` can run (the callback's ``kernel`` argument; ``auto`` is resolved by
 #: :func:`choose_kernel` at train start).
-KERNELS: tuple[str, ...] = ("auto", "exact", "compiled", "foreach")
+KERNELS: tuple[str, ...] = ("auto", "exact", "compiled", "background", "foreach")
 
-#: ``auto`` compiles the pass on CPU from this many trained elements on: below it the eager pass is
-#: already cheap and the one-off compilation (tens of seconds, cached on disk) would not pay.
+#: ``auto`` compiles the pass on CPU, in a background process (``"background"``), for models of at
+#: least this many trained elements (in runs of at least ``BACKGROUND_FROM_STEPS[0]`` budget steps)
+#: and for any model in runs of at least ``BACKGROUND_FROM_STEPS[1]``: below that the eager pass
+#: costs little in all, the compilation would not finish before the end, and loading the compiled
+#: pass stalls one step for seconds (importing inductor).
 COMPILE_FROM = 2_000_000
+BACKGROUND_FROM_STEPS = (100, 1000)
 
 _COMPILED = None
 _COMPILE_FAILED = False
 
 
-def choose_kernel(kernel: str, numel: int, device: torch.device) -> str:
-    """``auto``: ``compiled`` on CPU for models of at least :data:`COMPILE_FROM` trained elements,
-    else ``exact`` (accelerators keep the eager pass until the compiled one is measured there)."""
+def choose_kernel(kernel: str, numel: int, device: torch.device, budget_steps: int | None = None) -> str:
+    """``auto``: on CPU, ``background`` (the compiled pass, built by a child process while the
+    steps run eager; then the same as ``compiled``) where :data:`COMPILE_FROM` and
+    :data:`BACKGROUND_FROM_STEPS` say it pays (``budget_steps`` None: not known, long enough);
+    else ``exact``.  Accelerators keep the eager pass until the compiled one is measured there."""
     if kernel != "auto":
         return kernel
-    return "compiled" if torch.device(device).type == "cpu" and numel >= COMPILE_FROM else "exact"
+    if torch.device(device).type != "cpu":
+        return "exact"
+    steps = float("inf") if budget_steps is None else budget_steps
+    big = numel >= COMPILE_FROM and steps >= BACKGROUND_FROM_STEPS[0]
+    return "background" if big or steps >= BACKGROUND_FROM_STEPS[1] else "exact"
 
 
 def _dots_one(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -374,7 +384,7 @@ def step_dots(
     """
     if not weights:
         return torch.zeros(0, 3, dtype=torch.float64)
-    if method in ("auto", "exact", "loop"):  # "auto" here: resolve it with choose_kernel first
+    if method in ("auto", "exact", "loop", "background"):  # "auto" here: resolve it with choose_kernel first
         return _dots_exact(weights, exp_avgs, second_moments, eps_terms)
     if method == "compiled":
         return _dots_compiled(weights, exp_avgs, second_moments, eps_terms)

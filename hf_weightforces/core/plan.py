@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .aot import AOTChunk
+from .aot import AOTChunk, BackgroundBuild
 from .budget import budget_from_dots, decay_factor
 from .kernels import _SMALL as SMALL
 from .kernels import PackedSmall, step_dots, to_device
@@ -181,6 +181,9 @@ class StepPlan:
             sl = slice(a, min(a + CHUNK, n))
             self.chunks.append((sl, self.gidx[sl], self.f64[sl], self.index[sl]))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
+        # "background": the child process building them (True once ready, False if it failed)
+        self._build: BackgroundBuild | bool | None = None
+        self._pending: tuple | None = None
         self._hv_key: tuple | None = None  # step_vector's last hyper-parameters and vector (CPU)
         self._hv: torch.Tensor | None = None
         self._hv_bufs: list | None = None  # its two buffers, (tensor, numpy view of it)
@@ -251,29 +254,70 @@ class StepPlan:
         ``t_after`` and ``t_before`` the tensors' step counters stacked after and before the step
         (on the device), ``hv`` the :meth:`step_vector`."""
         acc = (sums, nonfinite, norm2)
-        if self.kernel == "compiled" and not _COMPILE_FAILED:
+        if self.kernel in ("compiled", "background") and not _COMPILE_FAILED:
             try:
-                return self._run_compiled(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+                fns = self._compiled(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+                if fns is not None:
+                    return self._call(fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
             except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
                 _compile_failed(exc)
         return self._run_eager(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
 
-    def _run_compiled(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
-        if self._fns is None:
-            self._fns = self._compile()
-        return self._call(self._fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+    def _compiled(self, *step) -> list | None:
+        """The compiled chunks, or None while they are being built in the background (or could
+        not be): that step runs the eager pass."""
+        if self._fns is not None:
+            return self._fns
+        if self.kernel == "compiled":  # built here, at this first call (the step waits)
+            tag = next(_PLANS)
+            self._fns = [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
+            return self._fns
+        if self._build is None:
+            chunks = [AOTChunk(_chunk_pass) for _ in self.chunks]
+            args = self._chunk_args(*step)
+            paths = [c.package_path(a) for c, a in zip(chunks, args)]
+            missing = [(_chunk_pass, a, p) for a, p in zip(args, paths) if not p.exists()]
+            self._pending = (chunks, paths)
+            if missing:
+                self._build = BackgroundBuild(missing)
+                logger.info("weight forces: compiling the planned pass in a background process; the eager pass "
+                            "runs until it is ready (%d graph(s))", len(missing))
+                return None
+            self._build = True
+        elif self._build is not True:
+            done = None if self._build is False else self._build.poll()
+            if not done:
+                if done is False:
+                    logger.warning("weight forces: the background compilation of the planned pass failed (%s); "
+                                   "the eager pass goes on, with the same sums", self._build.error)
+                    self._build = False
+                return None
+            self._build = True
+        chunks, paths = self._pending
+        for chunk, path in zip(chunks, paths):
+            chunk.load(path)
+        self._fns = chunks
+        logger.info("weight forces: the planned pass runs compiled from step to step now")
+        return self._fns
 
-    def _compile(self) -> list:
-        tag = next(_PLANS)
-        return [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
+    def close(self) -> None:
+        """Stop a background compilation still running."""
+        if isinstance(self._build, BackgroundBuild):
+            self._build.close()
 
-    def _call(self, fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
+    def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc) -> list[tuple]:
+        """Each chunk's arguments of :func:`_chunk_pass`."""
         if len(self.chunks) == 1:
-            return fns[0](weights, exp_avgs, second_moments, t_after, t_before, (hv, self.gidx, self.f64, t_after),
-                          self.index, *acc)
-        out = [fn(weights[sl], exp_avgs[sl], second_moments[sl], t_after[sl], t_before[sl], (hv, g, f, t_after[sl]),
-                  idx, *acc) for fn, (sl, g, f, idx) in zip(fns, self.chunks)]
-        return torch.cat(out)
+            return [(weights, exp_avgs, second_moments, t_after, t_before, (hv, self.gidx, self.f64, t_after),
+                     self.index, *acc)]
+        return [(weights[sl], exp_avgs[sl], second_moments[sl], t_after[sl], t_before[sl], (hv, g, f, t_after[sl]),
+                 idx, *acc) for sl, g, f, idx in self.chunks]
+
+    def _call(self, fns, *step):
+        args = self._chunk_args(*step)
+        if len(fns) == 1:
+            return fns[0](*args[0])
+        return torch.cat([fn(*a) for fn, a in zip(fns, args)])
 
     def _packed_small(self) -> PackedSmall | None:
         if self._small is None:

@@ -141,10 +141,12 @@ class WeightForcesArguments:
     )
     weight_forces_kernel: str = field(
         default="auto",
-        metadata={"help": "How the per-step sums run: 'exact' (eager, float64 sums), 'compiled' (the same sums fused "
-                  "by torch.compile: about 2.5x faster on CPU, tens of seconds to compile once), 'foreach' "
-                  "(multi-tensor kernels, float32-rounded norms: pre-training learning rates only) or 'auto' "
-                  "(compiled on CPU from 2M trained elements, else exact)."},
+        metadata={"help": "How the per-step sums run: 'exact' (eager, float64 sums), 'compiled' (the whole step "
+                  "compiled, ahead of time on CPU: about 3x faster there; the second budget step waits for the "
+                  "compiler once, tens of seconds, kept on disk), 'background' (the same, compiled by a child "
+                  "process while the steps run exact), 'foreach' (multi-tensor kernels, float32-rounded norms: "
+                  "pre-training learning rates only) or 'auto' (background on CPU for runs of 1000 budget steps, "
+                  "or 100 from 2M trained elements; else exact)."},
     )
     weight_forces_observed_mode: str = field(
         default="sampled",
@@ -307,7 +309,7 @@ _HELP: dict[str, str] = {_setting(f.name): f.metadata.get("help", "") for f in f
 _LOWER_BOUNDS = {"every": 1, "weibull_every": 0, "offset_sample_every": 1, "super_weights": 0, "backbone_every": 0,
                  "backbone_snapshot_every": 1, "backbone_coords": 1, "rank_every": 0,
                  "observed_sample_size": 2, "observed_seed": 0}
-_CHOICES = {"observed_mode": ("sampled", "exact"), "kernel": ("auto", "exact", "compiled", "foreach")}  # integrations/optimizers.py OBSERVED_MODES (tested equal)
+_CHOICES = {"observed_mode": ("sampled", "exact"), "kernel": ("auto", "exact", "compiled", "background", "foreach")}  # integrations/optimizers.py OBSERVED_MODES (tested equal)
 _CALLBACK_SETTINGS = ("every", "per_layer", "per_matrix", "patterns", "to_all_integrations", "output_subdir",
                       "weibull_every", "weibull_per_matrix", "offset_sample_every", "super_weights", "rounding_split",
                       "kernel", "quiet", "observed_mode", "observed_sample_size", "observed_seed")

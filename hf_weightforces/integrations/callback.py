@@ -132,9 +132,11 @@ class WeightForcesCallback(TrainerCallback):
             story, at fine-tuning learning rates.  Costs a second pass over w, g, m, v per step.
         kernel: how the per-step sums run: ``"exact"`` (eager, float64 sums), ``"compiled"`` (the
             whole step in one compiled call, ahead of time on CPU, ~3x less time there; compiled
-            once at the second budget step, which waits for it; kept on disk), ``"foreach"``
-            (multi-tensor kernels with float32-rounded norms) or ``"auto"`` (the default: compiled
-            on CPU from 2M trained elements, else exact).
+            once at the second budget step, which waits for it; kept on disk), ``"background"``
+            (the same, compiled by a child process while the steps run exact), ``"foreach"``
+            (multi-tensor kernels with float32-rounded norms) or ``"auto"`` (the default: on CPU
+            the compiled pass built by a background process while the steps run exact, for runs
+            of 1000 budget steps or more, or 100 from 2M trained elements; else exact).
         quiet: no console summary (one line per log event when no tracker shows the keys, a table
             at train end; see ``integrations/console.py``).
         dashboard: what W&B, TensorBoard, MLflow and trackio get beside the aggregates' charts
@@ -254,7 +256,9 @@ class WeightForcesCallback(TrainerCallback):
         self._entries = entries
         self._index_of = {id(e.param): i for i, e in enumerate(entries)}
         self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
-        self.monitor.dots_method = choose_kernel(self.kernel, sum(e.numel for e in entries), self.monitor.device)
+        budget_steps = (state.max_steps - state.global_step) // self.every if state.max_steps > 0 else None
+        self.monitor.dots_method = choose_kernel(self.kernel, sum(e.numel for e in entries), self.monitor.device,
+                                                 budget_steps)
         if self.monitor.dots_method == "compiled":
             logger.info("weight forces: the per-step pass is compiled at the second budget step, which waits for it "
                         "(once: up to a minute on a small CPU the first time, seconds once the compiled pass is on disk)")
