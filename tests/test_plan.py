@@ -415,6 +415,31 @@ def test_auto_kernel_choice(numel, steps, device, want):
     assert choose_kernel("compiled", numel, torch.device(device), steps) == "compiled"
 
 
+def test_step_vector_fast_path_equals_the_general_one():
+    """The CPU step vector filled in place (float lrs) is, bit for bit, the one built from
+    :func:`decay_factor` per group, through lr changes, hyper-parameter changes, a changed number of
+    groups; the vector handed out stays whole one step after."""
+    rng = np.random.default_rng(0)
+    plan = AdamWRun().plan("exact")
+    general = AdamWRun().plan("exact")
+    hypers = [(0.1, 0.9, 0.999, 1e-8), (0.0, 0.8, 0.95, 1e-6)]
+    last = None
+    for step in range(40):
+        if step in (10, 25):
+            hypers = [(float(rng.uniform(0, 0.3)), 0.9, 0.98, 1e-7) for _ in range(2 if step == 10 else 3)]
+        lrs = [float(x) for x in 10.0 ** rng.uniform(-7, -2, len(hypers))]
+        if step % 5 == 0 and last is not None and len(last_lrs) == len(hypers):
+            lrs = last_lrs  # unchanged: the same vector again
+        fast = plan.step_vector(lrs, hypers)
+        want = general.step_vector([torch.tensor(x, dtype=torch.float64) for x in lrs], hypers)
+        g = len(hypers)
+        assert fast.shape == (7 * g,) and torch.equal(fast, want), step
+        assert [fast[5 * g + i].item() for i in range(g)] == [decay_factor(x, h[0]) for x, h in zip(lrs, hypers)]
+        if last is not None and last[0].numel() == fast.numel() and last[0] is not fast:
+            assert torch.equal(last[0], last[1]), "the previous vector was overwritten"
+        last, last_lrs = (fast, fast.clone()), lrs
+
+
 # ---------------------------------------------------------------------------------- 6. re-plan
 def _context_run(action_at: int | None = None, action=None, steps: int = 8, kernel: str = "exact",
                  planned: bool = True):
@@ -455,6 +480,45 @@ def _context_run(action_at: int | None = None, action=None, steps: int = 8, kern
     finally:
         ctx.close()
     return pattern, rows
+
+
+def test_counters_before_a_step_after_steps_the_budget_skipped():
+    """The pre-hook takes the counters stacked after the last planned step as the next step's
+    "before" only while no other step ran: a tensor updated at a step the budget skipped and not
+    at the next budget step is not counted there (its row zero, its norm kept)."""
+    run = AdamWRun()
+    ctx = ShardContext(Backend.SINGLE)
+    entries = ctx.entries(None, run.opt)  # registers the step pre-hook
+    index_of = {id(e.param): i for i, e in enumerate(entries)}
+    mon = ForceMonitor([ParamInfo(e.name, "other", None, e.numel) for e in entries])
+    mon.dots_method = "exact"
+    mon.observe_norms([p.detach() for p in run.params])
+    try:
+        # budget at steps 1, 2, 3 (planned from 2; 3 reuses 2's counters), none at 4, budget at 5
+        pattern = []
+        for step, no_grad in ((1, ()), (2, ()), (3, (0,)), (4, ()), (5, (0,))):
+            _, _, w_before = run.step(no_grad=no_grad)
+            if step == 4:  # the callback observes the norms before the next budget step
+                mon.observe_norms([p.detach() for p in run.params])
+                continue
+            planned = ctx.planned_step(run.opt, index_of, "exact")
+            pattern.append(planned is not None)
+            if planned is None:
+                mon.record_views(ctx.views(run.opt, index_of), step)
+                mon.reset()
+                continue
+            norm0 = mon.norm2[0].item()
+            mon.record_planned(planned, step)
+            ref = np.stack([run.reference(i, w_before[i]) for i in range(run.n)])
+            rows = slice(1 if no_grad else 0, None)
+            if no_grad:  # tensor 0 was not updated by this step (at step 5: it was by step 4)
+                assert torch.all(mon.sums[0] == 0) and mon.norm2[0].item() == norm0, step
+            assert_rows_match_reference(mon.sums.numpy()[rows], ref[rows], mon.norm2.numpy()[rows],
+                                        float64_rows=(FLOAT64 - rows.start,))
+            mon.reset()
+        assert pattern == [False, True, True, True]
+    finally:
+        ctx.close()
 
 
 REPLACEMENTS = {
@@ -562,6 +626,17 @@ def _same_steps_as_exact(plan: StepPlan, steps: int = 3, seed: int = 0) -> None:
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-300)
         run.decay_lrs()
     torch.testing.assert_close(acc[2], acc_exact[2], rtol=1e-12, atol=0)
+
+
+def test_flat_inputs_in_the_order_export_takes_them():
+    """The package is called with the tensors flattened the short way: the same tensors in the same
+    order as ``torch.utils._pytree`` (what ``torch.export`` flattens by), containers of any kind."""
+    from hf_weightforces.core.aot import _flat
+
+    t = [torch.full((1,), float(i)) for i in range(8)]
+    args = ([t[0], t[1]], (t[2], [t[3], (t[4],)]), {"b": t[5], "a": [t[6], 3]}, None, 1.5, t[7], t[0])
+    want = [x for x in torch.utils._pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+    assert [id(x) for x in _flat(args)] == [id(x) for x in want] and len(want) == 9
 
 
 def test_ahead_of_time_package_is_kept_and_loaded_without_compiling(monkeypatch, tmp_path):

@@ -62,7 +62,18 @@ def _source_key() -> str:
 
 
 def _flat(args) -> list[torch.Tensor]:
-    return [x for x in torch.utils._pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+    """The tensors of ``args`` in the order ``torch.export`` takes them (depth first).  Lists and
+    tuples the short way (a call pays for this every step: ~14 µs for the tiny model's 97 tensors
+    against ~90 µs through ``torch.utils._pytree``); anything else through pytree."""
+    out: list[torch.Tensor] = []
+    for x in args:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif type(x) in (list, tuple):
+            out.extend(_flat(x))
+        else:
+            out.extend(t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor))
+    return out
 
 
 class AOTChunk:

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+from array import array
 import logging
 import types
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from .aot import AOTChunk, BackgroundBuild
@@ -184,9 +184,14 @@ class StepPlan:
         # "background": the child process building them (True once ready, False if it failed)
         self._build: BackgroundBuild | bool | None = None
         self._pending: tuple | None = None
-        self._hv_key: tuple | None = None  # step_vector's last hyper-parameters and vector (CPU)
+        # step_vector on CPU: its two buffers (tensor, numpy view of it), the last hyper-parameters,
+        # learning rates and vector, and the groups' weight decays
+        self._hv_bufs: list | None = None
+        self._hv_hypers: list | None = None
+        self._hv_lrs: list | None = None
         self._hv: torch.Tensor | None = None
-        self._hv_bufs: list | None = None  # its two buffers, (tensor, numpy view of it)
+        self._hv_wd: list | None = None
+        self._hv_fixed: list | None = None
         # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
         self._numels = list(numels)
         self._small: PackedSmall | None = None
@@ -206,19 +211,19 @@ class StepPlan:
         until the second call after; while no hyper-parameter moved, the last one is handed out
         again."""
         if self.device.type == "cpu" and all(type(x) is float for x in lrs):
-            key = (*lrs, *hypers)
-            if key != self._hv_key:
-                wd = [float(h[0]) for h in hypers]
-                exact = [1.0 - x * w for x, w in zip(lrs, wd)]  # decay_factor's, for the whole list at once
-                values = [*lrs, *wd, *(float(h[j]) for j in (1, 2, 3) for h in hypers),
-                          *np.float32(exact).tolist(), *exact]
-                if self._hv_bufs is None or len(values) != self._hv_bufs[0][0].numel():
-                    self._hv_bufs = [(t, t.numpy()) for t in (torch.empty(len(values), dtype=torch.float64),
-                                                               torch.empty(len(values), dtype=torch.float64))]
+            if hypers != self._hv_hypers:  # (rare) a schedule moved a decay, a beta or ε: the fixed rows again
+                self._hv_hypers, self._hv_lrs = list(hypers), None
+                self._hv_wd = [float(h[0]) for h in hypers]
+                self._hv_fixed = [float(h[j]) for j in range(4) for h in hypers]  # weight decay, β1, β2, ε
+                self._hv_bufs = [(t, memoryview(t.numpy())) for t in (torch.empty(7 * len(hypers), dtype=torch.float64),
+                                                                       torch.empty(7 * len(hypers), dtype=torch.float64))]
+            if lrs != self._hv_lrs:
                 self._hv_bufs.reverse()  # the other buffer: the last vector stays whole one more step
-                tensor, array = self._hv_bufs[0]
-                array[:] = values
-                self._hv_key, self._hv = key, tensor
+                tensor, memory = self._hv_bufs[0]
+                exact = [1.0 - x * w for x, w in zip(lrs, self._hv_wd)]  # decay_factor's, all groups at once
+                # plain buffers, no numpy call: right after a training step each call into numpy costs ~10 µs
+                memory[:] = array("d", [*lrs, *self._hv_fixed, *array("f", exact), *exact])  # "f": rounded to float32
+                self._hv_lrs, self._hv = list(lrs), tensor
             return self._hv
         hypers = [tuple(float(x) for x in h) for h in hypers]
         columns = list(zip(*hypers))  # weight decay, β1, β2, ε: G each

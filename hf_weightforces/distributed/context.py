@@ -123,6 +123,7 @@ class ShardContext:
         if rec.planned_before is None:  # set (or cleared) by the pre-hook of every step
             return None
         t_before, t_after = rec.planned_before, planned.snapshot()
+        planned.last_after = t_after  # the next step's "before", if no other step runs first
         groups = optimizer.param_groups
         hyper = planned.plan.step_vector([rec.lr(g) for g in groups], [_group_hypers(g) for g in groups])
         if t_after.device != planned.device:  # host counters of accelerator tensors: pinned, no sync

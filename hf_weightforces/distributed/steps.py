@@ -43,8 +43,10 @@ class _StepRecorder:
                 self.lrs[id(group)] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
         planned = self.planned
         if planned is not None and planned.fresh(optimizer):
-            # the planned tensors' counters in one stacked copy; the per-tensor dict only if asked
-            self.planned_before, self.before_of = planned.snapshot(), planned
+            # the planned tensors' counters in one stacked copy (the one taken after the last step
+            # when no step ran since: only a step moves them); the per-tensor dict only if asked
+            before, planned.last_after = planned.last_after, None  # a step runs now
+            self.planned_before, self.before_of = (before if before is not None else planned.snapshot()), planned
             return
         self.planned_before, self.before_of = None, None
         for group in optimizer.param_groups:
@@ -154,6 +156,8 @@ class _PlannedTensors:
         self.second_moments = [r[6] for r in rows]
         self.steps = [r[7] for r in rows]
         self._check = [(r[2], r[2].data_ptr(), r[4], r[8], r[9], r[7], r[10]) for r in rows]
+        #: the counters stacked after the last planned step, until the next step runs (its "before")
+        self.last_after: torch.Tensor | None = None
         self.plan = StepPlan([r[0] for r in rows], [r[1] for r in rows], len(optimizer.param_groups),
                              [r[3].dtype == torch.float64 for r in rows], [r[3].numel() for r in rows], self.device,
                              kernel)
