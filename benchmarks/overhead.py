@@ -24,9 +24,10 @@ hits all of them.  Configurations:
 
 The verdict is the thread CPU time spent inside the hooks, timed from outside each of them (every
 hook method of the callback and the optimizer pre-hook it registers; every hook ``wandb.watch``
-registers; the loop's hook), over the steps after ``--warmup``, divided by the thread CPU time of a
-plain step: on a shared machine whole-step times vary by about 10% between processes, which hides
-a few percent.  End-to-end times (median wall and thread CPU time per step) and the peak memory
+registers; the loop's hook), over the steps after ``--warmup``, divided by the thread CPU time of
+the rest of the same steps (the plain step, measured beside the hooks: on a shared machine the
+speed of whole steps drifts by 10-40% between runs a minute apart, which would hide a few percent
+against another run's plain step).  End-to-end times (median wall and thread CPU time per step) and the peak memory
 (resident set size on a CPU, max allocated on CUDA, during the run) are printed beside.
 Prints a Markdown table for the README.
 """
@@ -243,8 +244,11 @@ def run(config: str, size: str, args, data, cuda: bool) -> dict:
         if wandb_run is not None:
             wandb_run.finish()
     steps = len(meter.wall) - 1
+    hook_ms = CLOCK.seconds * 1e3 / steps
     return {
-        "hook_ms": CLOCK.seconds * 1e3 / steps,
+        "hook_ms": hook_ms,
+        # the hooks over the rest of the same steps: drift on a shared machine moves both alike
+        "overhead": hook_ms / ((meter.cpu[-1] - meter.cpu[0]) * 1e3 / steps - hook_ms),
         "wall_ms": statistics.median(b - a for a, b in zip(meter.wall, meter.wall[1:])) * 1e3,
         "cpu_ms": statistics.median(b - a for a, b in zip(meter.cpu, meter.cpu[1:])) * 1e3,
         "peak_mib": meter.peak / 2**20,
@@ -280,14 +284,13 @@ def main() -> None:
         for _ in range(args.repeats):  # take turns, so drift hits every configuration
             for config in args.configs:
                 results[config].append(run(config, size, args, data, cuda))
-        base = statistics.median(r["cpu_ms"] for r in results["none"])
         base_mem = max(r["peak_mib"] for r in results["none"])
         for config, rs in results.items():
             hook = statistics.median(r["hook_ms"] for r in rs)
             wall = statistics.median(r["wall_ms"] for r in rs)
             cpu = statistics.median(r["cpu_ms"] for r in rs)
             mem = max(r["peak_mib"] for r in rs)
-            over = "-" if config == "none" else f"{100 * hook / base:.1f}%"
+            over = "-" if config == "none" else f"{100 * statistics.median(r['overhead'] for r in rs):.1f}%"
             print(f"| {size} | {n_params / 1e6:.2f}M | {config} | {hook:.2f} | {over} | {wall:.1f} | {cpu:.1f} "
                   f"| {mem:.0f} ({mem - base_mem:+.0f}) |", flush=True)
 

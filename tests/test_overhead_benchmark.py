@@ -1,0 +1,28 @@
+"""``benchmarks/overhead.py`` stays runnable: a few steps of some configurations, one table out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+
+
+def test_overhead_benchmark_prints_its_table(tmp_path):
+    configs = ["none", "floor", "budget/1/exact", "per-tensor loop", "wandb.watch"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "tiny", "--configs", *configs, "--steps", "4",
+                           "--warmup", "2", "--repeats", "1", "--batch", "2", "--block", "32"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| tiny")]
+    assert [r[2].strip() for r in rows] == configs
+    for r in rows[1:]:  # in-hook time, its share of the rest of the step, end-to-end times
+        hook, share, wall, cpu = float(r[3]), float(r[4].strip().rstrip("%")), float(r[5]), float(r[6])
+        assert hook > 0 and share > 0 and wall > 0 and cpu > 0, r
