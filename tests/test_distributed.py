@@ -65,6 +65,8 @@ def _plan(world: int) -> list[dict]:
         plan.append(_run("zero2" if HAS_DEEPSPEED else "fsdp2", name="fail-step", fail_rank=1, fail_at=4))
         # rank 1's backbone probe raises in a step hook: every rank drops it at the next log event
         plan.append(_run("fsdp2", name="probe-fail", probes=True, probe_fail_rank=1, probe_fail_at=4))
+        # the compiled pass built by a child process per rank (the steps run eager meanwhile)
+        plan.append(_run("ddp", name="ddp-background", kernel="background", **{**COMMON, "super": 0}))
         if HAS_DEEPSPEED:  # a scheduler inside the DeepSpeed config steps before on_optimizer_step
             plan.append(_run("zero2", name="zero2-ds-scheduler", ds_scheduler=True))
     else:
@@ -263,6 +265,23 @@ def test_ddp_divides_the_work(world, launches):
         assert abs(f["local_numel"] / total - 1 / world) < 0.05, f["local_numel"] / total
         assert f["view_tensors"] > 0 and abs(f["view_numel"] / total - 1 / world) < 0.05
     assert sum(f["view_tensors"] for f in facts) == 28  # every updated tensor once (not the unused one)
+
+
+def test_ddp_with_the_pass_compiled_in_the_background(launches):
+    """``kernel="background"`` under DDP (super weights off: the divided, planned path): every rank
+    starts its own child at its second budget step, logs what the eager pass logs meanwhile (the
+    numbers of the DDP run beside it), and stops the child when training ends; no rank waits."""
+    run = launches(2)
+    facts = run.facts("ddp-background")
+    assert [f["background"] for f in facts] == [{"started": 1, "alive": 0}] * 2
+    assert all(f["warnings"] == [] and f["active"] for f in facts)
+    assert [f["background"]["started"] for f in run.facts("ddp")] == [0, 0]  # super weights: not planned
+    got, want = run.rows("ddp-background"), run.rows("ddp")
+    assert len(got) == len(want)
+    common = [set(g) & set(w) for g, w in zip(got, want)]  # not the super weights' keys
+    assert all(len(keys) > 100 for keys in common)
+    compare_rows([{k: r[k] for k in keys} for r, keys in zip(got, common)],
+                 [{k: r[k] for k in keys} for r, keys in zip(want, common)])
 
 
 def test_a_probe_failing_on_one_rank_switches_off_on_every_rank(launches):
