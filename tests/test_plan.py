@@ -413,6 +413,8 @@ def test_trainer_background_kernel_runs_exact_meanwhile_and_stops_its_child(tmp_
 def test_auto_kernel_choice(numel, steps, device, want):
     assert choose_kernel("auto", numel, torch.device(device), steps) == want
     assert choose_kernel("compiled", numel, torch.device(device), steps) == "compiled"
+    assert choose_kernel("background", numel, torch.device(device), steps) == ("exact" if device == "meta"
+                                                                              else "background")
 
 
 def test_step_vector_fast_path_equals_the_general_one():

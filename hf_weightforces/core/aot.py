@@ -232,8 +232,10 @@ class BackgroundBuild:
                 self._log.seek(0)
                 lines = self._log.read().decode(errors="replace").strip().splitlines()
                 self.error = lines[-1] if lines else f"exit status {rc}"
+            elif not all(p.exists() for p in self.paths):
+                self.error = "a package is missing after the build"
             self._finalizer()
-        return rc == 0 and all(p.exists() for p in self.paths)
+        return self.error is None
 
     def wait(self, timeout: float | None = None) -> bool | None:
         """Block until the child ends (or ``timeout`` seconds); :meth:`poll`'s answer."""

@@ -238,11 +238,12 @@ def choose_kernel(kernel: str, numel: int, device: torch.device, budget_steps: i
     """``auto``: on CPU, ``background`` (the compiled pass, built by a child process while the
     steps run eager; then the same as ``compiled``) where :data:`COMPILE_FROM` and
     :data:`BACKGROUND_FROM_STEPS` say it pays (``budget_steps`` None: not known, long enough);
-    else ``exact``.  Accelerators keep the eager pass until the compiled one is measured there."""
+    else ``exact``.  Accelerators keep the eager pass until the compiled one is measured there
+    (``background`` there too: its child builds CPU packages)."""
+    if torch.device(device).type != "cpu" and kernel in ("auto", "background"):
+        return "exact"
     if kernel != "auto":
         return kernel
-    if torch.device(device).type != "cpu":
-        return "exact"
     steps = float("inf") if budget_steps is None else budget_steps
     big = numel >= COMPILE_FROM and steps >= BACKGROUND_FROM_STEPS[0]
     return "background" if big or steps >= BACKGROUND_FROM_STEPS[1] else "exact"

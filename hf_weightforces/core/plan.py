@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import functools
 import itertools
-from array import array
 import logging
 import types
+from array import array
 from collections.abc import Sequence
 
 import torch
@@ -184,8 +184,8 @@ class StepPlan:
         # "background": the child process building them (True once ready, False if it failed)
         self._build: BackgroundBuild | bool | None = None
         self._pending: tuple | None = None
-        # step_vector on CPU: its two buffers (tensor, numpy view of it), the last hyper-parameters,
-        # learning rates and vector, and the groups' weight decays
+        # step_vector on CPU: its two buffers (tensor, writable memoryview of it), the last
+        # hyper-parameters, learning rates and vector, the groups' weight decays and fixed rows
         self._hv_bufs: list | None = None
         self._hv_hypers: list | None = None
         self._hv_lrs: list | None = None

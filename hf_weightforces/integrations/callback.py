@@ -133,7 +133,8 @@ class WeightForcesCallback(TrainerCallback):
         kernel: how the per-step sums run: ``"exact"`` (eager, float64 sums), ``"compiled"`` (the
             whole step in one compiled call, ahead of time on CPU, ~3x less time there; compiled
             once at the second budget step, which waits for it; kept on disk), ``"background"``
-            (the same, compiled by a child process while the steps run exact), ``"foreach"``
+            (the same, compiled by a child process while the steps run exact; CPU, elsewhere
+            exact), ``"foreach"``
             (multi-tensor kernels with float32-rounded norms) or ``"auto"`` (the default: on CPU
             the compiled pass built by a background process while the steps run exact, for runs
             of 1000 budget steps or more, or 100 from 2M trained elements; else exact).
