@@ -702,9 +702,15 @@ def test_background_build_runs_eager_until_the_package_is_ready(monkeypatch, tmp
     """``background`` (what ``auto`` picks for long CPU runs): the first compiled step starts a child
     process and runs the eager pass (same sums as exact, to the bit); once the child has written the
     package, the plan loads it and the compiled pass runs, within 1e-6 of exact.  The child
-    compiled the layout of this process's tensors from their description alone."""
+    compiled the layout of this process's tensors from their description alone, and did not
+    import modules lying in the working directory."""
     monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
     monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for name in ("json", "torch"):  # a training script's folder may hold anything
+        (cwd / f"{name}.py").write_text("raise SystemExit('imported from the working directory')\n")
+    monkeypatch.chdir(cwd)
     run = AdamWRun()
     plan, exact = run.plan("background"), run.plan("exact")
     acc, acc_exact = run.accumulators(), run.accumulators()
@@ -713,7 +719,7 @@ def test_background_build_runs_eager_until_the_package_is_ready(monkeypatch, tmp
     assert isinstance(plan._build, BackgroundBuild) and plan._fns is None
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # the eager pass ran meanwhile
     assert plan._build.wait(600) is True, plan._build.error
-    packages = [p.name for p in tmp_path.iterdir()]
+    packages = [p.name for p in tmp_path.iterdir() if p.is_file()]
     assert len(packages) == 1 and packages[0].endswith(".pt2") and ".partial" not in packages[0]
     for _ in range(2):
         t_before, t_after, _ = run.step()

@@ -206,10 +206,9 @@ class BackgroundBuild:
         log = tempfile.TemporaryFile()
         root = str(Path(__file__).resolve().parents[2])  # the same hf_weightforces as this process
         env = {k: v for k, v in os.environ.items() if k != "HF_WEIGHTFORCES"}  # no monitor in the child
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
         try:
-            proc = subprocess.Popen([sys.executable, "-m", __name__, spec_path], stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([sys.executable, "-c", _CHILD, root, spec_path], stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=log, env=env)
         except BaseException:
             log.close()
@@ -267,8 +266,15 @@ def wait_background(timeout: float | None = None) -> bool:
     return all(build.wait(timeout) for build in list(_RUNNING))
 
 
+#: The child's command (``python -c _CHILD ROOT SPEC.json``): the folder holding this package replaces
+#: the working directory at the head of ``sys.path`` (a ``torch.py`` or ``json.py`` lying in the training
+#: script's working directory must not be imported), then :func:`_main`.
+_CHILD = ("import sys; sys.path[0] = sys.argv.pop(1); "
+          "from hf_weightforces.core.aot import _main; sys.exit(_main(sys.argv[1:]))")
+
+
 def _main(argv: list[str]) -> int:
-    """The child of :class:`BackgroundBuild`: ``python -m hf_weightforces.core.aot SPEC.json``."""
+    """The child of :class:`BackgroundBuild` (:data:`_CHILD`): builds the packages SPEC.json asks for."""
     spec = json.loads(Path(argv[0]).read_text())
     with contextlib.suppress(OSError, AttributeError):
         os.nice(10)  # the training process comes first
@@ -286,9 +292,3 @@ def _main(argv: list[str]) -> int:
         if not path.exists():
             compile_package(fn, args, path)
     return 0
-
-
-if __name__ == "__main__":  # run as the package's module, not as a second copy of it named __main__
-    from hf_weightforces.core import aot
-
-    sys.exit(aot._main(sys.argv[1:]))
