@@ -225,8 +225,7 @@ KERNELS: tuple[str, ...] = ("auto", "exact", "compiled", "background", "foreach"
 #: ``auto`` compiles the pass on CPU, in a background process (``"background"``), for models of at
 #: least this many trained elements (in runs of at least ``BACKGROUND_FROM_STEPS[0]`` budget steps)
 #: and for any model in runs of at least ``BACKGROUND_FROM_STEPS[1]``: below that the eager pass
-#: costs little in all, the compilation would not finish before the end, and loading the compiled
-#: pass stalls one step for seconds (importing inductor).
+#: costs little in all, and the child (tens of seconds of another core) would not finish or not pay.
 COMPILE_FROM = 2_000_000
 BACKGROUND_FROM_STEPS = (100, 1000)
 
