@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -646,8 +647,13 @@ def test_ahead_of_time_package_is_kept_and_loaded_without_compiling(monkeypatch,
     compilation; and its numbers are the same."""
     monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
     monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
+    monkeypatch.setattr("hf_weightforces.core.aot.KEEP_PACKAGES", 0)
+    old = tmp_path / "unused-for-two-days.pt2"  # a compilation prunes what was not used for a day
+    old.write_bytes(b"x")
+    os.utime(old, (old.stat().st_mtime - 2 * 86400,) * 2)
     first = AdamWRun().plan("compiled")
     _same_steps_as_exact(first)
+    assert not old.exists()
     check_compiled_really_ran(first)
     packages = sorted(p.name for p in tmp_path.iterdir())
     assert len(packages) == 1 and packages[0].endswith(".pt2") and ".partial" not in packages[0]
@@ -695,6 +701,26 @@ def test_ahead_of_time_compiler_dying_midway_leaves_no_package(monkeypatch, tmp_
     _same_steps_as_exact(plan, steps=2)
     check_compiled_really_ran(plan, ahead_of_time=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_old_packages_are_pruned(tmp_path):
+    """Beyond the most recently used packages, those unused for a day go, and temporary files an
+    hour old (a compiler killed outright); recent ones stay however many there are."""
+    from hf_weightforces.core.aot import prune_packages
+
+    now = 1_000_000_000.0
+    ages = {f"p{i:02d}.pt2": i * 3600.0 * 6 for i in range(10)}  # 0 h, 6 h, ..., 54 h unused
+    ages |= {"a.123.partial.pt2": 2 * 3600.0, "b.456.partial.pt2": 600.0, "notes.txt": 10 * 86400.0}
+    for name, age in ages.items():
+        f = tmp_path / name
+        f.write_bytes(b"x")
+        os.utime(f, (now - age, now - age))
+    removed = prune_packages(tmp_path, keep=3, now=now)
+    # kept: the 3 most recent, and the others used within a day (6 to 24 h); p05 (30 h) and older go
+    assert sorted(f.name for f in removed) == ["a.123.partial.pt2"] + [f"p{i:02d}.pt2" for i in range(5, 10)]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["b.456.partial.pt2", "notes.txt"] + [
+        f"p{i:02d}.pt2" for i in range(5)]
+    assert prune_packages(tmp_path, keep=3, now=now) == []
 
 
 # ---------------------------------------------------------------------------------- in the background

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -36,7 +37,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AOTChunk", "BackgroundBuild", "compile_package", "package_dir", "wait_background"]
+__all__ = ["AOTChunk", "BackgroundBuild", "compile_package", "package_dir", "prune_packages", "wait_background"]
 
 
 def package_dir() -> Path:
@@ -115,6 +116,8 @@ class AOTChunk:
         5 s here, the step that switches to the compiled pass would wait for it)."""
         # (path, model name, run_single_threaded: False as inductor's default, one runner, default device)
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        with contextlib.suppress(OSError):  # used now (prune_packages keeps the recently used ones)
+            os.utime(path)
         # the loader's own entry point: the flat inputs in the exported order (it empties the list)
         self._run = loader.boxed_run
 
@@ -147,6 +150,33 @@ def compile_package(fn: Callable, args, path: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     logger.info("weight forces: compiled the planned pass ahead of time (%s)", path.name)
+    prune_packages(path.parent)
+
+
+#: Packages kept beyond the most recently used ones only while used within a day (2-4 MB each)
+KEEP_PACKAGES = 32
+
+
+def prune_packages(folder: Path, keep: int | None = None, now: float | None = None) -> list[Path]:
+    """Remove from ``folder`` the packages beyond the ``keep`` (:data:`KEEP_PACKAGES`) most recently used (:meth:`AOTChunk.load`
+    touches a package) that were not used for a day, and temporary ones an hour old (a compiler killed
+    outright leaves one).  A package in use by another process is at least that recent; a file that
+    cannot be removed stays.  Returns what was removed."""
+    keep = KEEP_PACKAGES if keep is None else keep
+    now = time.time() if now is None else now
+    removed = []
+    entries = []
+    for f in folder.glob("*.pt2"):
+        with contextlib.suppress(OSError):
+            entries.append((f.stat().st_mtime, f))
+    done = sorted((e for e in entries if ".partial" not in e[1].name), reverse=True)
+    stale = [f for t, f in done[keep:] if now - t > 86400]
+    stale += [f for t, f in entries if ".partial" in f.name and now - t > 3600]
+    for f in stale:
+        with contextlib.suppress(OSError):
+            f.unlink()
+            removed.append(f)
+    return removed
 
 
 # ----------------------------------------------------------------------------------- in the background
