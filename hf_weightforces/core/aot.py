@@ -158,10 +158,10 @@ KEEP_PACKAGES = 32
 
 
 def prune_packages(folder: Path, keep: int | None = None, now: float | None = None) -> list[Path]:
-    """Remove from ``folder`` the packages beyond the ``keep`` (:data:`KEEP_PACKAGES`) most recently used (:meth:`AOTChunk.load`
-    touches a package) that were not used for a day, and temporary ones an hour old (a compiler killed
-    outright leaves one).  A package in use by another process is at least that recent; a file that
-    cannot be removed stays.  Returns what was removed."""
+    """Remove from ``folder`` the packages beyond the ``keep`` (:data:`KEEP_PACKAGES`) most recently
+    used (:meth:`AOTChunk.load` touches a package) that were not used for a day, and temporary ones an
+    hour old (a compiler killed outright leaves one).  A package in use by another process is at least
+    that recent; a file that cannot be removed stays.  Returns what was removed."""
     keep = KEEP_PACKAGES if keep is None else keep
     now = time.time() if now is None else now
     removed = []
