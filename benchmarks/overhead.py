@@ -27,8 +27,9 @@ hook method of the callback and the optimizer pre-hook it registers; every hook 
 registers; the loop's hook), over the steps after ``--warmup``, divided by the thread CPU time of
 the rest of the same steps (the plain step, measured beside the hooks: on a shared machine the
 speed of whole steps drifts by 10-40% between runs a minute apart, which would hide a few percent
-against another run's plain step).  End-to-end times (median wall and thread CPU time per step) and the peak memory
-(resident set size on a CPU, max allocated on CUDA, during the run) are printed beside.
+against another run's plain step).  End-to-end times (median wall and thread CPU time per step)
+and the peak memory (resident set size on a CPU, max allocated on CUDA, during the run) are
+printed beside.
 Prints a Markdown table for the README.
 """
 
