@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMPILE_FROM", "KERNELS", "PackedSmall", "choose_kernel", "squared_norms", "step_dots", "to_device"]
+__all__ = ["BACKGROUND_FROM_STEPS", "COMPILE_FROM", "KERNELS", "PackedSmall", "choose_kernel", "squared_norms", "step_dots", "to_device"]
 
 
 #: Elements converted to float64 at a time by the exact passes (1 MiB a float64 buffer on CPU):
