@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.kernels import to_device
 from .common import (
     _EMPTY,
     Backend,
@@ -19,7 +20,6 @@ from .common import (
     detect_backend,
     plan_shares,
 )
-from ..core.kernels import to_device
 from .readers import _READERS, _ReplicatedReader
 from .steps import PlannedStep, _group_hypers, _NotPlannable, _PlannedTensors
 

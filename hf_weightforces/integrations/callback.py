@@ -134,10 +134,9 @@ class WeightForcesCallback(TrainerCallback):
             whole step in one compiled call, ahead of time on CPU, ~3x less time there; compiled
             once at the second budget step, which waits for it; kept on disk), ``"background"``
             (the same, compiled by a child process while the steps run exact; CPU, elsewhere
-            exact), ``"foreach"``
-            (multi-tensor kernels with float32-rounded norms) or ``"auto"`` (the default: on CPU
-            the compiled pass built by a background process while the steps run exact, for runs
-            of 1000 budget steps or more, or 100 from 2M trained elements; else exact).
+            exact), ``"foreach"`` (multi-tensor kernels with float32-rounded norms) or ``"auto"``
+            (the default: on CPU ``"background"`` for runs of 1000 budget steps or more, or 100
+            from 2M trained elements; else exact).
         quiet: no console summary (one line per log event when no tracker shows the keys, a table
             at train end; see ``integrations/console.py``).
         dashboard: what W&B, TensorBoard, MLflow and trackio get beside the aggregates' charts
