@@ -45,7 +45,6 @@ from hf_weightforces.core.budget import (
     force_budget,
 )
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
-from hf_weightforces.core.aot import AOTChunk, BackgroundBuild
 from hf_weightforces.core.plan import StepPlan
 from hf_weightforces.distributed import Backend, ShardContext
 
@@ -163,11 +162,9 @@ def assert_rows_match_reference(got: np.ndarray, ref: np.ndarray, norm2: np.ndar
         assert got[i, COL["rounding"]] == 0.0  # rebuilt from the stored weights: no rounding term
 
 
-def check_compiled_really_ran(plan: StepPlan, ahead_of_time: bool = True) -> None:
+def check_compiled_really_ran(plan: StepPlan) -> None:
     assert not plan_module._COMPILE_FAILED, "torch.compile failed: the compiled tests ran the eager pass"
     assert plan._fns is not None and len(plan._fns) == len(plan.chunks)
-    if ahead_of_time:  # on CPU the library made by AOTInductor runs, not the torch.compile fallback
-        assert all(isinstance(fn, AOTChunk) and fn._run is not None and fn._instead is None for fn in plan._fns)
 
 
 # ---------------------------------------------------------------------------------- 1. reference
@@ -383,41 +380,6 @@ def test_trainer_planned_path_equals_the_per_tensor_path(tmp_path, wf_rows, monk
     assert _compare_rows(planned, per_tensor) > 1000
 
 
-def test_trainer_background_kernel_runs_exact_meanwhile_and_stops_its_child(tmp_path, wf_rows, monkeypatch):
-    """A real Trainer run with ``kernel="background"`` shorter than the compilation: every step runs
-    the eager pass (rows equal to an exact run), and the end of training stops the child."""
-    from hf_weightforces.core import aot
-
-    started = []
-    init = aot.BackgroundBuild.__init__
-
-    def keep_the_child(self, jobs):
-        init(self, jobs)
-        started.append(self._proc)
-
-    monkeypatch.setattr(aot.BackgroundBuild, "__init__", keep_the_child)
-    monkeypatch.setattr(aot, "package_dir", lambda: tmp_path / "packages")
-    rows = {}
-    for kernel in ("background", "exact"):
-        cb = WeightForcesCallback(kernel=kernel, per_matrix=True, quiet=True)
-        train_tiny(tmp_path / kernel, [cb], max_steps=12, logging_steps=1)
-        rows[kernel] = wf_rows(tmp_path / kernel)
-    assert len(started) == 1 and started[0].poll() is not None  # started at the second step, stopped at the end
-    assert not (tmp_path / "packages").exists() or not any((tmp_path / "packages").glob("*.pt2"))
-    assert _compare_rows(rows["background"], rows["exact"]) > 1000
-
-
-@pytest.mark.parametrize("numel, steps, device, want", [
-    (100_000, 999, "cpu", "exact"), (100_000, 1000, "cpu", "background"), (100_000, None, "cpu", "background"),
-    (2_000_000, 99, "cpu", "exact"), (2_000_000, 100, "cpu", "background"), (10**9, 10**6, "meta", "exact"),
-])
-def test_auto_kernel_choice(numel, steps, device, want):
-    assert choose_kernel("auto", numel, torch.device(device), steps) == want
-    assert choose_kernel("compiled", numel, torch.device(device), steps) == "compiled"
-    assert choose_kernel("background", numel, torch.device(device), steps) == ("exact" if device == "meta"
-                                                                              else "background")
-
-
 def test_step_vector_fast_path_equals_the_general_one():
     """The CPU step vector filled in place (float lrs) is, bit for bit, the one built from
     :func:`decay_factor` per group, through lr changes, hyper-parameter changes, a changed number of
@@ -562,23 +524,6 @@ def test_replaced_state_is_planned_again(what):
         assert np.all(sums[:, COL["inject"]] > 0)  # every tensor counted at every step
 
 
-def test_planned_foreach_equals_the_per_tensor_foreach():
-    """kernel "foreach" (float32-rounded norms): the planned pass gives the per-tensor pass's numbers
-    (1e-12; ε' is rounded to float32 for the float64 tensor on the planned path: ~6e-14 seen), and
-    align, inject and decay within foreach's 1e-4 of the reference (tests/test_budget.py)."""
-    pattern, rows = _context_run(kernel="foreach", steps=5)
-    assert pattern == [False, True, True, True, True]
-    _, per_tensor = _context_run(kernel="foreach", steps=5, planned=False)
-    for step, ((sums, norm2, ref, exact), (sums_v, norm2_v, _, _)) in enumerate(zip(rows, per_tensor), 1):
-        np.testing.assert_allclose(sums, sums_v, rtol=1e-12, atol=0, err_msg=f"step {step}")
-        torch.testing.assert_close(norm2, norm2_v, rtol=1e-12, atol=0)
-        torch.testing.assert_close(norm2, exact, rtol=1e-6, atol=0)  # float32-rounded squares
-        for name in ("align", "inject", "decay"):
-            j = COL[name]
-            np.testing.assert_allclose(sums[:, j], ref[:, j], rtol=1e-4, atol=0, err_msg=name)
-
-
-#: ways code resets AdamW state between steps (after step 4); AdamW re-creates it at step 5
 RESETS = {
     "state_of_one_tensor": lambda run, saved: run.opt.state.__setitem__(run.params[0], {}),
     "state_of_one_tensor_deleted": lambda run, saved: run.opt.state.pop(run.params[0]),
@@ -616,176 +561,3 @@ def test_per_tensor_path_counts_the_first_step_after_a_reset(what):
     torch.testing.assert_close(norm2, exact, rtol=1e-12, atol=0)
 
 
-# ---------------------------------------------------------------------------------- ahead of time
-def _same_steps_as_exact(plan: StepPlan, steps: int = 3, seed: int = 0) -> None:
-    """``plan`` (compiled) and an exact plan over the same real AdamW steps: equal within 1e-6."""
-    run = AdamWRun(seed=seed)
-    exact = run.plan("exact")
-    acc, acc_exact = run.accumulators(), run.accumulators()
-    for _ in range(steps):
-        t_before, t_after, _ = run.step()
-        got = run.run(plan, t_before, t_after, acc)
-        want = run.run(exact, t_before, t_after, acc_exact)
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-300)
-        run.decay_lrs()
-    torch.testing.assert_close(acc[2], acc_exact[2], rtol=1e-12, atol=0)
-
-
-def test_flat_inputs_in_the_order_export_takes_them():
-    """The package is called with the tensors flattened the short way: the same tensors in the same
-    order as ``torch.utils._pytree`` (what ``torch.export`` flattens by), containers of any kind."""
-    from hf_weightforces.core.aot import _flat
-
-    t = [torch.full((1,), float(i)) for i in range(8)]
-    args = ([t[0], t[1]], (t[2], [t[3], (t[4],)]), {"b": t[5], "a": [t[6], 3]}, None, 1.5, t[7], t[0])
-    want = [x for x in torch.utils._pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
-    assert [id(x) for x in _flat(args)] == [id(x) for x in want] and len(want) == 9
-
-
-def test_ahead_of_time_package_is_kept_and_loaded_without_compiling(monkeypatch, tmp_path):
-    """The second plan over the same tensors loads the package the first one wrote: no export, no
-    compilation; and its numbers are the same."""
-    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
-    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
-    monkeypatch.setattr("hf_weightforces.core.aot.KEEP_PACKAGES", 0)
-    old = tmp_path / "unused-for-two-days.pt2"  # a compilation prunes what was not used for a day
-    old.write_bytes(b"x")
-    os.utime(old, (old.stat().st_mtime - 2 * 86400,) * 2)
-    first = AdamWRun().plan("compiled")
-    _same_steps_as_exact(first)
-    assert not old.exists()
-    check_compiled_really_ran(first)
-    packages = sorted(p.name for p in tmp_path.iterdir())
-    assert len(packages) == 1 and packages[0].endswith(".pt2") and ".partial" not in packages[0]
-
-    def no_export(*args, **kwargs):
-        raise AssertionError("exported again: the kept package was not used")
-
-    monkeypatch.setattr(torch.export, "export", no_export)
-    second = AdamWRun().plan("compiled")
-    _same_steps_as_exact(second)
-    check_compiled_really_ran(second)
-    assert sorted(p.name for p in tmp_path.iterdir()) == packages
-
-
-def test_ahead_of_time_failure_falls_back_to_torch_compile(monkeypatch, tmp_path):
-    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
-    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
-
-    def broken(self, args):
-        raise RuntimeError("no AOTInductor here")
-
-    monkeypatch.setattr(AOTChunk, "_build", broken)
-    plan = AdamWRun().plan("compiled")
-    _same_steps_as_exact(plan)
-    check_compiled_really_ran(plan, ahead_of_time=False)
-    assert all(fn._run is None and fn._instead is not None for fn in plan._fns)
-    assert not any(tmp_path.iterdir())
-
-
-def test_ahead_of_time_compiler_dying_midway_leaves_no_package(monkeypatch, tmp_path):
-    """A compiler that fails after writing part of a package: nothing is kept (a later run must not
-    load half a library), and the pass goes on through torch.compile."""
-    import torch._inductor
-
-    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
-    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
-
-    def dies(program, package_path):
-        with open(package_path, "wb") as f:
-            f.write(b"PK half a zip")
-        raise RuntimeError("killed while linking")
-
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", dies)
-    plan = AdamWRun().plan("compiled")
-    _same_steps_as_exact(plan, steps=2)
-    check_compiled_really_ran(plan, ahead_of_time=False)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_old_packages_are_pruned(tmp_path):
-    """Beyond the most recently used packages, those unused for a day go, and temporary files an
-    hour old (a compiler killed outright); recent ones stay however many there are."""
-    from hf_weightforces.core.aot import prune_packages
-
-    now = 1_000_000_000.0
-    ages = {f"p{i:02d}.pt2": i * 3600.0 * 6 for i in range(10)}  # 0 h, 6 h, ..., 54 h unused
-    ages |= {"a.123.partial.pt2": 2 * 3600.0, "b.456.partial.pt2": 600.0, "notes.txt": 10 * 86400.0}
-    for name, age in ages.items():
-        f = tmp_path / name
-        f.write_bytes(b"x")
-        os.utime(f, (now - age, now - age))
-    removed = prune_packages(tmp_path, keep=3, now=now)
-    # kept: the 3 most recent, and the others used within a day (6 to 24 h); p05 (30 h) and older go
-    assert sorted(f.name for f in removed) == ["a.123.partial.pt2"] + [f"p{i:02d}.pt2" for i in range(5, 10)]
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["b.456.partial.pt2", "notes.txt"] + [
-        f"p{i:02d}.pt2" for i in range(5)]
-    assert prune_packages(tmp_path, keep=3, now=now) == []
-
-
-# ---------------------------------------------------------------------------------- in the background
-def test_background_build_runs_eager_until_the_package_is_ready(monkeypatch, tmp_path):
-    """``background`` (what ``auto`` picks for long CPU runs): the first compiled step starts a child
-    process and runs the eager pass (same sums as exact, to the bit); once the child has written the
-    package, the plan loads it and the compiled pass runs, within 1e-6 of exact.  The child
-    compiled the layout of this process's tensors from their description alone, and did not
-    import modules lying in the working directory."""
-    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
-    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    for name in ("json", "torch"):  # a training script's folder may hold anything
-        (cwd / f"{name}.py").write_text("raise SystemExit('imported from the working directory')\n")
-    monkeypatch.chdir(cwd)
-    run = AdamWRun()
-    plan, exact = run.plan("background"), run.plan("exact")
-    acc, acc_exact = run.accumulators(), run.accumulators()
-    t_before, t_after, _ = run.step()
-    got, want = run.run(plan, t_before, t_after, acc), run.run(exact, t_before, t_after, acc_exact)
-    assert isinstance(plan._build, BackgroundBuild) and plan._fns is None
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the eager pass ran meanwhile
-    assert plan._build.wait(600) is True, plan._build.error
-    packages = [p.name for p in tmp_path.iterdir() if p.is_file()]
-    assert len(packages) == 1 and packages[0].endswith(".pt2") and ".partial" not in packages[0]
-    for _ in range(2):
-        t_before, t_after, _ = run.step()
-        got, want = run.run(plan, t_before, t_after, acc), run.run(exact, t_before, t_after, acc_exact)
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-300)
-        run.decay_lrs()
-    check_compiled_really_ran(plan)
-    torch.testing.assert_close(acc[2], acc_exact[2], rtol=1e-12, atol=0)
-    # a later plan over the same layout loads the package at once: no child
-    again = AdamWRun().plan("background")
-    _same_steps_as_exact(again, steps=1)
-    assert again._build is True
-    check_compiled_really_ran(again)
-
-
-def test_background_build_stopped_and_failing(monkeypatch, tmp_path, caplog):
-    """Closing the plan (the end of training) stops the child and leaves no package; a child that
-    cannot build (its code differs from this process's) leaves the eager pass on, with a warning
-    that says why."""
-    monkeypatch.setattr(plan_module, "_COMPILE_FAILED", False)
-    monkeypatch.setattr("hf_weightforces.core.aot.package_dir", lambda: tmp_path)
-    run = AdamWRun()
-    plan = run.plan("background")
-    t_before, t_after, _ = run.step()
-    run.run(plan, t_before, t_after, run.accumulators())
-    proc = plan._build._proc
-    plan.close()
-    assert proc.poll() is not None and list(tmp_path.iterdir()) == []
-
-    # the child would compute another key: it refuses
-    monkeypatch.setattr("hf_weightforces.core.aot._source_key", lambda: "not what the child loads")
-    plan = run.plan("background")
-    acc = run.accumulators()
-    t_before, t_after, _ = run.step()
-    run.run(plan, t_before, t_after, acc)
-    assert plan._build.wait(600) is False and "changed" in plan._build.error
-    exact, acc_exact = run.plan("exact"), tuple(x.clone() for x in acc)
-    t_before, t_after, _ = run.step()
-    with caplog.at_level("WARNING", logger="hf_weightforces.core.plan"):
-        got = run.run(plan, t_before, t_after, acc)
-    assert "background compilation of the planned pass failed" in caplog.text and "changed" in caplog.text
-    assert plan._build is False and plan._fns is None and list(tmp_path.iterdir()) == []
-    torch.testing.assert_close(got, run.run(exact, t_before, t_after, acc_exact), rtol=0, atol=0)

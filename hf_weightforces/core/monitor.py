@@ -111,7 +111,7 @@ class ForceMonitor:
         """Record ||w||² (float64 accumulation) of local tensors as the current observation."""
         if not weights:
             return
-        norms = squared_norms(weights, method=self.dots_method).to(self.device)
+        norms = squared_norms(weights).to(self.device)
         if indices is None:
             self.norm2.copy_(norms)
         else:
@@ -130,7 +130,6 @@ class ForceMonitor:
         eps: Sequence[float],
         step_id: int | None = None,
         factors: Sequence[float] | None = None,
-        method: str | None = None,
     ) -> None:
         """Add one optimizer step's budget for the parameters the optimizer updated.
 
@@ -156,7 +155,7 @@ class ForceMonitor:
             bc2_sqrt = torch.sqrt(1.0 - b2**t)
             u_scale = bc2_sqrt / (1.0 - b1**t)
             eps_terms = list((_to_device(list(eps), dev) * bc2_sqrt).unbind())
-        dots = step_dots(weights, exp_avgs, second_moments, eps_terms, method=method or self.dots_method)
+        dots = step_dots(weights, exp_avgs, second_moments, eps_terms)
         idx = _index(self._indices, indices, self.device)
         terms = budget_from_dots(
             dots.to(self.device),
@@ -237,7 +236,7 @@ class ForceMonitor:
             return missing
         pick = _index(self._indices, [rows[i] for i in have], self.device)
         intended, before = staged[1][pick], staged[2][pick]
-        after = squared_norms([w for i, w in zip(indices, weights_after) if i in rows], method=self.dots_method).to(self.device)
+        after = squared_norms([w for i, w in zip(indices, weights_after) if i in rows]).to(self.device)
         delta = after - before
         align, inject, decay, rest, decay_nominal, align_post = intended.unbind(1)
         rounding = delta - (align + inject + decay + rest)
@@ -281,12 +280,12 @@ class ForceMonitor:
         self.steps += 1
         self.record_intended(indices, weights_after, step_id)
 
-    def record_views(self, views: Sequence, step_id: int | None = None, pick=None, method: str | None = None) -> None:
+    def record_views(self, views: Sequence, step_id: int | None = None, pick=None) -> None:
         """:meth:`record_step` from view objects (``index``, ``weight``, ``exp_avg``,
         ``second_moment``, ``step`` and ``hyper`` with lr, weight_decay, beta1, beta2, eps), one
         call per device; ``pick(view, tensor)`` may select elements of each tensor first.  Tensors
         whose intended update was staged before the step (:meth:`stage_intended`) are recorded
-        from that instead.  ``method`` overrides :attr:`dots_method` for this step."""
+        from that instead."""
         if getattr(self, "_staged", None) is not None and pick is None:
             missing = set(self.record_intended([v.index for v in views], [v.weight for v in views], step_id))
             views = [v for v in views if v.index in missing]
@@ -310,7 +309,6 @@ class ForceMonitor:
                 [v.hyper.eps for v in group],
                 step_id,
                 [decay_factor(v.hyper.lr, v.hyper.weight_decay, v.weight.dtype) for v in group],
-                method,
             )
         self.steps -= len(by_device) - 1  # one optimizer step, however many devices
 

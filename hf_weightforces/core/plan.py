@@ -12,18 +12,16 @@ synchronisation, no host-to-device copy of a Python list.
 
 The pass (``kernel``):
 
-* ``exact``: the eager reference (small tensors packed into float64 buffers made once, big ones
-  through :func:`~.kernels.step_dots`), then the budget;
-* ``compiled``: :func:`_chunk_pass` compiled by inductor (ahead of time on CPU, :mod:`.aot`; else
-  ``torch.compile``): the three sums of every tensor, the budget and the accumulation in one
-  compiled call per chunk of :data:`CHUNK` tensors (one call a step up to 64 tensors), equal to the
-  eager pass within 1e-6 of each sum (``tests/test_plan.py``);
-* ``foreach``: :func:`~.kernels.step_dots`'s multi-tensor pass.
+* ``exact``: :class:`~.kernels.BlockPass`, planned at the first run (small tensors packed, big ones
+  read chunk by chunk in place, seven operations per chunk), then the budget;
+* ``compiled`` (opt-in): :func:`_chunk_pass` through ``torch.compile``, in process: the three sums
+  of every tensor, the budget and the accumulation in one compiled call per :data:`CHUNK` tensors,
+  equal to the eager pass within 1e-6 of each sum (``tests/test_plan.py``); the first run waits
+  for the compilation (seconds to tens of seconds); a failure warns once and runs ``exact``.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import types
@@ -32,10 +30,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .aot import AOTChunk, BackgroundBuild
 from .budget import budget_from_dots, decay_factor
-from .kernels import _SMALL as SMALL
-from .kernels import PackedSmall, step_dots, to_device
+from .kernels import BlockPass, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +122,6 @@ _COMPILE_FAILED = False
 
 
 def _compile_chunk(tag: str, device: torch.device):
-    """:func:`_chunk_pass` compiled for one chunk of one plan, at its first call: on CPU ahead of
-    time (:class:`~.aot.AOTChunk`: no Python around a call, the library kept on disk), with
-    ``torch.compile`` as its fallback and on other devices."""
-    dynamo = functools.partial(_dynamo_chunk, tag, device)
-    return AOTChunk(_chunk_pass, fallback=dynamo) if device.type == "cpu" else dynamo()
-
-
-def _dynamo_chunk(tag: str, device: torch.device):
     """:func:`_chunk_pass` through ``torch.compile``.  Each chunk gets its own code object, so
     dynamo keeps exactly one compiled entry per chunk (no recompile limit is ever reached however
     many plans a process makes, and a call checks one set of guards); on CPU the wrapper around
@@ -181,9 +169,6 @@ class StepPlan:
             sl = slice(a, min(a + CHUNK, n))
             self.chunks.append((sl, self.gidx[sl], self.f64[sl], self.index[sl]))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
-        # "background": the child process building them (True once ready, False if it failed)
-        self._build: BackgroundBuild | bool | None = None
-        self._pending: tuple | None = None
         # step_vector on CPU: its two buffers (tensor, writable memoryview of it), the last
         # hyper-parameters, learning rates and vector, the groups' weight decays and fixed rows
         self._hv_bufs: list | None = None
@@ -192,11 +177,10 @@ class StepPlan:
         self._hv: torch.Tensor | None = None
         self._hv_wd: list | None = None
         self._hv_fixed: list | None = None
-        # the eager pass: small tensors packed (buffers made at its first step), big ones read in place
-        self._numels = list(numels)
-        self._small: PackedSmall | None = None
-        self._big = [k for k, n in enumerate(numels) if n >= SMALL]
-        self._big_index = vec(self._big, torch.long)
+        # the eager pass: planned at its first run over the weights it is handed (the caller's
+        # planned lists, the same objects step after step)
+        self._block: BlockPass | None = None
+        self._block_of: Sequence[torch.Tensor] | None = None
 
     def step_vector(self, lrs: Sequence[float | torch.Tensor],
                     hypers: Sequence[tuple[float, float, float, float]]) -> torch.Tensor:
@@ -259,56 +243,15 @@ class StepPlan:
         ``t_after`` and ``t_before`` the tensors' step counters stacked after and before the step
         (on the device), ``hv`` the :meth:`step_vector`."""
         acc = (sums, nonfinite, norm2)
-        if self.kernel in ("compiled", "background") and not _COMPILE_FAILED:
+        if self.kernel == "compiled" and not _COMPILE_FAILED:
             try:
-                fns = self._compiled(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
-                if fns is not None:
-                    return self._call(fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+                if self._fns is None:  # compiled here, at this first call (the step waits)
+                    tag = next(_PLANS)
+                    self._fns = [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
+                return self._call(self._fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
             except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
                 _compile_failed(exc)
         return self._run_eager(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
-
-    def _compiled(self, *step) -> list | None:
-        """The compiled chunks, or None while they are being built in the background (or could
-        not be): that step runs the eager pass."""
-        if self._fns is not None:
-            return self._fns
-        if self.kernel == "compiled":  # built here, at this first call (the step waits)
-            tag = next(_PLANS)
-            self._fns = [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
-            return self._fns
-        if self._build is None:
-            chunks = [AOTChunk(_chunk_pass) for _ in self.chunks]
-            args = self._chunk_args(*step)
-            paths = [c.package_path(a) for c, a in zip(chunks, args)]
-            missing = [(_chunk_pass, a, p) for a, p in zip(args, paths) if not p.exists()]
-            self._pending = (chunks, paths)
-            if missing:
-                self._build = BackgroundBuild(missing)
-                logger.info("weight forces: compiling the planned pass in a background process; the eager pass "
-                            "runs until it is ready (%d graph(s))", len(missing))
-                return None
-            self._build = True
-        elif self._build is not True:
-            done = None if self._build is False else self._build.poll()
-            if not done:
-                if done is False:
-                    logger.warning("weight forces: the background compilation of the planned pass failed (%s); "
-                                   "the eager pass goes on, with the same sums", self._build.error)
-                    self._build = False
-                return None
-            self._build = True
-        chunks, paths = self._pending
-        for chunk, path in zip(chunks, paths):
-            chunk.load(path)
-        self._fns = chunks
-        logger.info("weight forces: the planned pass runs compiled from step to step now")
-        return self._fns
-
-    def close(self) -> None:
-        """Stop a background compilation still running."""
-        if isinstance(self._build, BackgroundBuild):
-            self._build.close()
 
     def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc) -> list[tuple]:
         """Each chunk's arguments of :func:`_chunk_pass`."""
@@ -324,28 +267,12 @@ class StepPlan:
             return fns[0](*args[0])
         return torch.cat([fn(*a) for fn, a in zip(fns, args)])
 
-    def _packed_small(self) -> PackedSmall | None:
-        if self._small is None:
-            small = [k for k, n in enumerate(self._numels) if n < SMALL]
-            self._small = PackedSmall(small, [self._numels[k] for k in small], self.device) if small else False
-        return self._small or None
-
     def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor) -> torch.Tensor:
-        """The eager reference pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64; ``eps``
-        the tensors' ε' (float64 [P])."""
-        if self.kernel == "foreach":
-            return step_dots(weights, exp_avgs, second_moments, eps, method="foreach")
-        dots = torch.empty(self.size, 3, dtype=torch.float64, device=self.device)
-        small, big = self._packed_small(), self._big
-        if small is not None:
-            pick = lambda xs: [xs[k] for k in small.members]  # noqa: E731
-            dots.index_copy_(0, small.index, small.dots(pick(weights), pick(exp_avgs), pick(second_moments),
-                                                        eps.index_select(0, small.index)))
-        if big:
-            pick = lambda xs: [xs[k] for k in big]  # noqa: E731
-            dots.index_copy_(0, self._big_index, step_dots(pick(weights), pick(exp_avgs), pick(second_moments),
-                                                           eps.index_select(0, self._big_index), method="exact"))
-        return dots
+        """The eager pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64; ``eps`` the
+        tensors' ε' (float64 [P]).  Planned at the first call, again only when handed other lists."""
+        if self._block is None or self._block_of is not weights:
+            self._block, self._block_of = BlockPass(weights, exp_avgs, second_moments), weights
+        return self._block.run(eps)
 
     def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
         hyper = per_tensor(hv, self.gidx, self.f64, t_after)

@@ -116,8 +116,6 @@ class ShardContext:
             index_of = self._share_index(index_of)
         planned = rec.planned
         if planned is None or planned.index_of is not index_of or planned.kernel != kernel or not planned.valid(optimizer):
-            if planned is not None:
-                planned.plan.close()  # a background compilation for it stops
             rec.planned = self._plan(optimizer, index_of, kernel)
             return None  # the pre-hook of this step did not snapshot the new plan's counters
         if rec.planned_before is None:  # set (or cleared) by the pre-hook of every step

@@ -85,8 +85,6 @@ class _StepRecorder:
 
     def close(self) -> None:
         self._handle.remove()
-        if self.planned is not None:
-            self.planned.plan.close()  # a background compilation still running stops with training
 
 
 class PlannedStep(NamedTuple):
