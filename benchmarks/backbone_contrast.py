@@ -143,7 +143,7 @@ def contrast(sizes, steps, data, every, snapshot_every, sgd_lrs) -> None:
             rows = [r for r in driver.rows if r["step"] > every]
             last = driver.rows[-1]
 
-            def both(key, spec):
+            def both(key, spec, rows=rows, last=last):
                 return f"{_mean(rows, T + key):{spec}} / {last.get(T + key, float('nan')):{spec}}"
 
             print(f"| {size} | {label} | {last['loss']:.3f} | {both('fraction', '.3f')} | {both('fraction_null', '.3f')} "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-
 __version__ = "0.1.0"
 
 __all__ = [

@@ -9,14 +9,13 @@ import math
 
 import numpy as np
 import pytest
+from conftest import train_tiny
+from test_scale import run_cli
 
 from hf_weightforces.analysis.compare import compare_runs, fit_power_law
 from hf_weightforces.analysis.dynamics import lambda_star, phase_timeline, predict_lambda, series_from_rows
 from hf_weightforces.analysis.presets import get_preset
 from hf_weightforces.core.weibull import TRIMS, MagnitudeHistogram, fit_weibull
-
-from conftest import train_tiny
-from test_scale import run_cli
 
 SEEDS = (0, 1, 2)
 

@@ -307,9 +307,8 @@ def _open_files_under(folder: Path) -> list[str]:
 
 @pytest.mark.filterwarnings("error::ResourceWarning")
 def test_two_trains_and_a_rerun_keep_every_row(tmp_path):
-    from transformers import Trainer
-
     from conftest import tiny_data
+    from transformers import Trainer
 
     cb = WeightForcesCallback()
     with warnings.catch_warnings(record=True) as caught:

@@ -56,7 +56,8 @@ def test_classes_of_real_layouts(arch):
 
 
 def test_wrapper_prefixes_and_checkpoint_names():
-    assert canonical_name("module._fsdp_wrapped_module.gpt_neox.layers.3._checkpoint_wrapped_module.mlp.dense_h_to_4h.weight") == "gpt_neox.layers.3.mlp.dense_h_to_4h.weight"
+    wrapped = "module._fsdp_wrapped_module.gpt_neox.layers.3._checkpoint_wrapped_module.mlp.dense_h_to_4h.weight"
+    assert canonical_name(wrapped) == "gpt_neox.layers.3.mlp.dense_h_to_4h.weight"
     assert layer_index("module.gpt_neox.layers.11.attention.dense.weight") == 11
     assert classify("embed_out.weight") == "embedding"  # GPT-NeoX head as saved in checkpoints
     assert classify("model.layers.0.self_attn.q_proj.bias", 1) == "other"

@@ -13,14 +13,13 @@ import sys
 
 import numpy as np
 import pytest
+from hub_cache import add_revision, train_revisions
 from safetensors import safe_open
+from test_scale import run_cli
 
 from hf_weightforces.analysis.hub import HubCheckpoints, HubError, parse_revisions, revision_step
 from hf_weightforces.analysis.presets import PRESETS, get_preset, preset_for_repo
 from hf_weightforces.core.weibull import fit_weibull
-
-from hub_cache import add_revision, train_revisions
-from test_scale import run_cli
 
 REPO = "EleutherAI/pythia-160m"  # tiny weights under a Pythia name: the preset is inferred from it
 STEPS = [0, 5, 10, 15, 20, 25]

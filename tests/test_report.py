@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from hf_weightforces.analysis.records import RecordError
 from hf_weightforces.analysis.figures_geometry import fig_ranks
 from hf_weightforces.analysis.plotstyle import STYLES
+from hf_weightforces.analysis.records import RecordError
 from hf_weightforces.analysis.report import FIGURES, write_report
 from hf_weightforces.cli import main
 

@@ -24,7 +24,7 @@ def charts(history: list[dict]) -> dict[str, str]:
     media = {k[: -len("/_type")] for k in keys if k.endswith("/_type")}
     out = {}
     for row in history:
-        for k, v in row.items():
+        for k in row:
             owner = next((m for m in media if k.startswith(m + "/")), None)
             if owner is not None:
                 out[owner] = row.get(owner + "/_type", out.get(owner))

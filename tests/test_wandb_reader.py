@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from wandb_reader import (
     find_run_files,
     is_finished,

@@ -37,8 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_weightforces.analysis.figures import (column, fig_balance, fig_forces, fig_layers, fig_offset, fig_shares,
-                                              fig_spline, fig_weibull)
+from hf_weightforces.analysis.figures import (
+    column,
+    fig_balance,
+    fig_forces,
+    fig_layers,
+    fig_offset,
+    fig_shares,
+    fig_spline,
+    fig_weibull,
+)
 from hf_weightforces.analysis.figures_geometry import RANK_KINDS, backbone_classes, fig_backbone, fig_ranks
 from hf_weightforces.analysis.records import RecordError, Schedule, read_records
 from hf_weightforces.core.groups import GROUPS, TOTAL

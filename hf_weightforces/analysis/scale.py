@@ -34,9 +34,8 @@ from hf_weightforces.analysis.fit import MIN_1D_NUMEL
 from hf_weightforces.analysis.hub import checkpoint_label, resolve_checkpoints
 from hf_weightforces.analysis.records import Checkpoint
 from hf_weightforces.core.groups import GROUPS, MATRICES, TOTAL, Grouping, classify, layer_index
-from hf_weightforces.core.weibull import MagnitudeHistogram, WeibullFit, fit_weibull_sorted, sorted_magnitudes
-
 from hf_weightforces.core.records import json_safe
+from hf_weightforces.core.weibull import MagnitudeHistogram, WeibullFit, fit_weibull_sorted, sorted_magnitudes
 
 __all__ = ["ScalePoint", "ScaleTrajectory", "format_scale", "scale_trajectory"]
 

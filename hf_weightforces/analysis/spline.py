@@ -66,9 +66,8 @@ from hf_weightforces.analysis.records import (
     Schedule,
     truth_intervals,
 )
-from hf_weightforces.core.groups import Grouping, canonical_name, layer_index
-
 from hf_weightforces.core.aggregates import aggregate_masks
+from hf_weightforces.core.groups import Grouping, canonical_name, layer_index
 from hf_weightforces.core.records import json_safe
 
 __all__ = [

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ __all__ = [
     "weibull_cdf",
 ]
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 Method = Literal["exact", "histogram", "mle"]
 
 #: Protocol k for i.i.d. Gaussian weights (half-normal magnitudes), docs/weibull.md.

@@ -72,7 +72,7 @@ def save_state(folder: str, integral: RunIntegral, next_weibull: int, step: int,
         try:  # before the JSON, which names only the files written whole
             tensors = {k: v.detach().cpu().contiguous() for k, v in probe.tensors_state().items()}
             if tensors:
-                _write_atomic(os.path.join(folder, name), lambda tmp: safetensors.torch.save_file(tensors, tmp))
+                _write_atomic(os.path.join(folder, name), lambda tmp, t=tensors: safetensors.torch.save_file(t, tmp))
                 data["probe_tensors"][i] = name
         except Exception as exc:  # a probe that cannot save restarts at resume; training goes on
             warn_fault(f"writing {name} of {label} into {folder}", exc, "it restarts at a resume from there")

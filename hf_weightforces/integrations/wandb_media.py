@@ -236,7 +236,9 @@ class DashboardWriter:
                 finite = data[np.isfinite(data)]
                 if finite.size and np.ptp(finite) > 0:  # a constant (no non-finite steps) is in the table only
                     image = heatmap_image(steps, rows, data, quantity, family)
-                    out[f"{family}/{quantity}"] = wandb.Image(image, caption=f"{quantity}: row = {family[:-1] if family == 'layers' else 'tensor'}, column = optimizer step")
+                    row_label = family[:-1] if family == "layers" else "tensor"
+                    caption = f"{quantity}: row = {row_label}, column = optimizer step"
+                    out[f"{family}/{quantity}"] = wandb.Image(image, caption=caption)
         for quantity, (step, values) in self.grids.heads.items():
             with self.faults.guard("heatmap", f"the per-head map of {quantity}", "no per-head map this time"):
                 image = _heads_image(quantity, step, values)
