@@ -5,8 +5,10 @@ a config, so nothing is downloaded. Every flag of ``TrainingArguments`` and of
 ``hf_weightforces.WeightForcesArguments`` works here too:
 
     python examples/train_pythia.py --tiny                        # CPU, a couple of minutes
+    hf-weightforces report runs/pythia-tiny                       # figures from its records and checkpoints
     python examples/train_pythia.py --size 70m --max_steps 2000   # the Pythia-70M architecture
     python examples/train_pythia.py --tiny --weight_forces_every 5 --report_to none
+    python examples/train_pythia.py --tiny --weights_dtype bfloat16  # weights held in bf16: rounding
     torchrun --nproc_per_node 2 examples/train_pythia.py --tiny
 
 The script only changes defaults (``script_defaults``, per ``--size``; ``--help`` shows them); any
@@ -50,6 +52,14 @@ class ScriptArguments:
         default=None, metadata={"help": "Corpus size in bytes; None: the whole stdlib (about 12 MB)."}
     )
     eval_fraction: float = field(default=0.05, metadata={"help": "Tail of the corpus held out."})
+    weights_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={
+            "help": "dtype the model's weights are held in. bfloat16/float16 without a float32 master copy "
+            "(not --bf16, which keeps float32 weights): the weights then take only part of each update "
+            "(`rounding` in the budget)."
+        },
+    )
 
 
 # Defaults per size; any flag the user gives wins (they are argparse defaults).
@@ -58,6 +68,7 @@ SIZE_DEFAULTS: dict[str, dict[str, object]] = {
         "max_steps": 300,
         "per_device_train_batch_size": 16,
         "eval_steps": 100,
+        "save_steps": 50,
         "block_size": 128,
         "max_bytes": 2_000_000,
     },
@@ -65,6 +76,7 @@ SIZE_DEFAULTS: dict[str, dict[str, object]] = {
         "max_steps": 1000,
         "per_device_train_batch_size": 16,
         "eval_steps": 250,
+        "save_steps": 200,
         "block_size": 256,
         "max_bytes": 8_000_000,
     },
@@ -72,6 +84,7 @@ SIZE_DEFAULTS: dict[str, dict[str, object]] = {
         "max_steps": 5000,
         "per_device_train_batch_size": 16,
         "eval_steps": 500,
+        "save_steps": 500,
         "block_size": 512,
     },
 }
@@ -92,7 +105,11 @@ def script_defaults(size: str) -> dict[str, object]:
         "logging_steps": 10,
         "eval_strategy": "steps",
         "per_device_eval_batch_size": 32,
-        "save_strategy": "no",
+        # Checkpoints for the offline tools (spline, lambda, geometry and report need at least four; save_steps
+        # per size in SIZE_DEFAULTS gives 5-10): the weights only, as safetensors (the Trainer's format), no
+        # optimizer state, so they stay small. `--save_only_model False` keeps what a resume needs.
+        "save_strategy": "steps",
+        "save_only_model": True,
         "seed": 42,
         "report_to": "wandb" if find_spec("wandb") else "none",
         "weight_forces": True,
@@ -139,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(eval_ds) == 0:
         training_args.eval_strategy = "no"
     torch.manual_seed(training_args.seed)
-    model = GPTNeoXForCausalLM(pythia_config(script.size))
+    model = GPTNeoXForCausalLM(pythia_config(script.size)).to(getattr(torch, script.weights_dtype))
 
     trainer = Trainer(
         model=model,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,3 +89,28 @@ def test_tiny_model_forward_and_backward():
     assert torch.isfinite(out.loss) and 4.0 < out.loss.item() < 7.0  # about ln(256) = 5.5
     out.loss.backward()
     assert model.lm_head.weight.grad is not None
+
+
+def _demo_script():
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_pythia.py"
+    spec = importlib.util.spec_from_file_location("train_pythia", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_pythia", module)  # dataclasses look their module up there
+    spec.loader.exec_module(sys.modules["train_pythia"])
+    return sys.modules["train_pythia"]
+
+
+@pytest.mark.parametrize("size", ["tiny", "bench", "70m"])
+def test_demo_saves_the_checkpoints_the_offline_tools_need(size):
+    """spline, lambda, geometry and report need at least four checkpoints (safetensors: the Trainer's format)."""
+    script = _demo_script()
+    defaults = script.script_defaults(size)
+    assert defaults["save_strategy"] == "steps" and defaults["save_only_model"] is True
+    assert defaults["max_steps"] // defaults["save_steps"] >= 4
+    _, training, _ = script.parse_args([f"--size={size}", "--report_to", "none"])
+    assert training.save_strategy == "steps" and training.save_steps == defaults["save_steps"]
+
+
+def test_demo_holds_weights_in_the_dtype_asked_for():
+    script, _, _ = _demo_script().parse_args(["--tiny", "--report_to", "none", "--weights_dtype", "bfloat16"])
+    assert script.weights_dtype == "bfloat16" and getattr(torch, script.weights_dtype) is torch.bfloat16
