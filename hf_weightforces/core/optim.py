@@ -25,8 +25,10 @@ __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "OptimizerPlan",
     "adafactor_lr",
+    "declared_decay_rule",
     "observed_factor",
     "plan_optimizer",
+    "register_decay_rule",
     "AdamHyper",
     "UnsupportedOptimizerError",
     "check_supported",
@@ -152,6 +154,50 @@ _OBSERVED_TABLE: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: Decay rules declared with :func:`register_decay_rule`: class (or "module.Class") -> rule.
+_DECLARED: dict[type | str, str] = {}
+
+#: The class attribute an optimizer of one's own may set instead of registering.
+DECAY_RULE_ATTRIBUTE = "weightforces_decay_rule"
+
+
+def register_decay_rule(optimizer: type | str, rule: str) -> None:
+    """Declare how an optimizer of one's own applies weight decay, so that its observed budget
+    (docs/optimizers.md) uses the right decay factor c instead of ``unknown`` (c = 1, the decay
+    then counted inside align and inject).
+
+    ``optimizer``: the class (subclasses inherit the rule) or its ``"module.Class"`` name;
+    ``rule``: one of :data:`DECAY_RULES` (``mul``: w ← fl32(1 - ηλ)·w before the update; ``add``:
+    w ← w + fl32(-ηλ)·w; ``coupled``: λw added to the gradient; ``inside``; ``unknown``).  λ and η
+    are read from each parameter group's ``weight_decay`` and ``lr``.  The same can be said on
+    the class itself with the attribute ``weightforces_decay_rule = "mul"``.  Call it before
+    training starts (the plan is made once, at train start).  A declared optimizer is read from
+    its observed update even if it looks like AdamW (``exp_avg``/``exp_avg_sq``); torch Adam and
+    AdamW and their subclasses keep being read from their moments, bitsandbytes' from its own.
+    """
+    if rule not in DECAY_RULES:
+        raise ValueError(f"decay rule must be one of {DECAY_RULES}, got {rule!r}")
+    if not isinstance(optimizer, (type, str)):
+        raise TypeError(f"register_decay_rule takes an optimizer class or its 'module.Class' name, "
+                        f"got {type(optimizer).__name__}")
+    _DECLARED[optimizer] = rule
+
+
+def declared_decay_rule(opt: object) -> str | None:
+    """The rule declared for ``opt``'s class (registered, on a base class, or its class
+    attribute), or None."""
+    for cls in type(opt).__mro__:
+        for key in (cls, f"{cls.__module__}.{cls.__name__}"):
+            if key in _DECLARED:
+                return _DECLARED[key]
+    rule = getattr(type(opt), DECAY_RULE_ATTRIBUTE, None)
+    if rule is None:
+        return None
+    if rule not in DECAY_RULES:
+        raise ValueError(f"{_qualname(opt)}.{DECAY_RULE_ATTRIBUTE} = {rule!r} is not one of {DECAY_RULES}")
+    return rule
+
+
 @dataclass(frozen=True)
 class OptimizerPlan:
     """What the monitor does for one optimizer: ``path`` (:data:`PATHS`), ``decay`` (the rule
@@ -205,6 +251,10 @@ def plan_optimizer(optimizer: object) -> OptimizerPlan:
             return OptimizerPlan(name, "moments", "mul", "AdamW moments read after the step")
         except UnsupportedOptimizerError:
             return OptimizerPlan(name, "observed", "coupled", "Adam with L2 (coupled) weight decay: the observed update")
+    declared = declared_decay_rule(opt)
+    if declared is not None:
+        return OptimizerPlan(name, "observed", declared, f"{type(opt).__name__}: the observed update, decay rule "
+                             f"{declared!r} as declared (register_decay_rule)")
     for module, cls, rule in _OBSERVED_TABLE:
         if type(opt).__module__.startswith(module) and cls in ("*", type(opt).__name__):
             return OptimizerPlan(name, "observed", rule, f"{type(opt).__name__}: the observed update")

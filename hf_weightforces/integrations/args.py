@@ -151,13 +151,14 @@ class WeightForcesArguments:
     weight_forces_observed_mode: str = field(
         default="sampled",
         metadata={"help": "Optimizers whose moments cannot be read: A and I of the observed update from a seeded "
-                  "coordinate sample with standard errors ('sampled') or from a copy of the trained parameters "
+                  "sketch of each tensor with standard errors ('sampled') or from a copy of the trained parameters "
                   "('exact')."},
     )
     weight_forces_observed_sample_size: int = field(
-        default=1024, metadata={"help": "Sampled coordinates per weight class in 'sampled' mode."}
+        default=1024, metadata={"help": "'sampled' mode: signed bucket sums kept per tensor (the smallest prime at "
+                                "least this; tensors no larger are copied whole)."}
     )
-    weight_forces_observed_seed: int = field(default=0, metadata={"help": "Seed of that sample."})
+    weight_forces_observed_seed: int = field(default=0, metadata={"help": "Seed of that sketch's signs."})
     weight_forces_quiet: bool = field(
         default=False, metadata={"help": "No console summary lines and no end-of-training table."}
     )

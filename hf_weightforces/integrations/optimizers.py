@@ -12,8 +12,9 @@
 * :class:`ObservedUpdate`: everything else.  At the start of each budget step's accumulation
   cycle (``on_step_begin``, before any backward: correct also where the update happens inside
   backward, as with LOMO) it keeps w_t, whole (``exact``: one copy of the trained parameters in
-  their dtype) or at a seeded coordinate sample per tensor (``sampled``), and after the step
-  computes the budget of η u := c w_t - w_{t+1} (core/observed.py).
+  their dtype) or as R seeded signed bucket sums per tensor (``sampled``: a sketch, R the smallest
+  prime ≥ the sample size; tensors no larger than the sample are copied whole), and after the
+  step computes the budget of η u := c w_t - w_{t+1} (core/observed.py).
 
 Failures are the callback's: every call here runs inside its guards (warn once, monitor off).
 """
@@ -24,9 +25,9 @@ import logging
 
 import torch
 
-from ..core.budget import intended_dots, squared_norms
+from ..core.budget import intended_dots
 from ..core.monitor import ForceMonitor
-from ..core.observed import budget_from_observed, observed_dots, sample_indices, sampled_budget
+from ..core.observed import budget_from_observed, observed_dots, signed_bucket_sums, sketch_buckets, sketched_budget
 from ..core.optim import OptimizerPlan, adafactor_lr, observed_factor
 from ..distributed import ParamEntry, ShardContext
 
@@ -139,13 +140,14 @@ class ObservedUpdate:
                              "use observed_mode='sampled'")
         self.plan, self.monitor, self.entries, self.ctx = plan, monitor, entries, ctx
         self.mode, self.size = mode, int(sample_size)
+        self.buckets = sketch_buckets(self.size)
         self.generator = torch.Generator().manual_seed(int(seed) * 1000003 + ctx.rank)
         self._pre: dict[int, tuple[torch.Tensor | None, torch.Tensor]] | None = None
 
     def before(self) -> None:
-        """w_t of every local tensor: a copy (exact, or tensors no larger than the sample) or the
-        values at freshly drawn coordinates."""
-        pre: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        """w_t of every local tensor: a copy (exact, or tensors no larger than the sample) or its
+        signed bucket sums under freshly drawn signs (the seed is kept for the sums after the step)."""
+        pre: dict[int, tuple[int | None, torch.Tensor]] = {}
         for i, w in enumerate(self.ctx.local_weights(self.entries)):
             n = w.numel()
             if n == 0:
@@ -154,8 +156,8 @@ class ObservedUpdate:
             if self.mode == "exact" or n <= self.size:
                 pre[i] = (None, flat.clone())
             else:
-                idx = sample_indices(n, self.size, self.generator, flat.device)
-                pre[i] = (idx, flat.index_select(0, idx))
+                seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+                pre[i] = (seed, signed_bucket_sums(flat, self.buckets, seed))
         self._pre = pre
 
     def _hyper(self, optimizer, i: int, lrs: dict[int, float], numel: int) -> tuple[float, float, float]:
@@ -194,14 +196,14 @@ class ObservedUpdate:
             self.monitor.steps -= 1  # one optimizer step, counted once below
         if parts:
             after = [weights[i].detach().reshape(-1) for i in parts]
-            n2_after = squared_norms(after).to(dev)
+            sums = torch.stack([signed_bucket_sums(a, self.buckets, pre[i][0], with_norm=True).to(dev)
+                                for a, i in zip(after, parts)])
+            post, n2_after = sums[:, :-1], sums[:, -1]
             hyper = [self._hyper(optimizer, i, lrs, after[k].numel()) for k, i in enumerate(parts)]
             lr, wd, c = (torch.tensor([h[k] for h in hyper], dtype=torch.float64, device=dev) for k in range(3))
-            post = torch.stack([a.index_select(0, pre[i][0]) for a, i in zip(after, parts)]).to(dev)
             prev = torch.stack([pre[i][1] for i in parts]).to(dev)
-            numel = torch.tensor([a.numel() for a in after], dtype=torch.float64, device=dev)
             idx = torch.tensor(parts, device=dev)
-            terms, var = sampled_budget(prev, post, numel, c, lr, wd, norm2[idx], n2_after)
+            terms, var = sketched_budget(prev, post, c, lr, wd, norm2[idx], n2_after)
             self.monitor.record_budget(parts, terms, n2_after, var, step_id=step_id)
             self.monitor.steps -= 1
         self.monitor.steps += 1
