@@ -51,8 +51,9 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from hf_weightforces import WeightForcesCallback  # noqa: E402
 from hf_weightforces.demo import make_datasets, pythia_config  # noqa: E402
-from hf_weightforces.core.aot import wait_background  # noqa: E402
 from hf_weightforces.distributed import _StepRecorder  # noqa: E402
+
+from op_count import OpCounter  # noqa: E402  (benchmarks/op_count.py)
 
 #: the run length the Trainer is told: its schedule and ``auto``'s choice are a long run's
 LONG_RUN = 100_000
@@ -62,15 +63,23 @@ CONFIGS = ("none", "floor", "budget/1", "budget/1/exact", "budget/1/compiled", "
 
 
 class HookClock:
-    """Thread CPU seconds inside timed hooks, counted only while ``on`` (after the warm-up)."""
+    """Thread CPU seconds inside timed hooks, counted only while ``on`` (after the warm-up); with
+    ``count`` set, the ATen operations the hooks dispatch instead (:class:`OpCounter`: every
+    operation goes through Python then, so no time is taken)."""
 
     def __init__(self) -> None:
-        self.seconds, self.on = 0.0, False
+        self.seconds, self.on, self.count, self.ops = 0.0, False, False, 0
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
             if not self.on:
                 return fn(*args, **kwargs)
+            if self.count:
+                with OpCounter() as counter:
+                    try:
+                        return fn(*args, **kwargs)
+                    finally:
+                        self.ops += counter.total
             t0 = time.thread_time()
             try:
                 return fn(*args, **kwargs)
@@ -180,8 +189,6 @@ class Meter(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.cuda:
             torch.cuda.synchronize()
-        if state.global_step == self.wait_at:  # a background compilation: its package loads at the next budget step
-            wait_background()
         CLOCK.on = state.global_step >= self.warmup
         if CLOCK.on:
             self.wall.append(time.perf_counter())
@@ -204,9 +211,18 @@ class Meter(TrainerCallback):
         self.peak = max(self.peak, torch.cuda.max_memory_allocated() if self.cuda else _rss())
 
 
+#: sizes beyond the demo's: a Pythia-160M-shaped GPT-NeoX (12 x 768, vocab 50304)
+SIZES = {"160m": dict(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072)}
+
+
+def make_config(size: str):
+    return pythia_config("70m", **SIZES[size]) if size in SIZES else pythia_config(size)
+
+
 def run(config: str, size: str, args, data, cuda: bool) -> dict:
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(pythia_config(size))
+    model = GPTNeoXForCausalLM(make_config(size))
     # the warm-up holds three budget steps: the compiled pass is compiled at the second (or started in
     # the background there, waited for before the third, which loads it) before timing
     every = int(config.split("/")[1]) if config.startswith("budget/") else 1
@@ -222,7 +238,7 @@ def run(config: str, size: str, args, data, cuda: bool) -> dict:
         callbacks.append(Floor())
     elif config == "per-tensor loop":
         callbacks.append(PerTensorLoop())
-    CLOCK.seconds = 0.0
+    CLOCK.seconds, CLOCK.ops = 0.0, 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
@@ -248,6 +264,7 @@ def run(config: str, size: str, args, data, cuda: bool) -> dict:
     hook_ms = CLOCK.seconds * 1e3 / steps
     return {
         "hook_ms": hook_ms,
+        "ops": CLOCK.ops / steps,
         # the hooks over the rest of the same steps: drift on a shared machine moves both alike
         "overhead": hook_ms / ((meter.cpu[-1] - meter.cpu[0]) * 1e3 / steps - hook_ms),
         "wall_ms": statistics.median(b - a for a, b in zip(meter.wall, meter.wall[1:])) * 1e3,
@@ -266,7 +283,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--cpu", action="store_true", help="force CPU even when CUDA is available")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count the ATen operations dispatched inside the hooks per step instead of timing them")
     args = ap.parse_args()
+    CLOCK.count = args.count_ops
     if "none" not in args.configs:
         args.configs.insert(0, "none")
 
@@ -276,23 +296,27 @@ def main() -> None:
     memory = "max allocated" if cuda else "peak RSS"
     print(f"device: {device}, threads: {torch.get_num_threads()}, batch {args.batch} x {args.block} tokens, "
           f"{args.steps} steps ({args.warmup} warm-up, two budget steps at least) x {args.repeats} repeats\n")
-    print(f"| model | params | watcher | in hooks, ms/step | overhead | step wall ms (median) "
-          f"| step CPU ms (median) | {memory} MiB (vs none) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| model | params | watcher | in hooks, ms/step | x floor | overhead | operations/step "
+          f"| step wall ms (median) | step CPU ms (median) | {memory} MiB (vs none) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        n_params = sum(p.numel() for p in GPTNeoXForCausalLM(pythia_config(size)).parameters())
+        n_params = sum(p.numel() for p in GPTNeoXForCausalLM(make_config(size)).parameters())
         results: dict[str, list[dict]] = {c: [] for c in args.configs}
         for _ in range(args.repeats):  # take turns, so drift hits every configuration
             for config in args.configs:
                 results[config].append(run(config, size, args, data, cuda))
         base_mem = max(r["peak_mib"] for r in results["none"])
+        floor = statistics.median(r["hook_ms"] for r in results["floor"]) if "floor" in results else float("nan")
         for config, rs in results.items():
             hook = statistics.median(r["hook_ms"] for r in rs)
             wall = statistics.median(r["wall_ms"] for r in rs)
             cpu = statistics.median(r["cpu_ms"] for r in rs)
             mem = max(r["peak_mib"] for r in rs)
             over = "-" if config == "none" else f"{100 * statistics.median(r['overhead'] for r in rs):.1f}%"
-            print(f"| {size} | {n_params / 1e6:.2f}M | {config} | {hook:.2f} | {over} | {wall:.1f} | {cpu:.1f} "
+            ops = statistics.median(r["ops"] for r in rs)
+            ratio = hook / floor if config not in ("none", "floor") and floor > 0 else float("nan")
+            print(f"| {size} | {n_params / 1e6:.2f}M | {config} | {hook:.2f} | {ratio:.1f} | {over} | {ops:.0f} "
+                  f"| {wall:.1f} | {cpu:.1f} "
                   f"| {mem:.0f} ({mem - base_mem:+.0f}) |", flush=True)
 
 

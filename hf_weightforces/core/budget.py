@@ -195,14 +195,19 @@ def budget_from_dots(
     a, b, c = dots.unbind(1)
     eta, s = lr, u_scale
     cf = 1.0 - eta * weight_decay if factor is None else factor
-    inv = 1.0 / cf
-    wu = inv * (s * b + eta * s * s * c)  # <w_t, u_t>
-    uu = s * s * c  # ||u_t||²
-    ww = inv * inv * (a + 2.0 * eta * s * b + eta * eta * s * s * c)  # ||w_t||² (reconstructed)
-    align, inject, decay, rest, decay_nominal = _forces(ww, wu, uu, eta, cf, weight_decay)
-    delta = a - norm2_before
-    align_post = -2.0 * eta * s * b  # -2η<w_{t+1}, u_t>, the research code's convention
-    return torch.stack((align, inject, decay, rest, delta, torch.zeros_like(a), decay_nominal, align_post), dim=1)
+    # the forces of :func:`_forces` from the reconstruction above, written with few operations (the
+    # planned pass runs this on P-vectors every step: its cost is the number of operations)
+    inv, d, m2 = cf.reciprocal(), 1.0 - cf, -2.0 * eta
+    e1 = eta * s
+    e1c = e1 * c
+    wu = (b + e1c) * (s * inv)  # <w_t, u_t>
+    ww = (a + e1 * (b + b + e1c)) * inv.square()  # ||w_t||² (reconstructed)
+    align = m2 * wu
+    dww = d * ww
+    rest = d * (dww - align)  # d² ||w||² + 2ηd <w, u>
+    return torch.stack((align, e1 * e1c,  # inject = η² s² ||ũ||²
+                        -2.0 * dww, rest, a - norm2_before, torch.zeros_like(a), (m2 * weight_decay) * ww,
+                        m2 * s * b), dim=1)  # align_post = -2η<w_{t+1}, u_t>: the research code's convention
 
 
 def bias_scales(step: float, beta1: float, beta2: float, eps: float) -> tuple[float, float]:

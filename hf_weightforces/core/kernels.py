@@ -74,7 +74,7 @@ class _Scratch:
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A host tensor on ``device`` without a host synchronisation (pinned, non-blocking copy)."""
     device = torch.device(device)
-    if device.type == "cpu" or t.device == device:
+    if device.type in ("cpu", "meta") or t.device == device:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -170,8 +170,9 @@ class BlockPass:
             self._steps.append((view(ws[k]), view(ms[k]), view(vs[k]), s[: b - a].view(shape), p[: b - a].view(shape),
                                 self._norm_w[j], self._rows_wu[r0 : r0 + r], self._rows_uu[r0 : r0 + r], self.eps[k]))
             r0 += r
-        self._chunk_of = to_device(torch.tensor([k for k, _, _ in pieces]), dev)
-        self._row_of = to_device(torch.repeat_interleave(self._chunk_of.cpu(), torch.tensor(rows)), dev)
+        owner = torch.tensor([k for k, _, _ in pieces])
+        self._chunk_of = to_device(owner, dev)  # each chunk's tensor
+        self._row_of = to_device(torch.repeat_interleave(owner, torch.tensor(rows)), dev)  # each row's tensor
 
     def run(self, eps: torch.Tensor) -> torch.Tensor:
         """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t) (float64 [P],

@@ -47,38 +47,34 @@ HYPER_ROWS = ("lr", "weight_decay", "beta1", "beta2", "eps", "factor_fl32", "fac
 
 
 def per_tensor(hv: torch.Tensor, gidx: torch.Tensor, float64: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor:
-    """[6, P] float64, per tensor: lr, weight decay, β1, decay factor, sqrt(1 - β2^t) and
-    ε' = ε sqrt(1 - β2^t), from the step vector ``hv`` [7G], each tensor's group ``gidx``, whether it
-    is stored in float64 (its decay factor is exact, not float32-rounded) and its step counter after
-    the step.  A handful of operations on P-vectors (inside the compiled pass too)."""
+    """[5, P] float64, per tensor: lr, weight decay, decay factor, s = sqrt(1 - β2^t) / (1 - β1^t)
+    and ε' = ε sqrt(1 - β2^t), from the step vector ``hv`` [7G], each tensor's group ``gidx``,
+    whether it is stored in float64 (its decay factor is exact, not float32-rounded) and its step
+    counter after the step.  A handful of operations on P-vectors (inside the compiled pass too)."""
     lr, wd, b1, b2, eps, f32, f64 = hv.view(len(HYPER_ROWS), -1)[:, gidx].unbind(0)
-    bc2 = torch.sqrt(1.0 - b2 ** t_after.to(torch.float64))
-    return torch.stack((lr, wd, b1, torch.where(float64, f64, f32), bc2, eps * bc2))
+    bc1, bc2 = (1.0 - torch.stack((b1, b2)) ** t_after.to(torch.float64)).unbind(0)  # 1 - β^t
+    bc2 = bc2.sqrt()
+    return torch.stack((lr, wd, torch.where(float64, f64, f32), bc2 / bc1, eps * bc2))
 
 
 def planned_terms(
     dots: torch.Tensor,
     t_after: torch.Tensor,
     t_before: torch.Tensor,
-    lr: torch.Tensor,
-    factor: torch.Tensor,
-    weight_decay: torch.Tensor,
-    beta1: torch.Tensor,
+    hyper: torch.Tensor,
     norm2_before: torch.Tensor,
-    bc2_sqrt: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(terms [k, len(BUDGET_TERMS)], not finite [k], new squared norm [k]) from the three sums.
+    """(terms [k, len(BUDGET_TERMS)], not finite [k], new squared norm [k]) from the three sums and
+    :func:`per_tensor`'s rows.
 
     A tensor whose step counter did not move (``t_after <= t_before``) was not updated: its row
     is zero, its norm stays.  A non-finite row is zero and flagged.  Float64 vectors throughout."""
-    t = t_after.to(torch.float64)
-    s = bc2_sqrt / (1.0 - beta1**t)
-    terms = budget_from_dots(dots, lr, weight_decay, s, norm2_before, factor)
+    lr, wd, factor, s, _ = hyper.unbind(0)
+    terms = budget_from_dots(dots, lr, wd, s, norm2_before, factor)
     keep = t_after > t_before
     finite = torch.isfinite(terms).all(dim=1)
-    good = keep & finite
-    terms = torch.where(good[:, None], terms, torch.zeros_like(terms))
-    bad = (keep & ~finite).to(torch.float64)
+    terms = torch.where((keep & finite)[:, None], terms, 0.0)
+    bad = (keep > finite).to(torch.float64)  # kept and not finite
     norm2 = torch.where(keep, dots[:, 0], norm2_before)
     return terms, bad, norm2
 
@@ -86,8 +82,7 @@ def planned_terms(
 def _accumulate(dots, t_after, t_before, hyper, idx, sums, nonfinite, norm2) -> torch.Tensor:
     """The budget of ``dots`` added to the accumulators at ``idx`` (in place); returns the terms.
     ``hyper``: :func:`per_tensor`'s rows."""
-    lr, wd, b1, factor, bc2, _ = hyper.unbind(0)
-    terms, bad, norm2_new = planned_terms(dots, t_after, t_before, lr, factor, wd, b1, norm2[idx], bc2)
+    terms, bad, norm2_new = planned_terms(dots, t_after, t_before, hyper, norm2[idx])
     sums.index_add_(0, idx, terms)
     nonfinite.index_add_(0, idx, bad)
     norm2.index_copy_(0, idx, norm2_new)
@@ -107,7 +102,7 @@ def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, idx, sums, nonfinite, norm
     hyper = per_tensor(*hyper)
     # ε' in float32, made a buffer by a (trivial) reduction: inductor inlines pointwise values into
     # their readers, and would recompute pow and sqrt inside every tensor's loop over its elements
-    e = torch.stack((hyper[5], hyper[5])).amin(0).to(torch.float32)
+    e = torch.stack((hyper[4], hyper[4])).amin(0).to(torch.float32)
     rows = []
     for k, (w, m, v) in enumerate(zip(ws, ms, vs)):
         w64 = w.to(torch.float64)
@@ -276,7 +271,7 @@ class StepPlan:
 
     def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
         hyper = per_tensor(hv, self.gidx, self.f64, t_after)
-        dots = self.dots(weights, exp_avgs, second_moments, hyper[5])
+        dots = self.dots(weights, exp_avgs, second_moments, hyper[4])
         return _accumulate(dots, t_after, t_before, hyper, self.index, *acc)
 
 

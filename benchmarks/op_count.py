@@ -1,0 +1,94 @@
+"""Device operations of one planned budget step, counted at the dispatcher, for Pythia layouts.
+
+    python benchmarks/op_count.py                  # 160m and 1.4b on the meta device (accelerator chunks)
+
+No device and no memory: the model's parameters and AdamW moments are meta tensors laid out as the
+Pythia model's (GPT-NeoX, vocab 50304, untied embeddings, biases on); the pass is the one a run on
+an accelerator plans (:data:`~hf_weightforces.core.kernels.CHUNK_ACCEL` elements a chunk).  Every
+ATen operation the step dispatches counts once (views included): on a GPU each non-view one is a
+kernel launch.  ``tests/test_op_count.py`` keeps these counts from growing back.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_weightforces.core.budget import BUDGET_TERMS
+from hf_weightforces.core.kernels import SMALL
+from hf_weightforces.core.plan import StepPlan
+
+#: (hidden, layers, intermediate) of EleutherAI's Pythia models; vocab 50304
+PYTHIA = {"160m": (768, 12, 3072), "410m": (1024, 24, 4096), "1.4b": (2048, 24, 8192)}
+VOCAB = 50304
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen operation dispatched while active (by name in :attr:`ops`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def pythia_shapes(size: str) -> list[tuple[int, ...]]:
+    """Every trained tensor of a Pythia model, in the model's order."""
+    h, layers, inter = PYTHIA[size]
+    shapes: list[tuple[int, ...]] = [(VOCAB, h)]
+    for _ in range(layers):
+        shapes += [(h,), (h,), (h,), (h,),  # input and post-attention LayerNorm weight, bias
+                   (3 * h, h), (3 * h,), (h, h), (h,),  # attention: query_key_value, dense
+                   (inter, h), (inter,), (h, inter), (h,)]  # MLP
+    shapes += [(h,), (h,), (VOCAB, h)]  # final LayerNorm, embed_out
+    return shapes
+
+
+def big_tensors(shapes) -> int:
+    return sum(1 for s in shapes if torch.Size(s).numel() >= SMALL)
+
+
+def count_step(shapes, device: str = "meta", kernel: str = "exact") -> OpCounter:
+    """The operations of the second planned step (the first plans the pass) over ``shapes``."""
+    dev = torch.device(device)
+    ws = [torch.empty(s, device=dev).view(-1) for s in shapes]
+    ms = [torch.empty(s, device=dev).view(-1) for s in shapes]
+    vs = [torch.empty(s, device=dev).view(-1) for s in shapes]
+    n = len(shapes)
+    plan = StepPlan(list(range(n)), [0] * n, 1, [False] * n, [w.numel() for w in ws], dev, kernel)
+    sums = torch.zeros(n, len(BUDGET_TERMS), dtype=torch.float64, device=dev)
+    nonfinite = torch.zeros(n, dtype=torch.float64, device=dev)
+    norm2 = torch.zeros(n, dtype=torch.float64, device=dev)
+    t_before, t_after = torch.zeros(n, device=dev), torch.ones(n, device=dev)
+    hv = plan.step_vector([1e-4], [(0.01, 0.9, 0.999, 1e-8)])
+    plan.run(ws, ms, vs, t_after, t_before, hv, sums, nonfinite, norm2)
+    with OpCounter() as counter:
+        plan.run(ws, ms, vs, t_after, t_before, hv, sums, nonfinite, norm2)
+    return counter
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["160m", "410m", "1.4b"], choices=sorted(PYTHIA))
+    args = ap.parse_args()
+    print("| layout | tensors | of them >= 32768 elements | operations a step | bound 10 x big + 50 |")
+    print("|---|---|---|---|---|")
+    for size in args.sizes:
+        shapes = pythia_shapes(size)
+        c = count_step(shapes)
+        big = big_tensors(shapes)
+        print(f"| Pythia-{size} | {len(shapes)} | {big} | {c.total} | {10 * big + 50} |")
+
+
+if __name__ == "__main__":
+    main()

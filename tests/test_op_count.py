@@ -1,0 +1,162 @@
+"""What one budget step dispatches, counted at the dispatcher, and what it allocates.
+
+The bound of issue 20: at most 10 operations per tensor of 32,768 elements or more, plus 50 for
+everything else; Pythia layouts on the meta device (no memory, the accelerator chunk size, see
+``benchmarks/op_count.py``) and a real Trainer step of the 4 x 256 GPT-NeoX on CPU.  The counts
+fail if a per-tensor or per-chunk operation creeps back in.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_weightforces.core import kernels
+from hf_weightforces.core.kernels import CHUNK_ACCEL, CHUNK_CPU, SMALL, BlockPass
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from op_count import OpCounter, big_tensors, count_step, pythia_shapes  # noqa: E402
+
+#: operations of a step that do not depend on the tensor count (the packed small tensors, the
+#: budget on P-vectors, the masks, the accumulation, the chunks' rows summed per tensor): 81 with
+#: small tensors only, 92 with big ones, today
+FIXED = 100
+PER_CHUNK = 7
+
+
+def chunks(shapes, chunk: int) -> int:
+    return sum(-(-torch.Size(s).numel() // chunk) for s in shapes if torch.Size(s).numel() >= SMALL)
+
+
+@pytest.mark.parametrize("size", ["160m", "1.4b"])
+def test_pythia_layout_step_is_bounded(size):
+    shapes = pythia_shapes(size)
+    counter = count_step(shapes)
+    n_chunks = chunks(shapes, CHUNK_ACCEL)
+    assert counter.ops["sum"] == n_chunks  # one row sum per chunk: nothing per tensor beyond its chunks
+    assert counter.total - PER_CHUNK * n_chunks <= FIXED, counter.ops
+    assert counter.total <= 10 * big_tensors(shapes) + 50, (counter.total, big_tensors(shapes))
+
+
+def test_small_tensors_cost_the_same_however_many():
+    few = count_step([(64,), (300,)]).total
+    many = count_step([(64,), (300,)] * 200 + [(5, 7)] * 50).total
+    assert few == many <= FIXED
+
+
+class Allocations(TorchDispatchMode):
+    """The largest tensor any operation allocates (outputs that are not views of, or written into,
+    an input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_temporary_memory_is_the_planned_scratch():
+    """Memory: two float32 scratch buffers of one chunk, made at planning; a step allocates nothing
+    larger than a few values per row (rows of up to 1024 elements: the longest power of two that
+    divides the chunk; here the big tensor has 3 chunks, the last in rows of 256)."""
+    n = 2 * CHUNK_CPU + 12_345 * 256
+    ws, ms, vs = ([torch.randn(n) * 1e-3] for _ in range(3))
+    vs = [v.abs() for v in vs]
+    block = BlockPass(ws, ms, vs)
+    scratch = {id(step[3].untyped_storage()) for step in block._steps} | {id(step[4].untyped_storage())
+                                                                           for step in block._steps}
+    assert len(scratch) == 2
+    assert all(step[3].untyped_storage().nbytes() == 4 * CHUNK_CPU for step in block._steps)
+    eps = torch.full((1,), 1e-8, dtype=torch.float64)
+    block.run(eps)
+    with Allocations() as seen:
+        block.run(eps)
+    assert seen.largest <= 2 * CHUNK_CPU // 1024 + 12_345  # the rows' float64 sums, never a chunk-sized temporary
+
+
+def test_one_thread_inside_the_pass_and_restored(monkeypatch):
+    """On a CPU the chunk operations run on one intra-op thread (no parallel region to stall when
+    threads outnumber free cores); torch's setting is back afterwards, also after an error."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    seen = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: (seen.append(k), real_set(min(k, threads))))
+    ws, ms, vs = [torch.randn(SMALL * 2)], [torch.randn(SMALL * 2)], [torch.rand(SMALL * 2)]
+    BlockPass(ws, ms, vs).run(torch.zeros(1, dtype=torch.float64))
+    assert seen == [1, 4]
+    seen.clear()
+    with pytest.raises(RuntimeError):
+        with kernels.one_thread(torch.device("cpu")):
+            raise RuntimeError("inside the pass")
+    assert seen == [1, 4]
+
+
+@pytest.mark.slow
+def test_trainer_step_of_the_4x256_model_is_bounded(tmp_path):
+    """A real Trainer run: the operations inside the callback's hooks and its optimizer pre-hook per
+    budget step, after the plan is made; no other process during or after the run."""
+    from transformers import GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from hf_weightforces import WeightForcesCallback
+    from hf_weightforces.demo import make_datasets, pythia_config
+    from hf_weightforces.distributed import _StepRecorder
+
+    counts: list[int] = []
+    children: list[int] = []
+    state = {"on": False}
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            if not state["on"]:
+                return fn(*args, **kwargs)
+            with OpCounter() as c:
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    counts[-1] += c.total
+        return wrapper
+
+    class Counted(WeightForcesCallback):
+        pass
+
+    for name in ("on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_substep_end"):
+        setattr(Counted, name, counted(getattr(WeightForcesCallback, name)))
+
+    class Gate(TrainerCallback):
+        def on_step_begin(self, args, state_, control, **kwargs):
+            state["on"] = state_.global_step >= 3  # planned at the second budget step
+            counts.append(0)
+            children.extend(p.pid for p in psutil.Process().children(recursive=True))
+
+    pre_hook = _StepRecorder._record
+    _StepRecorder._record = counted(pre_hook)
+    try:
+        torch.manual_seed(0)
+        model = GPTNeoXForCausalLM(pythia_config("bench"))
+        data = make_datasets(block_size=32, max_bytes=200_000, eval_fraction=0.01)[0]
+        targs = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
+                                  learning_rate=1e-3, weight_decay=0.1, logging_steps=3, report_to=[],
+                                  save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+        trainer = Trainer(model=model, args=targs, train_dataset=data,
+                          callbacks=[Gate(), Counted(every=1, weibull_every=0, quiet=True)])
+        trainer.train()
+    finally:
+        _StepRecorder._record = pre_hook
+    big = sum(1 for p in model.parameters() if p.numel() >= SMALL)
+    assert big == 18
+    steps = [c for c in counts[3:] if c]
+    assert len(steps) >= 2 and max(steps) <= 10 * big + 50, steps
+    assert not children and not psutil.Process().children(recursive=True)
