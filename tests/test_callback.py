@@ -89,6 +89,7 @@ def test_interval_mean_equals_mean_of_single_steps(tmp_path, wf_rows):
         assert r["weightforces/total/align_share"] == pytest.approx(share, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_wandb_keys_in_the_loss_rows(tmp_path, wf_rows):
     from wandb_reader import find_run_files, read_history
 

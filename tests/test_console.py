@@ -78,6 +78,7 @@ def _console(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == CONSOLE_LOGGER]
 
 
+@pytest.mark.slow
 def test_report_to_none_speaks_and_quiet_does_not(tmp_path, wf_rows, caplog):
     caplog.set_level(logging.INFO, logger=CONSOLE_LOGGER)
     train_tiny(tmp_path / "plain", [WeightForcesCallback(weibull_every=4)], max_steps=8, logging_steps=4)

@@ -77,6 +77,7 @@ def test_weibull_off(tmp_path, wf_rows):
         WeightForcesCallback(every=3, offset_sample_every=10)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_curves_without_a_seam(tmp_path, wf_rows):
     from transformers import GPTNeoXForCausalLM
 

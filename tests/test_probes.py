@@ -35,6 +35,7 @@ def probed_run(tmp_path_factory):
     return out, trainer, probes, read_jsonl(out / "weightforces" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_updates_align_with_the_backbone_far_more_than_gradients(probed_run):
     _, _, probes, rows = probed_run
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
@@ -60,6 +61,7 @@ def test_updates_align_with_the_backbone_far_more_than_gradients(probed_run):
     assert probes[0].memory_bytes() < 50 * 2**20
 
 
+@pytest.mark.slow
 def test_rank_rows_and_key_query_collapse(probed_run):
     out, trainer, _, rows = probed_run
     heads = trainer.model.config.num_attention_heads
@@ -83,6 +85,7 @@ def test_rank_rows_and_key_query_collapse(probed_run):
     assert rows[-1][f"{R}layer_01/mlp.dense_4h_to_h/effective_rank"] == pytest.approx(dense.effective_rank, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_offline_geometry_reads_the_same_keys_from_checkpoints(probed_run, capsys):
     from hf_weightforces.analysis.geometry import geometry_from_checkpoints
     from hf_weightforces.cli import main
@@ -111,6 +114,7 @@ def test_offline_geometry_reads_the_same_keys_from_checkpoints(probed_run, capsy
     assert "at least two checkpoints" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_probes_never_change_training(tmp_path):
     def final(out, probes):
         cb = WeightForcesCallback(weibull_every=0, probes=probes)
@@ -220,6 +224,7 @@ def _resume_backbone(full, out):
                resume=str(out / "checkpoint-8"))
 
 
+@pytest.mark.slow
 def test_resumed_backbone_continues_the_trajectory(backbone_checkpoints, tmp_path, wf_rows, caplog):
     full, rows = backbone_checkpoints
     assert (full / "checkpoint-8" / "weightforces_probe_0.safetensors").is_file()
@@ -240,6 +245,7 @@ def test_resumed_backbone_continues_the_trajectory(backbone_checkpoints, tmp_pat
         assert rb[f"{B}start_step"] == 0
 
 
+@pytest.mark.slow
 def test_resume_with_a_corrupt_backbone_file_warns_and_trains_on(backbone_checkpoints, tmp_path, wf_rows, caplog):
     full, _ = backbone_checkpoints
     corrupt = tmp_path / "corrupt"
