@@ -279,7 +279,11 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
         "lambda",
         help="Weibull k, lambda, sigma and lambda/sigma per group and per matrix over a run's checkpoints",
         description="Fit Weibull(k, lambda) to |w| (docs/weibull.md protocol) of every matrix and every group "
-        "at every checkpoint, with the RMS sigma and lambda/sigma (docs/weibull.md).",
+        "at every checkpoint, with the RMS sigma and lambda/sigma (docs/weibull.md), and predict lambda(t) from "
+        "the run's forces (docs/offline.md). With --rule left --lock mean --alignment post on rows logged every "
+        "step, the prediction is the research code's make_predicted_lambda_fig.py on the same forces and fits "
+        "(at every record spacing N of --predict-every N); the defaults are the exact integration of every "
+        "logged row and the live offset keys' k-lock ratio.",
     )
     p.add_argument("paths", nargs="+", help="a Trainer output_dir with checkpoint-N folders, or checkpoints in step order")
     p.add_argument("--exact-groups", action="store_true",
@@ -291,14 +295,44 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
                    "prediction from forces and lambda* (default: <run>/weightforces)")
     p.add_argument("--predict-every", type=_non_negative_int, default=0, metavar="N",
                    help="predict lambda(t) from the forces of every N-th step only (default 0: every logged row)")
+    p.add_argument("--rule", choices=("right", "left"), default="right",
+                   help="which row's force stands for the steps between two used rows: right (default) the row at "
+                   "the interval's end, which holds the mean force over the steps since the previous row, so that "
+                   "every logged row integrates every budget step exactly (the live offset keys integrate so too); "
+                   "left the row at its start, the research code's forward-Euler rule (make_predicted_lambda_fig.py)")
+    p.add_argument("--lock", choices=("start", "first", "mean"), default="start",
+                   help="where the k-lock ratio lambda/sigma is taken: start (default) the run's start fit, the ratio "
+                   "the live offset_*_klock keys use (logged as offset_klock_ratio; without live fits: first); "
+                   "first the first fit at or after the first used row; mean the mean over every fit, the research "
+                   "code's bridge (it uses the future). The output names the point and the ratio")
     p.add_argument("--alignment", choices=("w_t", "post"), default="w_t",
                    help="alignment integrated by the prediction: the exact A at w_t (default) or the research code's "
-                   "align_post at w_{t+1}, which reproduces its published offsets (docs/budget.md)")
+                   "align_post at w_{t+1}, the one its published offsets integrate (docs/budget.md, section 6); "
+                   "its script's numbers need --rule left --lock mean as well")
     p.add_argument("--preset", metavar="NAME", help="published schedule for lambda* when the run has no record "
                    "(pythia-160m, ...; inferred from an EleutherAI/pythia-* repository id)")
     _run_paths(p)
     _hub_flags(p)
-    p.set_defaults(func=_run_lambda)
+
+    def run(args: argparse.Namespace) -> int:
+        """_run_lambda with the integration rule and the lock point passed on."""
+        from hf_weightforces.analysis.dynamics import dynamics_of_run, format_dynamics
+        from hf_weightforces.analysis.scale import format_scale, scale_trajectory
+
+        paths = _hub_inputs(args, args.paths)
+        traj = scale_trajectory(paths, grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
+                                per_matrix=not args.groups_only, keep_every=args.keep_every)
+        dyn, source = dynamics_of_run(paths, traj, records=args.records, preset=args.preset, every=args.predict_every,
+                                      alignment=args.alignment, rule=args.rule, lock=args.lock)
+        if args.json:
+            from hf_weightforces.core.records import json_safe
+
+            print(json.dumps({**traj.to_dict(), "schedule": source, "dynamics": json_safe(dyn)}, indent=2))
+        else:
+            print(format_scale(traj, per_matrix=not args.groups_only) + "\n\n" + format_dynamics(dyn, source))
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _run_lambda(args: argparse.Namespace) -> int:

@@ -3,20 +3,43 @@
 **Prediction** (docs/weibull.md; the research code's ``make_predicted_lambda_fig.py``).  The callback's rows
 hold, per aggregate G, the mean A + I + D per optimizer step over the interval since the previous row and
 the observed ||w||² (``norm2``) and n (``numel``).  Using only the rows every ``every`` steps (forces
-"recorded every N steps"; 0: every row), each used row standing for the steps since the previous used one
-(rectangle rule), from the first used row s_0::
+"recorded every N steps"; 0: every row) at steps s_0 < s_1 < ..., from the first used row s_0::
 
-    σ_pred(t)² = (||w(s_0)||² + Σ_{s_0 < s_j <= t} (A + I + D)_j (s_j - s_{j-1})) / n
-    λ_pred(t)  = σ_pred(t) · (λ/σ)_ref                       the k-lock bridge, ratio at the first fit
+    σ_pred(s_i)² = (||w(s_0)||² + Σ_{j=1..i} F_j (s_j - s_{j-1})) / n
+    λ_pred(t)    = σ_pred(t) · (λ/σ)_lock                        the k-lock bridge
 
-compared with the fitted λ at every later step that has a fit (checkpoint fits when given, else the
+with the force F_j that stands for the interval (s_{j-1}, s_j] chosen by the **integration rule**:
+
+* ``right`` (default): F_j = the row at s_j, the interval's own end.  A row holds the mean force over the
+  steps since the previous row, so with every row used this integrates every budget step exactly (only
+  the dropped rest R is left), and with sparse rows the force used lies inside the interval it stands
+  for.  The live ``rms_pred_sampled``/``offset_*_sampled`` keys integrate the same way: the sample at a
+  multiple of ``offset_sample_every`` stands for the steps up to it.
+* ``left``: F_j = the row at s_{j-1}, the interval's start: the research script's forward-Euler rule
+  (its records are single-step forces measured after ``optimizer.step()``, each standing for the steps
+  up to the next record).  With its inputs (rows logged every step, ``alignment="post"`` for its
+  post-step alignment, ``lock="mean"``) this reproduces the script's λ_pred at every record, its
+  log-RMSE and max |err| (:attr:`LambdaPrediction.research`) to float precision.  With every row of a
+  run logged every N > 1 steps it lags by one logging interval.
+
+The **lock point** of the k-lock ratio (λ/σ)_lock:
+
+* ``start`` (default): λ/σ of the run's start fit (the step the callback started at, 0 for a fresh run):
+  the ratio the live ``offset_bridge_klock``/``offset_total_klock`` keys use, logged with every fitted
+  row as ``offset_klock_ratio`` (older records: recovered from ``offset_bridge_klock``); runs without
+  live fits fall back to ``first``, and the output says so;
+* ``first``: the first fit at or after s_0;
+* ``mean``: the mean λ/σ over every fit of the run, the research script's bridge (it uses the future).
+
+The prediction is compared with the fitted λ at every fit after s_0 (checkpoint fits when given, else the
 live fits in the rows).  Errors, each relative, with (1 + total) = (1 + integration)(1 + bridge) exactly::
 
-    integration = σ_pred/σ - 1,   bridge = σ (λ/σ)_ref / λ - 1,   total = λ_pred/λ - 1
+    integration = σ_pred/σ - 1,   bridge = σ (λ/σ)_lock / λ - 1,   total = λ_pred/λ - 1
     log-RMSE = sqrt(mean (ln λ_pred - ln λ)²),   max |err| = max |total|
 
-(The research script locks the ratio at its mean over the whole run, which uses the future; here the
-reference is the first fit, as the live callback's ``offset_*`` keys do.)
+(σ_pred² is interpolated linearly between used rows.)  The research script instead compares at its record
+steps from the first fit on, the anchor included, against λ interpolated linearly between fits: those two
+figures are in :attr:`LambdaPrediction.research`.
 
 **Moving target** λ*(t) = sqrt(η_t / λ_wd): at balance of decay and injection (A + I + D = 0 with
 I ∝ η² n, D = -2 η λ_wd ||w||²) the RMS scales as sqrt(η/λ_wd), so λ* is the target's shape (its constant
@@ -43,7 +66,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["LambdaPrediction", "Phase", "lambda_star", "phase_timeline", "predict_lambda", "series_from_rows"]
+__all__ = ["LOCKS", "RULES", "LambdaPrediction", "Phase", "lambda_star", "phase_timeline", "predict_lambda",
+           "series_from_rows"]
 
 _PREFIX = "weightforces/"
 PLATEAU_FRACTION = 0.1  # the plateau ends when λ has made this share of its rise ...
@@ -58,6 +82,11 @@ def _finite(row: Mapping, key: str) -> float | None:
 #: Where alignment is evaluated (docs/budget.md, section 6): the exact ``align`` at w_t, or the research
 #: code's ``align_post`` = -2η<w_{t+1}, u_t> (adds about 2I a step: what its published offsets integrate).
 ALIGNMENTS = {"w_t": "align", "post": "align_post"}
+
+#: Which row's force stands for the interval between two used rows (module docstring).
+RULES = ("right", "left")
+#: Where the k-lock ratio λ/σ is taken (module docstring).
+LOCKS = ("start", "first", "mean")
 
 
 def series_from_rows(rows: Sequence[Mapping], aggregate: str, alignment: str = "w_t") -> dict[str, np.ndarray]:
@@ -95,6 +124,10 @@ class LambdaPrediction:
     sigma_pred: np.ndarray
     lam: np.ndarray
     lam_pred: np.ndarray
+    rule: str = "right"
+    lock: str = "first"  # the lock point used (``start`` falls back to ``first`` without a live start fit)
+    lock_point: str = ""  # in words, with the step and the ratio
+    research: dict = field(default_factory=dict)  # the research script's own log-RMSE and max |err|
 
     @property
     def integration(self) -> np.ndarray:
@@ -124,7 +157,8 @@ class LambdaPrediction:
                     "max_abs": float(np.max(a)) if a.size else math.nan}
 
         return {
-            "aggregate": self.aggregate, "every": self.every, "anchor_step": self.anchor_step,
+            "aggregate": self.aggregate, "every": self.every, "anchor_step": self.anchor_step, "rule": self.rule,
+            "lock": self.lock, "lock_point": self.lock_point, "research": dict(self.research),
             "lock_ratio": self.lock_ratio, "observed": self.observed, "log_rmse": self.log_rmse,
             "max_abs_err": self.max_abs_err, "integration": stats(self.integration), "bridge": stats(self.bridge),
             "total": stats(self.total),
@@ -135,6 +169,33 @@ class LambdaPrediction:
         }
 
 
+def live_lock_ratio(rows: Sequence[Mapping], aggregate: str) -> float | None:
+    """The k-lock ratio the live callback used for ``aggregate`` (λ/σ of the run's start fit): its
+    ``offset_klock_ratio`` key, or, in records written before that key, (1 + offset_bridge_klock) λ/σ of a
+    fitted row.  None when the rows have neither."""
+    g = f"{_PREFIX}{aggregate}/"
+    for row in rows:
+        ratio = _finite(row, g + "offset_klock_ratio")
+        if ratio is not None and ratio > 0:
+            return ratio
+    for row in rows:
+        bridge, lam, rms = (_finite(row, g + k) for k in ("offset_bridge_klock", "weibull_scale", "rms"))
+        if None not in (bridge, lam, rms) and rms > 0 and lam > 0:
+            return (1.0 + bridge) * lam / rms
+    return None
+
+
+def integrate_forces(norm2_start: float, net: np.ndarray, steps: np.ndarray, rule: str = "right") -> np.ndarray:
+    """||w||² predicted at each used row: ||w(s_0)||² + Σ_j F_j (s_j - s_{j-1}), F_j the row at s_j
+    (``right``) or at s_{j-1} (``left``); see the module docstring."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    net = np.asarray(net, dtype=np.float64)
+    spacing = np.diff(np.asarray(steps)).astype(np.float64)
+    force = net[1:] if rule == "right" else net[:-1]
+    return norm2_start + np.concatenate([[0.0], np.cumsum(force * spacing)])
+
+
 def predict_lambda(
     rows: Sequence[Mapping],
     aggregate: str,
@@ -142,14 +203,24 @@ def predict_lambda(
     every: int = 0,
     fits: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     alignment: str = "w_t",
+    rule: str = "right",
+    lock: str = "start",
 ) -> LambdaPrediction | None:
     """λ(t) of ``aggregate`` predicted from the forces in ``rows`` (a run's ``metrics.jsonl``).
 
     ``every``: use only rows whose step is a multiple of it (0: every row).  ``fits``: (steps, λ, σ) from
-    checkpoint fits to compare with; default the rows' own live fits.  None when the rows have no forces
-    or no fits for this aggregate after the anchor.  ``alignment="post"`` integrates the research code's
-    post-step alignment instead of the exact one (to reproduce its published offsets).
+    checkpoint fits to compare with; default the rows' own live fits.  ``alignment``: the exact A at w_t
+    (``"w_t"``) or the research code's post-step ``align_post`` (``"post"``).  ``rule``: which row's force
+    stands for each interval, ``"right"`` (its end; exact with every row) or ``"left"`` (its start, the
+    research script's).  ``lock``: the k-lock ratio's lock point, ``"start"`` (the live keys' ratio, the
+    run's start fit), ``"first"`` (the first fit at or after the anchor) or ``"mean"`` (the mean over every
+    fit, the research script's).  With ``rule="left"``, ``lock="mean"`` and ``alignment="post"`` on rows
+    logged every step, λ_pred at every used row and :attr:`LambdaPrediction.research` are what
+    ``make_predicted_lambda_fig.py`` computes from the same forces and fits.  None when the rows have no
+    forces or fewer than two fits for this aggregate after the anchor.
     """
+    if lock not in LOCKS:
+        raise ValueError(f"lock must be one of {LOCKS}, got {lock!r}")
     s = series_from_rows(rows, aggregate, alignment)
     if s["step"].size == 0:
         return None
@@ -157,26 +228,51 @@ def predict_lambda(
     steps, net, numel = s["step"][keep], s["net"][keep], s["numel"][keep]
     if steps.size < 2:
         return None
-    spacing = np.diff(steps).astype(np.float64)
-    norm2_pred = s["norm2"][keep][0] + np.concatenate([[0.0], np.cumsum(net[1:] * spacing)])
+    norm2_pred = integrate_forces(s["norm2"][keep][0], net, steps, rule)
     with np.errstate(invalid="ignore"):
         sigma_pred_rows = np.sqrt(np.where(norm2_pred >= 0, norm2_pred, np.nan) / numel)
     if fits is None:
         has = np.isfinite(s["lambda"])
-        f_steps, f_lam = s["step"][has], s["lambda"][has]
-        f_sigma = np.sqrt(s["norm2"][has] / s["numel"][has])
+        all_steps, all_lam = s["step"][has], s["lambda"][has]
+        all_sigma = np.sqrt(s["norm2"][has] / s["numel"][has])
         observed = "live"
     else:
-        f_steps, f_lam, f_sigma = (np.asarray(a) for a in fits)
+        all_steps, all_lam, all_sigma = (np.asarray(a) for a in fits)
         observed = "checkpoints"
-    inside = (f_steps >= steps[0]) & (f_steps <= steps[-1]) & np.isfinite(f_lam) & (f_lam > 0)
-    f_steps, f_lam, f_sigma = f_steps[inside], f_lam[inside], f_sigma[inside]
+    valid = np.isfinite(all_lam) & (all_lam > 0) & np.isfinite(all_sigma) & (all_sigma > 0)
+    all_steps, all_lam, all_sigma = all_steps[valid], all_lam[valid], all_sigma[valid]
+    inside = (all_steps >= steps[0]) & (all_steps <= steps[-1])
+    f_steps, f_lam, f_sigma = all_steps[inside], all_lam[inside], all_sigma[inside]
     if f_steps.size < 2:
         return None
-    ratio = float(f_lam[0] / f_sigma[0])  # the k-lock reference: the first fit at or after the anchor
+    used = lock
+    if lock == "start":
+        ratio = live_lock_ratio(rows, aggregate)
+        if ratio is not None:
+            point = f"λ/σ = {ratio:.5f} of the run's start fit (the live offset keys' lock)"
+        else:
+            used = "first"
+    if used == "first":
+        ratio = float(f_lam[0] / f_sigma[0])
+        point = f"λ/σ = {ratio:.5f} of the first fit at or after the anchor (step {int(f_steps[0])})" + (
+            "; the rows carry no live start fit" if lock == "start" else "")
+    elif used == "mean":
+        ratio = float(np.mean(all_lam / all_sigma))
+        point = f"λ/σ = {ratio:.5f}, the mean over all {all_lam.size} fits (steps {int(all_steps[0])}-" \
+                f"{int(all_steps[-1])}; the research script's bridge, uses the future)"
     sig_pred = np.sqrt(np.interp(f_steps, steps, sigma_pred_rows ** 2))
+    # the research script's own figures: at the used rows from the first fit on, λ interpolated between fits
+    lam_rows = np.interp(steps, all_steps, all_lam)
+    mask = steps >= all_steps.min()
+    resid = sigma_pred_rows[mask] * ratio / lam_rows[mask] - 1.0
+    research = {
+        "log_rmse": float(np.sqrt(np.mean((np.log(sigma_pred_rows[mask] * ratio) - np.log(lam_rows[mask])) ** 2))),
+        "max_abs_err": float(np.max(np.abs(resid))),
+        "steps": steps.tolist(),
+        "lambda_pred": (sigma_pred_rows * ratio).tolist(),
+    }
     return LambdaPrediction(aggregate, int(every), int(steps[0]), ratio, observed, f_steps[1:], f_sigma[1:],
-                            sig_pred[1:], f_lam[1:], sig_pred[1:] * ratio)
+                            sig_pred[1:], f_lam[1:], sig_pred[1:] * ratio, rule, used, point, research)
 
 
 def lambda_star(schedule, steps: np.ndarray) -> np.ndarray:
@@ -255,7 +351,7 @@ def phase_timeline(
 
 
 def run_dynamics(traj, rows: Sequence[Mapping] | None, schedule, *, every: int = 0,
-                 alignment: str = "w_t") -> dict[str, dict]:
+                 alignment: str = "w_t", rule: str = "right", lock: str = "start") -> dict[str, dict]:
     """Per aggregate of ``traj`` (a :class:`~hf_weightforces.analysis.scale.ScaleTrajectory`; or, without it,
     of the rows): the prediction from ``rows`` (the run's metrics; None: no forces), λ* from ``schedule``
     (None: no target) and the phases of the observed λ(t) (checkpoint fits, else the live fits)."""
@@ -269,7 +365,8 @@ def run_dynamics(traj, rows: Sequence[Mapping] | None, schedule, *, every: int =
             ok = np.isfinite(f_lam)
             fits = (f_steps[ok], f_lam[ok], f_sigma[ok]) if ok.sum() >= 2 else None
         series = series_from_rows(rows, name) if rows else None
-        pred = predict_lambda(rows, name, every=every, fits=fits, alignment=alignment) if rows else None
+        pred = predict_lambda(rows, name, every=every, fits=fits, alignment=alignment, rule=rule,
+                              lock=lock) if rows else None
         if fits is not None:
             steps, lam = fits[0], fits[1]
         elif series is not None and np.isfinite(series["lambda"]).sum() >= 2:
@@ -299,6 +396,7 @@ def format_dynamics(dyn: dict[str, dict], schedule_source: str | None) -> str:
         p = d["prediction"]
         if p is not None:
             used = f"every {p['every']} steps" if p["every"] else "every logged row"
+            lines.append(f"  {name}: {p['rule']}-point rule; k-lock at {p['lock']}: {p['lock_point']}")
             lines.append(
                 f"  {name}: predicted from the forces of {used} vs {p['observed']} fits: "
                 f"log-RMSE {p['log_rmse']:.4f}, max |err| {100 * p['max_abs_err']:.2f}%, integration "
@@ -313,8 +411,9 @@ def format_dynamics(dyn: dict[str, dict], schedule_source: str | None) -> str:
     return "\n".join(lines)
 
 
-def dynamics_of_run(paths, traj, *, records=None, preset: str | None = None,
-                    every: int = 0, alignment: str = "w_t") -> tuple[dict[str, dict], str | None]:
+def dynamics_of_run(paths, traj, *, records=None, preset: str | None = None, every: int = 0,
+                    alignment: str = "w_t", rule: str = "right",
+                    lock: str = "start") -> tuple[dict[str, dict], str | None]:
     """:func:`run_dynamics` for the checkpoints ``paths`` that ``traj`` fitted: the run's records (``records``,
     else found beside local checkpoints), its schedule record, else the ``preset`` (given, or inferred from a
     Hub repository id).  Returns the dynamics and where the schedule came from (None: no schedule)."""
@@ -329,5 +428,5 @@ def dynamics_of_run(paths, traj, *, records=None, preset: str | None = None,
     if schedule is None:
         name = preset or (preset_for_repo(paths.repo_id) if hub else None)
         schedule = get_preset(name).schedule() if name else None
-    return (run_dynamics(traj, rec.metrics, schedule, every=every, alignment=alignment),
+    return (run_dynamics(traj, rec.metrics, schedule, every=every, alignment=alignment, rule=rule, lock=lock),
             None if schedule is None else schedule.source)

@@ -131,7 +131,14 @@ def weibull_row(
     sampled: float,
     lock_ratio: float,
 ) -> dict[str, float]:
-    """Weibull and offset keys for one aggregate (without the ``weightforces/G/`` prefix)."""
+    """Weibull and offset keys for one aggregate (without the ``weightforces/G/`` prefix).
+
+    ``lock_ratio`` is the k-lock ratio λ/σ of the run's start fit, logged as ``offset_klock_ratio`` so
+    that ``hf-weightforces lambda`` (``--lock start``, its default) uses the same one.  The dense σ
+    prediction integrates every budget step (each standing for the ``every`` steps up to it); the sampled
+    one each sample at a multiple of N for the N steps up to it: the right-point rule of
+    :func:`~hf_weightforces.analysis.dynamics.integrate_forces`.
+    """
     row = {
         "weibull_k": fit.k,
         "weibull_scale": fit.scale,
@@ -146,6 +153,7 @@ def weibull_row(
     sigma_pred_sampled = predicted_rms(norm2_start, sampled, numel)
     row["rms_pred"] = sigma_pred
     row["rms_pred_sampled"] = sigma_pred_sampled
+    row["offset_klock_ratio"] = lock_ratio  # the lock point: λ/σ of the run's start fit (shared with `lambda`)
     row.update(offset_components(sigma, sigma_pred, fit.k, fit.scale, lock_ratio))
     sampled_parts = offset_components(sigma, sigma_pred_sampled, fit.k, fit.scale, lock_ratio)
     row["offset_integration_sampled"] = sampled_parts["offset_integration"]

@@ -9,7 +9,9 @@ and two bridges carry σ to the Weibull scale λ:
 
 * Γ bridge: an exact Weibull has σ = λ sqrt(Γ(1 + 2/k)), so λ_Γ = σ / sqrt(Γ(1 + 2/k));
 * k-lock bridge (the paper's): the ratio λ/σ measured at a reference time is held fixed,
-  λ_lock = σ · (λ/σ)_ref.
+  λ_lock = σ · (λ/σ)_ref.  The live keys lock it at the run's start fit and log it as
+  ``offset_klock_ratio``; ``hf-weightforces lambda`` uses the same one by default (``--lock start``),
+  or the first fit after its anchor, or the research code's mean over the run (``--lock first|mean``).
 
 Each component is a relative error against the fitted λ (or against σ for the integration):
 
@@ -18,8 +20,8 @@ Each component is a relative error against the fitted λ (or against σ for the 
     total       = bridge(σ_pred) / λ - 1
 
 Integrating every step leaves only the dropped rest R in the integration component; integrating
-forces recorded every N steps (rectangle rule, each sample standing for N steps) shows what sparse
-recording costs.  Reference: Ding, arXiv:2606.19367.
+forces recorded every N steps (rectangle rule, each sample standing for the N steps up to it: the
+right-point rule) shows what sparse recording costs.  Reference: Ding, arXiv:2606.19367.
 """
 
 from __future__ import annotations
