@@ -46,14 +46,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from op_count import OpCounter  # noqa: E402  (benchmarks/op_count.py)
 from transformers import GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from hf_weightforces import WeightForcesCallback  # noqa: E402
 from hf_weightforces.demo import make_datasets, pythia_config  # noqa: E402
 from hf_weightforces.distributed import _StepRecorder  # noqa: E402
-
-from op_count import OpCounter  # noqa: E402  (benchmarks/op_count.py)
 
 #: the run length the Trainer is told: its schedule and ``auto``'s choice are a long run's
 LONG_RUN = 100_000

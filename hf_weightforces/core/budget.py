@@ -232,9 +232,10 @@ def intended_dots(
     """Before the step: (||w_t||², <w_t, u_t>, ||u_t||²) of the update AdamW is about to make, [P, 3].
 
     For parameters the optimizer stores in low precision (bfloat16/float16 with no float32
-    master), where the stored w_{t+1} is rounded and w_t cannot be rebuilt from it (docs/budget.md).  From the true w_t, the final gradients (after clipping) and the moments before the
-    step, in float64 (exact squares, float64 sums), the moments advanced the way AdamW advances
-    them:  m_t = β1 m + (1-β1) g,  v_t = β2 v + (1-β2) g² (AMSGrad: max with the running max),
+    master), where the stored w_{t+1} is rounded and w_t cannot be rebuilt from it (docs/budget.md).
+    From the true w_t, the final gradients (after clipping) and the moments before the step, in
+    float64 (exact squares, float64 sums), the moments advanced the way AdamW advances them:
+    m_t = β1 m + (1-β1) g,  v_t = β2 v + (1-β2) g² (AMSGrad: max with the running max),
     u_t = (m_t/(1-β1^t)) / (sqrt(v_t/(1-β2^t)) + ε), ``steps[i]`` = t, the step about to be
     taken (a number, or a 0-d tensor on the accelerator, which is never read on the host).
     ``maximize`` flips g; ``grad_scale`` divides it (a fused AdamW under a GradScaler
