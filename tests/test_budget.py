@@ -81,11 +81,12 @@ def test_step_dots_against_float64_reference():
         # The reference: ũ 3 roundings a coordinate (sqrt, +, /), a product 1, then a float64 sum of n terms;
         # the pass the same sums in another order. Higham: sum_tol covers both, with the per-term roundings.
         if n < SMALL:
-            # float64 throughout: norms of n squares (then squared: 2 more roundings); <w', ũ> by polarisation,
-            # so its error is relative to ||w' + ũ||² + ||w'||² + ||ũ||² <= 3(||w'||² + ||ũ||²)
+            # the packed pass: ||w'||² and ||ũ||² as float64 norms of float32 values (rooted, squared again: 2
+            # more roundings); ũ in float32 (4 roundings: ε' to float32, sqrt, +, /), the products in float32 (1),
+            # summed per tensor in float64
             tol = [sum_tol(n, a, ulps_per_term=3),
-                   sum_tol(n, 3 * (a + c), ulps_per_term=8) + sum_tol(n, wu, sums=1, ulps_per_term=4),
-                   sum_tol(n, c, ulps_per_term=8)]
+                   sum_tol(n, wu, ulps_per_term=4) + (4 + 1) * U32 * wu,
+                   sum_tol(n, c, ulps_per_term=8) + 8 * U32 * c]
         else:
             # ||w'||²: exact squares summed in float64 (a norm, then squared). ũ in float32: 4 roundings (ε' to
             # float32, sqrt, +, /), so 4·2^-24 of each term of <w', ũ> and 8 of each of ||ũ||²; then a float32

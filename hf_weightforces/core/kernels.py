@@ -4,8 +4,8 @@ section 9).
 :class:`BlockPass` returns (||w'||², <w', ũ>, ||ũ||²) per tensor, :func:`squared_norms` ||w||²,
 both float64, on the tensors' device, with no host synchronisation.  One design on every device:
 
-* tensors below :data:`SMALL` elements are packed into float64 buffers made once
-  (:class:`PackedSmall`): a dozen multi-tensor operations for all of them, however many;
+* tensors below :data:`SMALL` elements are packed into buffers made once (:class:`PackedSmall`):
+  about fifteen multi-tensor and flat operations for all of them, however many;
 * larger tensors are cut, once, into chunks of at most :func:`chunk_size` elements (cache-sized on
   a CPU, large on an accelerator), each viewed as rows; a step is seven operations per chunk into
   scratch buffers made once: ũ = m / (sqrt(v) + ε') in float32, ||w'||² as a float64 norm (exact
@@ -104,33 +104,37 @@ def _row_length(n: int) -> int:
 
 
 class PackedSmall:
-    """The pass over many small tensors, float64 throughout: packed into float64 buffers made once
-    (with their per-tensor views), so a step is a dozen multi-tensor and flat operations
-    (converting copies, ũ, three multi-tensor norms; <w', ũ> by polarisation, harmless in float64)
-    with no allocation of the packed size.  ``members``: the tensors' positions in the caller's
-    list (``index`` on the device)."""
+    """The pass over many small tensors at once: packed into buffers made once (with per-tensor
+    views), so a step is about fifteen multi-tensor and flat operations however many tensors.
 
-    def __init__(self, members: list[int], numels: list[int], device: torch.device) -> None:
-        self.members = members
+    ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, its products summed
+    per tensor in float64), float64 for tensors stored in float64 (nothing rounded).  ||w'||² and
+    ||ũ||² are multi-tensor norms with float64 squares and sums (exact for float32 values).
+    ``members``: the tensors' positions in the caller's list (``index`` on the device)."""
+
+    def __init__(self, members: list[int], numels: list[int], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.members, self.dtype = members, dtype
         self.index = to_device(torch.tensor(members, dtype=torch.long), device)
         total = sum(numels)
         self.seg = to_device(torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)), device)
-        self.w, self.m, self.u, self.e = (torch.empty(total, dtype=torch.float64, device=device) for _ in range(4))
+        self.w, self.m, self.u, self.e = (torch.empty(total, dtype=dtype, device=device) for _ in range(4))
         self.views = [list(b.split(numels)) for b in (self.w, self.m, self.u)]
 
     def dots(self, ws, ms, vs, eps: torch.Tensor) -> torch.Tensor:
-        """(||w'||², <w', ũ>, ||ũ||²) per tensor [k, 3]; ``ws``, ``ms``, ``vs`` flat, ``eps`` one
-        float64 ε' per tensor on the device."""
+        """(||w'||², <w', ũ>, ||ũ||²) per tensor [k, 3] float64; ``ws``, ``ms``, ``vs`` flat, ``eps``
+        one float64 ε' per tensor on the device."""
         wv, mv, uv = self.views
         torch._foreach_copy_(wv, ws)
         torch._foreach_copy_(mv, ms)
         torch._foreach_copy_(uv, vs)
-        torch.index_select(eps, 0, self.seg, out=self.e)
+        torch.index_select(eps.to(self.dtype), 0, self.seg, out=self.e)
         self.u.sqrt_().add_(self.e)
         self.m.div_(self.u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
-        torch.add(self.w, self.m, out=self.u)  # w' + ũ: <w', ũ> by polarisation (float64)
-        a, c, s = torch.stack(torch._foreach_norm(wv + mv + uv, 2)).square().view(3, -1)
-        return torch.stack((a, 0.5 * (s - a - c), c), dim=1)
+        a, c = torch.stack(torch._foreach_norm(wv + mv, 2, dtype=torch.float64)).square().view(2, -1)
+        torch.mul(self.w, self.m, out=self.u)  # w' ũ, summed per tensor in float64
+        b = torch.zeros_like(a).index_add_(0, self.seg, self.u.to(torch.float64))
+        return torch.stack((a, b, c), dim=1)
 
 
 class BlockPass:
@@ -139,7 +143,7 @@ class BlockPass:
     ``weights``, ``exp_avgs``, ``second_moments``: the tensors (any float dtype; flattened here),
     on one device; the pass keeps views of them, so it stays valid while their storage does.  Per
     call only ε' (one value per tensor) changes.  Memory: two float32 scratch buffers of one chunk,
-    the packed small tensors in float64 (4 x their size), and a few floats per row of 1024."""
+    the packed small tensors (4 x their size in float32), and a few floats per row of 1024."""
 
     def __init__(self, weights: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                  second_moments: Sequence[torch.Tensor], chunk: int | None = None) -> None:
@@ -148,9 +152,12 @@ class BlockPass:
         dev = ws[0].device
         self.device, self.size = dev, len(ws)
         numels = [w.numel() for w in ws]
-        small = [k for k, n in enumerate(numels) if n < SMALL]
-        self._small = PackedSmall(small, [numels[k] for k in small], dev) if small else None
-        self._small_in = [[xs[k] for k in small] for xs in (ws, ms, vs)]
+        self._small = []  # float32 arithmetic, and float64 for tensors stored in float64
+        for wide in (False, True):
+            small = [k for k, n in enumerate(numels) if n < SMALL and (ws[k].dtype == torch.float64) == wide]
+            if small:
+                pack = PackedSmall(small, [numels[k] for k in small], dev, torch.float64 if wide else torch.float32)
+                self._small.append((pack, [[xs[k] for k in small] for xs in (ws, ms, vs)]))
         chunk = chunk or chunk_size(dev)
         pieces = [(k, i, min(n, i + chunk)) for k, n in enumerate(numels) if n >= SMALL for i in range(0, n, chunk)]
         self._steps: list[tuple] = []
@@ -168,7 +175,8 @@ class BlockPass:
             shape = (r, (b - a) // r)
             view = lambda x: x[a:b].view(shape)  # noqa: E731
             self._steps.append((view(ws[k]), view(ms[k]), view(vs[k]), s[: b - a].view(shape), p[: b - a].view(shape),
-                                self._norm_w[j], self._rows_wu[r0 : r0 + r], self._rows_uu[r0 : r0 + r], self.eps[k]))
+                                self._norm_w[j], self._rows_wu[r0 : r0 + r], self._rows_uu[r0 : r0 + r], self.eps[k],
+                                vs[k].dtype != torch.float32))
             r0 += r
         owner = torch.tensor([k for k, _, _ in pieces])
         self._chunk_of = to_device(owner, dev)  # each chunk's tensor
@@ -178,15 +186,18 @@ class BlockPass:
         """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t) (float64 [P],
         on the device)."""
         out = torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
-        if self._small is not None:
-            small = self._small
-            out.index_copy_(0, small.index, small.dots(*self._small_in, eps.index_select(0, small.index)))
+        for pack, inputs in self._small:
+            out.index_copy_(0, pack.index, pack.dots(*inputs, eps.index_select(0, pack.index)))
         if not self._steps:
             return out
         self.eps.copy_(eps)  # the chunks read their tensor's ε' from here (float32, as ũ)
         with one_thread(self.device):
-            for w, m, v, s, p, norm_w, rows_wu, rows_uu, e in self._steps:
-                torch.sqrt(v, out=s)
+            for w, m, v, s, p, norm_w, rows_wu, rows_uu, e, widen in self._steps:
+                if widen:  # v in bfloat16/float16 (or float64): its square root taken in float32, not in v's dtype
+                    s.copy_(v)
+                    s.sqrt_()
+                else:
+                    torch.sqrt(v, out=s)
                 s.add_(e)
                 torch.div(m, s, out=s)  # ũ = m / (sqrt(v) + ε'), float32
                 torch.linalg.vector_norm(w, dtype=torch.float64, out=norm_w)  # exact squares, float64 sums
