@@ -116,9 +116,10 @@ def test_reference_within_three_standard_errors(tmp_path, wf_rows, optim, rule, 
     assert len(z) >= 2 * STEPS * 6
     coverage = float(np.mean(z <= 3.0))
     assert coverage >= 0.99, (optim, coverage, sorted(z)[-5:])
-    # informative, not a formality: at n = 1024 the standard error of the pooled matrices is a few percent of I
-    matrices = [se / i for zz, se, i in pairs[len(pairs) // 2 :] if i > 0 and se > 0]
-    assert np.median(matrices) < 0.25, (optim, np.median(matrices))
+    # informative, not a formality: at n = 1024 (R = 1031 buckets) a tensor's relative standard error is about
+    # sqrt(2/1031) = 4.4% where its update is spread out; the median over the aggregates stays well inside 25%
+    rel_se = [se / i for _, se, i in pairs[len(pairs) // 2 :] if i > 0 and se > 0]
+    assert np.median(rel_se) < 0.25, (optim, np.median(rel_se))
 
 
 class DecoupledSGD(torch.optim.Optimizer):
