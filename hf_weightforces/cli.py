@@ -98,12 +98,12 @@ def _run_fit(args: argparse.Namespace) -> int:
     inputs = _hub_inputs(args, [args.path], need_steps=False)
     grouping = _load_grouping(args.groups_json)
     if isinstance(inputs, list):
-        report = fit_checkpoint(args.path, exclude_top=args.exclude_top, grouping=grouping)
+        report = _something_fitted(fit_checkpoint(args.path, exclude_top=args.exclude_top, grouping=grouping))
         print(json.dumps(report.to_dict(), indent=2) if args.json else format_table(report))
         return 0
     reports = []
     for ck in inputs:  # one revision at a time
-        report = fit_checkpoint(ck.path, exclude_top=args.exclude_top, grouping=grouping)
+        report = _something_fitted(fit_checkpoint(ck.path, exclude_top=args.exclude_top, grouping=grouping))
         if args.json:
             reports.append({"revision": ck.label, **report.to_dict()})
         else:
@@ -111,6 +111,18 @@ def _run_fit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     return 0
+
+
+def _something_fitted(report):
+    """``report`` if it fitted a matrix; else ValueError naming the path and what was skipped (an
+    empty table with status 0 would read as success)."""
+    if report.matrices:
+        return report
+    reasons: dict[str, int] = {}
+    for s in report.skipped:
+        reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    detail = "; ".join(f"{n} {r}" for r, n in reasons.items())
+    raise ValueError(f"{report.path}: no weight matrix to fit" + (f" (skipped: {detail})" if detail else ""))
 
 
 def _add_geometry(subparsers: argparse._SubParsersAction) -> None:
@@ -451,6 +463,9 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     for path, ck in items:  # Hub revisions one at a time
         d = diagnose(ck.path if ck is not None else path, label=ck.label if ck is not None else None,
                      grouping=grouping, sample=args.sample, seed=args.seed)
+        if not d.matrices:  # "No matrix stands out" would read as a clean bill of health
+            raise ValueError(f"{d.source}: no weight matrix to diagnose (skipped {d.skipped} tensor(s): not floating "
+                             "point, or 1-D and small)")
         results.append(d.to_dict() if args.json else format_diagnosis(d))
     print(json.dumps(results[0] if len(results) == 1 else results, indent=2) if args.json else "\n\n".join(results))
     return 0

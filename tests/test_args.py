@@ -133,10 +133,10 @@ def test_every_callback_argument_has_a_setting():
     assert params <= names, f"callback arguments without a --weight_forces_* flag: {sorted(params - names)}"
     kwargs = WeightForcesArguments(weight_forces=True).callback_kwargs()
     assert set(kwargs) <= params
-    from hf_weightforces.integrations.args import _CHOICES
+    from hf_weightforces.integrations.args import _choices
     from hf_weightforces.integrations.optimizers import OBSERVED_MODES
 
-    assert set(_CHOICES["observed_mode"]) == set(OBSERVED_MODES)
+    assert set(_choices("observed_mode")) == set(OBSERVED_MODES)
     from hf_weightforces.core.kernels import KERNELS
 
-    assert set(_CHOICES["kernel"]) == set(KERNELS)
+    assert _choices("kernel") == tuple(KERNELS)

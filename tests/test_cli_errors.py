@@ -258,3 +258,69 @@ def test_ctrl_c_stops_a_long_command_cleanly(big):
     os.close(leader)
     assert proc.returncode == 130, seen
     assert b"Traceback" not in seen and b"interrupted" in seen
+
+
+# ------------------------------------------------------------------ nothing to read, and errors that name their file
+def test_an_empty_index_or_file_is_an_error_naming_it(tmp_path, capsys):
+    """An index whose weight_map is empty, a safetensors file with no tensors and a model with nothing to
+    fit exit 2 with the file named (they exited 0 with an empty table)."""
+    index = tmp_path / "empty" / "model.safetensors.index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": {}}))
+    for command in ("fit", "diagnose"):
+        for target in (index.parent, index):
+            line = one_error_line(*cli([command, target], capsys)[::2])
+            assert f"{index}: the index's weight_map is empty" in line, line
+    nothing = tmp_path / "nothing" / "model.safetensors"
+    nothing.parent.mkdir()
+    save_file({}, str(nothing))
+    line = one_error_line(*cli(["fit", nothing.parent], capsys)[::2])
+    assert f"{nothing}: holds no tensors" in line, line
+    biases = tmp_path / "biases"
+    biases.mkdir()
+    save_file({"layers.0.mlp.fc.bias": torch.ones(8), "step": torch.tensor([3])}, str(biases / "model.safetensors"))
+    line = one_error_line(*cli(["fit", biases], capsys)[::2])
+    assert f"{biases}: no weight matrix to fit (skipped: " in line and "1 not floating point" in line, line
+    line = one_error_line(*cli(["diagnose", biases], capsys)[::2])
+    assert f"{biases}: no weight matrix to diagnose (skipped 2 tensor(s)" in line, line
+
+
+def _checkpoint(run: Path, step: int, tensors: dict) -> Path:
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_geometry_errors_name_their_file(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    attn = {"layers.0.attention.query.weight": torch.randn(16, 16, generator=g),
+            "layers.0.attention.key.weight": torch.randn(16, 16, generator=g),
+            "layers.0.mlp.fc.weight": torch.randn(32, 16, generator=g)}
+    run = tmp_path / "run"
+    first, second = _checkpoint(run, 0, attn), _checkpoint(run, 10, attn)
+    cases = {  # argv -> what the one line must hold (each names a path)
+        (first, second, "--num-heads", "3"): f"{first}: cannot split its attention matrices",
+        (first,): f"{first}: need at least two checkpoints for a trajectory, found 1",
+        (first, first): f"{first} and {first}: both at step 0",
+    }
+    shrunk = tmp_path / "shrunk"
+    _checkpoint(shrunk, 0, {"layers.0.mlp.fc.weight": torch.randn(32, 16, generator=g)})
+    late = _checkpoint(shrunk, 10, {"layers.0.mlp.fc.weight": torch.randn(8, 16, generator=g)})
+    cases[(shrunk,)] = f"{late}: layers.0.mlp.fc.weight has 128 values, 512 at the first checkpoint"
+    ints = tmp_path / "ints"
+    lone = _checkpoint(ints, 0, {"layers.0.mlp.fc.weight": torch.ones(4, 4, dtype=torch.int64)})
+    _checkpoint(ints, 10, {"layers.0.mlp.fc.weight": torch.ones(4, 4, dtype=torch.int64)})
+    cases[(ints,)] = f"{lone}: no floating-point tensors to sample"
+    for row, name in (('{"step": 1, "lr": [0.1]}\n{"step": 2, "lr": \n', "JSONDecodeError"),
+                      ('{"step": 1, "lr": "abc"}\n', "ValueError"), ('{"lr": [0.1]}\n', "KeyError")):
+        sched = tmp_path / f"sched_{name}"
+        _checkpoint(sched, 0, {"layers.0.mlp.fc.weight": torch.randn(32, 16, generator=g)})
+        _checkpoint(sched, 10, {"layers.0.mlp.fc.weight": torch.randn(32, 16, generator=g)})
+        (sched / "weightforces").mkdir()
+        (sched / "weightforces" / "schedule.jsonl").write_text(row)
+        lineno = row.count("\n")
+        cases[(sched,)] = f"{sched / 'weightforces' / 'schedule.jsonl'}:{lineno}: not a schedule row ({name}"
+    for argv, expect in cases.items():
+        line = one_error_line(*cli(["geometry", *argv, "--coords", "64"], capsys)[::2])
+        assert expect in line, (argv, line)

@@ -9,8 +9,9 @@ accelerate workers) inherit the switch through the environment.
 
 When on, it registers a one-shot import hook: once ``transformers.trainer`` has been executed,
 :func:`hf_weightforces.integrations.autostart.install` patches ``Trainer`` there (see
-``docs/zero-code.md``).  Until a script imports the Trainer nothing else is imported: no torch,
-no transformers, not the rest of this package.
+``docs/zero-code.md``); a bad setting, or any failure there, is one line on stderr and the
+monitor off, never an exception out of the script's import.  Until a script imports the Trainer
+nothing else is imported: no torch, no transformers, not the rest of this package.
 """
 
 from __future__ import annotations
@@ -47,9 +48,15 @@ def process_startup() -> bool:
 
 
 def _patch(module) -> None:
-    from hf_weightforces.integrations.autostart import install
+    """Patch the Trainer; whatever fails here (a broken install, a bug) is one line on stderr and
+    the monitor off: this runs inside the script's own ``import transformers``."""
+    try:
+        from hf_weightforces.integrations.autostart import install
 
-    install(module)
+        install(module)
+    except Exception as exc:
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        sys.stderr.write(f"hf-weightforces: the switch failed: {text} (the monitor is off; the script runs on)\n")
 
 
 class _TrainerFinder:

@@ -88,9 +88,9 @@ def checkpoint_paths(paths: Sequence[PathLike]) -> list[tuple[int, Path]]:
                 raise CheckpointError(f"{c}: cannot tell its training step (no checkpoint-N name or trainer_state.json)")
             found.append((step, c))
     found.sort(key=lambda x: x[0])
-    steps = [s for s, _ in found]
-    if len(set(steps)) != len(steps):
-        raise CheckpointError(f"two checkpoints at the same step among {[str(c) for _, c in found]}")
+    for (step, a), (next_step, b) in zip(found, found[1:]):
+        if step == next_step:
+            raise CheckpointError(f"{a} and {b}: both at step {step}; pass one of them")
     return found
 
 
@@ -100,16 +100,31 @@ def _schedule_cumvar(run_dirs: Sequence[Path], steps: Sequence[int]) -> tuple[np
     for folder in run_dirs:
         file = folder / "weightforces" / "schedule.jsonl"
         if file.is_file():
-            lr2: dict[int, float] = {}
-            for line in file.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    lr = row.get("lr") or [0.0]
-                    lr2[int(row["step"])] = 0.0 if row.get("skipped") else float(lr[0]) ** 2
+            lr2 = _read_lr2(file)
             if all(s in lr2 for t0, t1 in zip(steps, steps[1:]) for s in range(t0 + 1, t1 + 1)):
                 cum = np.cumsum([0.0] + [lr2[s] for s in range(steps[0] + 1, steps[-1] + 1)])
                 return cum[np.asarray(steps) - steps[0]], "schedule.jsonl"
     return np.asarray(steps, dtype=np.float64) - steps[0], "flat"
+
+
+def _read_lr2(file: Path) -> dict[int, float]:
+    """η² of each step of a ``schedule.jsonl`` (0 for a skipped step); CheckpointError naming the file
+    and line for anything else."""
+    lr2: dict[int, float] = {}
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            lr = row.get("lr") or [0.0]
+            lr2[int(row["step"])] = 0.0 if row.get("skipped") else float(lr[0]) ** 2
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
+            raise CheckpointError(f"{file}:{lineno}: not a schedule row ({type(exc).__name__}: {exc})") from None
+    return lr2
 
 
 def _config(folder: Path) -> dict:
@@ -128,20 +143,32 @@ class _Layers:
         self.rows: dict[int, dict[str, float]] = {}
         self.pending: dict[int, dict[str, torch.Tensor]] = {}
 
-    def add(self, layer: int, role: str, w: torch.Tensor) -> None:
+    def add(self, layer: int, role: str, w: torch.Tensor, source: str) -> None:
         row = self.rows.setdefault(layer, {})
         if role in ("q", "k") and self.args[0]:
             pend = self.pending.setdefault(layer, {})
             pend[role] = w
             if len(pend) == 2:
-                row.update(layer_spectra(self.pending.pop(layer), *self.args))
+                row.update(self._spectra(self.pending.pop(layer), source))
             return
-        row.update(layer_spectra({role: w}, *self.args))
+        row.update(self._spectra({role: w}, source))
 
-    def finish(self) -> dict[str, float]:
+    def finish(self, source: str) -> dict[str, float]:
         for layer, pend in self.pending.items():  # a query without its key (or the reverse)
-            self.rows[layer].update(layer_spectra(pend, *self.args))
+            self.rows[layer].update(self._spectra(pend, source))
         return rank_rows(self.rows)
+
+    def _spectra(self, mats: dict[str, torch.Tensor], source: str) -> dict[str, float]:
+        """:func:`layer_spectra`, its errors (heads that do not divide a matrix, ...) naming the file."""
+        try:
+            return layer_spectra(mats, *self.args)
+        except (RuntimeError, ValueError) as exc:
+            heads, kv, layout, _ = self.args
+            shapes = ", ".join(f"{role} {'x'.join(map(str, w.shape))}" for role, w in mats.items())
+            given = f"{heads} heads" + (f", {kv} key/value heads" if kv else "") + (f", layout {layout}" if layout else "")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{source}: cannot split its attention matrices ({shapes}) with {given}: {first} "
+                                  "(check --num-heads / --layout, or pass --no-ranks)") from None
 
 
 def geometry_from_checkpoints(
@@ -162,7 +189,8 @@ def geometry_from_checkpoints(
     hub = isinstance(paths, HubCheckpoints)  # Hub revisions: each fetched when read, in step order
     found = [(c.step, c) for c in paths] if hub else checkpoint_paths(paths)
     if len(found) < 2:
-        raise CheckpointError(f"need at least two checkpoints for a trajectory, found {len(found)}")
+        given = paths.repo_id if hub else ", ".join(str(p) for p in paths)
+        raise CheckpointError(f"{given}: need at least two checkpoints for a trajectory, found {len(found)}")
     steps = [s for s, _ in found]
     grouping = grouping or Grouping()
     config = _config(found[0][1].path if hub else found[-1][1])
@@ -191,14 +219,18 @@ def geometry_from_checkpoints(
             if plan is None:
                 tensors[name] = (cls, t.numel())
             elif name in plan["index"]:
-                idx = plan["index"][name]
-                sample_of[name] = t.reshape(-1).index_select(0, idx).float()
+                if t.numel() != plan["numel"][name]:
+                    raise CheckpointError(f"{folder}: {raw_name} has {t.numel()} values, {plan['numel'][name]} at "
+                                          f"the first checkpoint ({found[0][1].path if hub else found[0][1]})")
+                sample_of[name] = t.reshape(-1).index_select(0, plan["index"][name]).float()
             if layers is not None and t.ndim == 2 and (layer := layer_index(name)) is not None:
                 role = matrix_role(name, cls)
                 if role is not None and cls in ("selection", "value", "transmission"):
-                    layers.add(layer, role, t.float())
+                    layers.add(layer, role, t.float(), str(folder))
             del t
         if plan is None:  # the first checkpoint fixes the sample; read it again to gather
+            if not tensors:
+                raise CheckpointError(f"{folder}: no floating-point tensors to sample")
             plan = _plan(tensors, coords, seed)
             for raw_name, t in iter_tensors(folder):
                 name = canonical_name(raw_name)
@@ -229,7 +261,7 @@ def geometry_from_checkpoints(
                 row.update({f"weightforces/backbone/{name}/{k}": v for k, v in stats_row.items()})
         x_prev = x
         if layers is not None:
-            row.update(layers.finish())
+            row.update(layers.finish(str(folder)))
         rows.append(row)
     sizes = {g: plan["sizes"][g] for g in plan["groups"]}
     sizes[TOTAL] = sum(sizes.values())
@@ -256,7 +288,8 @@ def _plan(tensors: dict[str, tuple[str, int]], coords: int, seed: int) -> dict:
                 size += idx.numel()
         groups.append(group)
         sizes[group] = size
-    return {"index": index, "order": order, "scale": torch.cat(scales), "sizes": sizes, "groups": groups}
+    return {"index": index, "order": order, "scale": torch.cat(scales), "sizes": sizes, "groups": groups,
+            "numel": {name: numel for name, (_, numel) in tensors.items()}}
 
 
 def _block_norms(x: torch.Tensor, plan: dict) -> list[float]:

@@ -25,14 +25,16 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
+import re
 import typing
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 __all__ = ["ENV_PREFIX", "ENV_SWITCH", "WeightForcesArgumentError", "WeightForcesArguments", "env_for", "env_name",
-           "flag_name", "parse_bool", "settings"]
+           "flag_name", "output_subdir_problem", "parse_bool", "settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,28 @@ def flag_name(setting: str) -> str:
 def env_name(setting: str) -> str:
     """``"every"`` -> ``"HF_WEIGHTFORCES_EVERY"``; ``""`` (the switch) -> ``"HF_WEIGHTFORCES"``."""
     return f"{ENV_PREFIX}{setting.upper()}" if setting else ENV_SWITCH
+
+
+def output_subdir_problem(subdir: object) -> str | None:
+    """What is wrong with ``subdir`` as the records folder under the output folder, or ``None``.
+
+    Rows go to ``<output_dir>/<subdir>``.  An absolute path (``os.path.join`` then drops
+    ``output_dir``) or a ``..`` component would put them outside the run's folder, where another
+    run's or another user's files are: refused rather than normalised, so the folder is the one
+    the user wrote.  Both separators count (``a\\..\\b`` leaves the folder on Windows).
+    """
+    if not isinstance(subdir, (str, os.PathLike)):
+        return f"must be a folder name, got {subdir!r}"
+    text = os.fspath(subdir)
+    if not isinstance(text, str) or not text.strip():
+        return "must not be empty"
+    if "\x00" in text:
+        return f"must not contain a NUL character, got {text!r}"
+    if any(p.is_absolute() or p.drive or p.root for p in (PurePosixPath(text), PureWindowsPath(text))):
+        return f"must be a folder inside the output folder, got the absolute path {text!r}"
+    if ".." in re.split(r"[\\/]", text):
+        return f"must be a folder inside the output folder, got {text!r} (a '..' component leaves it)"
+    return None
 
 
 def parse_bool(text: str) -> bool:
@@ -191,12 +215,18 @@ class WeightForcesArguments:
             value = getattr(self, _field(setting))
             if value is not None and value < low:
                 raise _fail(setting, f"must be >= {low}, got {value}")
+        for setting, high in _UPPER_BOUNDS.items():
+            value = getattr(self, _field(setting))
+            if value is not None and value > high:
+                raise _fail(setting, f"must be <= {high}, got {value}")
         self._resolve_dependent_defaults()
-        if not self.weight_forces_output_subdir:
-            raise _fail("output_subdir", "must not be empty")
-        for setting, choices in _CHOICES.items():
-            if getattr(self, _field(setting)) not in choices:
-                raise _fail(setting, f"must be one of {', '.join(choices)}, got {getattr(self, _field(setting))!r}")
+        problem = output_subdir_problem(self.weight_forces_output_subdir)
+        if problem:
+            raise _fail("output_subdir", problem)
+        for setting in _CHOICE_SETTINGS:
+            value = getattr(self, _field(setting))
+            if value != _DEFAULTS[setting] and value not in (choices := _choices(setting)):
+                raise _fail(setting, f"must be one of {', '.join(choices)}, got {value!r}")
         self._patterns = _load_patterns(self.weight_forces_patterns)
         if self.weight_forces is AUTO or self.weight_forces is None:
             self.weight_forces = bool(explicit)
@@ -310,7 +340,24 @@ _HELP: dict[str, str] = {_setting(f.name): f.metadata.get("help", "") for f in f
 _LOWER_BOUNDS = {"every": 1, "weibull_every": 0, "offset_sample_every": 1, "super_weights": 0, "backbone_every": 0,
                  "backbone_snapshot_every": 1, "backbone_coords": 1, "rank_every": 0,
                  "observed_sample_size": 2, "observed_seed": 0}
-_CHOICES = {"observed_mode": ("sampled", "exact"), "kernel": ("auto", "exact", "compiled", "background", "foreach")}  # integrations/optimizers.py OBSERVED_MODES (tested equal)
+#: Upper bounds: the observed sample's seed becomes ``seed * 1000003 + rank`` in a 64-bit generator
+#: seed (integrations/optimizers.py); 2**32 - 1 keeps that in range for any rank count.
+_UPPER_BOUNDS = {"observed_seed": (1 << 32) - 1}
+_CHOICE_SETTINGS = ("observed_mode", "kernel")
+
+
+def _choices(setting: str) -> tuple[str, ...]:
+    """The accepted values of a choice setting.  The kernels are ``core.kernels.KERNELS`` itself,
+    so the flag, the variable and the callback accept the same list; that import brings torch,
+    so ``__post_init__`` asks only for a value other than the default (the launcher stays light)."""
+    if setting == "kernel":
+        from ..core.kernels import KERNELS
+
+        return tuple(KERNELS)
+    return _OBSERVED_MODES
+
+
+_OBSERVED_MODES = ("sampled", "exact")  # integrations/optimizers.py OBSERVED_MODES (tested equal; that module imports torch)
 _CALLBACK_SETTINGS = ("every", "per_layer", "per_matrix", "patterns", "to_all_integrations", "output_subdir",
                       "weibull_every", "weibull_per_matrix", "offset_sample_every", "super_weights", "rounding_split",
                       "kernel", "quiet", "observed_mode", "observed_sample_size", "observed_seed")
@@ -365,6 +412,9 @@ def _load_patterns(spec: str | None) -> dict | None:
         raise _fail("patterns", f"{source}: {exc}") from None
     if not isinstance(patterns, dict):
         raise _fail("patterns", 'must be a JSON object {"class": ["regex", ...]}')
+    for cls, regexes in patterns.items():  # Grouping would raise a TypeError naming nothing on [1] or null
+        if not isinstance(regexes, str) and not (isinstance(regexes, list) and all(isinstance(r, str) for r in regexes)):
+            raise _fail("patterns", f"patterns for {cls!r} must be a list of regex strings, got {regexes!r}")
     from ..core.groups import Grouping
 
     try:

@@ -5,9 +5,13 @@
 
 The start-up hook (``hf_weightforces/_hook``) calls :func:`install` right after
 ``transformers.trainer`` has been executed.  :func:`install` reads the settings
-(``HF_WEIGHTFORCES_<SETTING>``, checked by the same rules as the flags; a bad one raises here,
-so the script stops at its Trainer import, before it loads a model) and wraps two methods of
-``transformers.Trainer``, which every subclass (TRL's, ``Seq2SeqTrainer``, ...) inherits:
+(``HF_WEIGHTFORCES_<SETTING>``, checked by the same rules as the flags).  A bad one never stops
+the script: a variable may be set for a diagnostic, even cluster-wide, in an environment whose
+every script imports the Trainer, so :func:`install` prints one line on stderr naming the
+variable and the problem, leaves the monitor off and returns (``hf-weightforces run`` checks the
+same rules before it starts the command, and stops there with status 2).  With good settings it
+wraps two methods of ``transformers.Trainer``, which every subclass (TRL's, ``Seq2SeqTrainer``,
+...) inherits:
 
 * ``__init__``: after the original, add a callback built from the settings, unless the trainer
   already holds a ``WeightForcesCallback`` (the script added its own);
@@ -24,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -39,8 +44,15 @@ _state = {"announced": False, "warned": False}
 
 def install(trainer_module, environ: Mapping[str, str] | None = None) -> bool:
     """Patch ``trainer_module.Trainer`` (once) if the environment turns the monitor on; returns
-    whether it did.  Raises ValueError, naming the variable, for a bad setting."""
-    wf = WeightForcesArguments.from_env(os.environ if environ is None else environ)
+    whether it did.  A bad setting does not raise: one line on stderr names the variable and the
+    problem (rank 0 only, like the announcement), and the monitor stays off."""
+    environ = os.environ if environ is None else environ
+    try:
+        wf = WeightForcesArguments.from_env(environ)
+    except Exception as exc:  # the Trainer import is the user's, not ours: never a traceback there
+        what = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        _refuse(what, environ)
+        return False
     trainer_cls = trainer_module.Trainer
     if not wf.weight_forces or getattr(trainer_cls, _MARK, False):
         return False
@@ -109,6 +121,17 @@ def _announce(trainer, wf: WeightForcesArguments) -> None:
     console_logger().info("weight forces on (HF_WEIGHTFORCES%s): a WeightForcesCallback is added to %s; rows go to %s",
                           (", " + ", ".join(given)) if given else "", type(trainer).__name__,
                           os.path.join(folder, "metrics.jsonl"))
+
+
+def _refuse(problem: str, environ: Mapping[str, str]) -> None:
+    """The one stderr line for a setting the switch cannot use (written directly, not logged: no
+    logging is configured at a Trainer import, and a script's own handlers may send it elsewhere)."""
+    logger.debug("weight forces off: %s", problem)
+    if environ.get("RANK", "0") != "0":
+        return
+    line = " ".join(problem.split())  # a JSON or regex message may hold a newline: keep it one line
+    sys.stderr.write(f"hf-weightforces: {line} (the monitor is off; the script runs on without it)\n")
+    sys.stderr.flush()
 
 
 def _warn_once(message: str) -> None:

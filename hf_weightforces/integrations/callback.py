@@ -46,6 +46,7 @@ from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import plan_optimizer, unwrap_optimizer
 from ..core.pools import WeibullPools
 from ..distributed import ParamEntry, ShardContext, ShardFailureError, UnsupportedBackendError
+from .args import output_subdir_problem
 from .frozen import find_frozen
 from .optimizers import OBSERVED_MODES, budget_info, budget_reader
 from .intended import LOW_PRECISION, IntendedStager
@@ -115,7 +116,8 @@ class WeightForcesCallback(TrainerCallback):
             integration (TensorBoard, MLflow, ...) receives them; W&B then shows them under
             ``train/weightforces/...`` and the console progress bar prints them.  Default: W&B gets
             them under their own names in the ``train/loss`` row, other integrations do not.
-        output_subdir: folder under ``args.output_dir`` for ``metrics.jsonl``.
+        output_subdir: folder under ``args.output_dir`` for ``metrics.jsonl``: relative, without a
+            ``..`` component (ValueError otherwise), so records never land outside the run's folder.
         weibull_every: fit Weibull (k, λ) per class (docs/weibull.md) at the first log event at or
             after every ``weibull_every`` optimizer steps, from a mergeable log-spaced histogram
             of |w| (one sort of the weights: see the README for the cost); 0 turns it off.
@@ -196,6 +198,9 @@ class WeightForcesCallback(TrainerCallback):
         self.per_matrix = per_matrix
         self.grouping = Grouping(patterns)
         self.to_all_integrations = to_all_integrations
+        problem = output_subdir_problem(output_subdir)  # rows stay inside args.output_dir
+        if problem:
+            raise ValueError(f"output_subdir {problem}")
         self.output_subdir = output_subdir
         self.quiet = bool(quiet)
         self.dashboard = Dashboard() if dashboard is None else dashboard
