@@ -442,7 +442,9 @@ def _add_diagnose(subparsers: argparse._SubParsersAction) -> None:
         "Gini), Weibull vs lognormal vs gamma by KS and AIC, and a class of k for every weight matrix of a model "
         "folder, checkpoint, weights file or Hub repository (arXiv:2605.18898; docs/offline.md).",
     )
-    p.add_argument("path", help="model folder, checkpoint-N folder, weights file, or a Hub repository id (org/name)")
+    p.add_argument("path", help="model folder, checkpoint-N folder, weights file, or a Hub repository id (org/name); "
+                   "a run folder (a Trainer output_dir with the callback's weightforces/metrics.jsonl) first gets its "
+                   "health verdicts (docs/health.md)")
     p.add_argument("--json", action="store_true", help="print every number as JSON instead of sentences")
     p.add_argument("--sample", type=_positive_int, default=1 << 16, metavar="N",
                    help="magnitudes per matrix for the maximum-likelihood family comparison (default 65536)")
@@ -455,7 +457,12 @@ def _add_diagnose(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_diagnose(args: argparse.Namespace) -> int:
     from hf_weightforces.analysis.diagnose import diagnose, format_diagnosis
+    from hf_weightforces.analysis.run_health import run_health
 
+    health = run_health(args.path)  # a run folder: its health verdicts from the records (docs/health.md)
+    if health is not None and not health.has_weights:
+        print(json.dumps(health.to_dict(), indent=2) if args.json else health.text())
+        return 0
     inputs = _hub_inputs(args, [args.path], need_steps=False)
     grouping = _load_grouping(args.groups_json)
     items = [(args.path, None)] if isinstance(inputs, list) else [(None, ck) for ck in inputs]
@@ -467,6 +474,8 @@ def _run_diagnose(args: argparse.Namespace) -> int:
             raise ValueError(f"{d.source}: no weight matrix to diagnose (skipped {d.skipped} tensor(s): not floating "
                              "point, or 1-D and small)")
         results.append(d.to_dict() if args.json else format_diagnosis(d))
+    if health is not None:  # a run folder that also holds weights: the verdicts, then the weights
+        results = [{"health": health.to_dict(), "weights": results[0]}] if args.json else [health.text(), *results]
     print(json.dumps(results[0] if len(results) == 1 else results, indent=2) if args.json else "\n\n".join(results))
     return 0
 

@@ -54,6 +54,7 @@ from .ordering import find_callback_handler, place_before_reporters
 from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
 from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, open_record_sinks, write_params_file  # noqa: F401
 from .console import ConsoleSink, tracker_shows_keys
+from .health import HealthWatch
 from .trackers import tracker_sinks
 from .wandb_layout import Dashboard
 from .sinks import JsonlSink, NullSink, Sink, WandbSink, close_sinks, log_to_sinks  # noqa: F401
@@ -401,10 +402,12 @@ class WeightForcesCallback(TrainerCallback):
                                    records=Path(args.output_dir) / self.output_subdir))
         if not self.to_all_integrations:
             sinks += tracker_sinks(report_to, self.dashboard, Path(args.output_dir) / self.output_subdir)
+        health = HealthWatch(Path(args.output_dir) / self.output_subdir, state.global_step,  # verdicts: docs/health.md
+                             decay_rule=getattr(self, "_budget_info", {}).get("decay_rule"))
         if not self.quiet:
             shown = tracker_shows_keys(sinks[1:], self.to_all_integrations, self._ordered)  # sinks[0]: metrics.jsonl
-            sinks.append(ConsoleSink(lines=not shown))
-        return sinks
+            sinks.append(ConsoleSink(lines=not shown, health=health))
+        return sinks + [health]
 
     # ------------------------------------------------------------------ degrading
     def _fail(self, where: str, exc: BaseException) -> None:

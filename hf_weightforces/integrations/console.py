@@ -10,6 +10,13 @@ silences it.
 The table's shares are over the whole run: |ΣA| / (|ΣA| + |ΣI| + |ΣD|) with each interval's mean
 multiplied back by its number of budget steps, i.e. the same sums-first ratio as a row's
 ``align_share``, over every row of this ``train()`` call.
+
+The closure is shown against its float32 floor (``core/health.py::closure_floor``, docs/health.md):
+``closure/floor`` is the largest |closure| per step of any row over the most float32 arithmetic can
+put there, so ``0.02x`` reads as what it is, and a relative closure that is large only because the
+budget vanished (the last steps of a cosine schedule) no longer reads like an error.  Rows without
+``norm2`` and ``inject`` (written by other tools) keep the old ``max|closure|`` (of ``closure_rel``).
+The health conditions seen (``integrations/health.py``) close the table.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
+
+from ..core.health import closure_floor
 
 __all__ = ["CONSOLE_LOGGER", "ConsoleSink", "console_logger", "format_line", "format_table", "tracker_shows_keys"]
 
@@ -54,6 +63,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:5.1f}%" if math.isfinite(x) else "    -"
 
 
+def _float(x) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
 def _num(x: float | None, spec: str = ".2e") -> str:
     return format(x, spec) if x is not None and math.isfinite(x) else "-"
 
@@ -63,8 +76,12 @@ def format_line(metrics: Mapping[str, float], step: int) -> str:
     get = lambda key: metrics.get(f"weightforces/total/{key}", math.nan)  # noqa: E731
     shares = " ".join(f"{k} {_pct(get(f'{k}_share')).strip()}" for k in _FORCES)
     n = int(metrics.get("weightforces/steps", 0))
+    floor = closure_floor(get("norm2"), get("inject"))
+    against = ""
+    if math.isfinite(get("closure")) and math.isfinite(floor) and floor > 0:
+        against = f" ({abs(get('closure')):.1e}/step, {abs(get('closure')) / floor:.2g}x its float32 floor)"
     line = (f"weight forces step {step} ({n} budget step{'' if n == 1 else 's'}): total {shares}; "
-            f"delta {_num(get('delta'))}/step; closure {_num(get('closure_rel'))} of |A|+|I|+|D|; "
+            f"delta {_num(get('delta'))}/step; closure {_num(get('closure_rel'))} of |A|+|I|+|D|{against}; "
             f"rms {_num(get('rms'), '.4g')}")
     for pool in ("matrices", "total"):  # the pooled fit of every weight matrix
         if f"weightforces/{pool}/weibull_k" in metrics:
@@ -74,12 +91,14 @@ def format_line(metrics: Mapping[str, float], step: int) -> str:
 
 
 class _Totals:
-    """Run sums of one aggregate: forces times budget steps, the largest |closure_rel|, the last rms and k."""
+    """Run sums of one aggregate: forces times budget steps, the largest |closure_rel| and |closure| over
+    its float32 floor, the last rms and k."""
 
     def __init__(self) -> None:
         self.sums = dict.fromkeys(_SUMMED, 0.0)
         self.steps = 0
         self.closure = 0.0
+        self.floor_ratio = math.nan  # the largest |closure| / closure_floor of a row (NaN: no row had them)
         self.rms = math.nan
         self.k = math.nan
 
@@ -92,6 +111,12 @@ class _Totals:
         rel = row.get(f"{prefix}/closure_rel")
         if rel is not None and math.isfinite(rel):
             self.closure = max(self.closure, abs(rel))
+        closure, norm2, inject = (_float(row.get(f"{prefix}/{k}")) for k in ("closure", "norm2", "inject"))
+        floor = closure_floor(norm2, inject)
+        if math.isfinite(closure) and math.isfinite(floor) and floor > 0:
+            ratio = abs(closure) / floor
+            if not ratio <= self.floor_ratio:  # NaN until the first
+                self.floor_ratio = ratio
         for attr, key in (("rms", "rms"), ("k", "weibull_k")):
             value = row.get(f"{prefix}/{key}")
             if value is not None and math.isfinite(value):
@@ -102,26 +127,41 @@ class _Totals:
         return abs(self.sums[force]) / budget if budget > 0 else math.nan
 
 
-def format_table(totals: Mapping[str, _Totals], last: int, rows: int) -> str:
+def format_table(totals: Mapping[str, _Totals], last: int, rows: int, health: Sequence[str] | None = None) -> str:
+    """The end-of-training table; ``health``: the conditions seen, one line each (None: not watched)."""
     names = [g for g in _ORDER if g in totals] + sorted(set(totals) - set(_ORDER))
-    head = f"{'group':<13}{'align':>8}{'inject':>8}{'decay':>8}{'delta/step':>12}{'max|closure|':>14}{'rms':>10}{'k':>7}"
+    floored = any(math.isfinite(t.floor_ratio) for t in totals.values())
+    column = "closure/floor" if floored else "max|closure|"
+    head = f"{'group':<13}{'align':>8}{'inject':>8}{'decay':>8}{'delta/step':>12}{column:>14}{'rms':>10}{'k':>7}"
     steps = max(t.steps for t in totals.values())
+    note = ("; closure/floor: the largest |closure| per step over its float32 floor, under 1 the budget closes"
+            if floored else "")
+    if health is not None and not health:
+        note += "; health: no condition raised"
     lines = [f"weight forces through step {last} ({rows} rows, {steps} budget steps; shares of |A|+|I|+|D| "
-             "summed over the run):", head]
+             f"summed over the run{note}):", head]
     for name in names:
         t = totals[name]
         delta = t.sums["delta"] / t.steps if t.steps else math.nan
+        closure = (f"{t.floor_ratio:.2g}x" if math.isfinite(t.floor_ratio) else "-") if floored else _num(t.closure)
         lines.append(f"{name:<13}{_pct(t.share('align')):>8}{_pct(t.share('inject')):>8}{_pct(t.share('decay')):>8}"
-                     f"{_num(delta):>12}{_num(t.closure):>14}{_num(t.rms, '.4g'):>10}{_num(t.k, '.3f'):>7}")
+                     f"{_num(delta):>12}{closure:>14}{_num(t.rms, '.4g'):>10}{_num(t.k, '.3f'):>7}")
+    if health:
+        lines.append(f"health: {len(health)} condition{'' if len(health) == 1 else 's'} raised (docs/health.md; "
+                     "each raise and clear is in health.jsonl):")
+        lines += [f"  {line}" for line in health]
     return "\n".join(lines)
 
 
 class ConsoleSink:
     """A sink (``log(metrics, step)``, ``close()``): a line per row when ``lines``, the table at close."""
 
-    def __init__(self, lines: bool, logger: logging.Logger | None = None) -> None:
+    def __init__(self, lines: bool, logger: logging.Logger | None = None, health=None) -> None:
+        """``health``: the run's :class:`~hf_weightforces.integrations.health.HealthWatch` (its
+        ``summary_lines()`` close the table), or None."""
         self.lines = lines
         self.logger = logger or console_logger()
+        self.health = health
         self.totals: dict[str, _Totals] = {}
         self.steps: list[int] = []
 
@@ -137,5 +177,11 @@ class ConsoleSink:
 
     def close(self) -> None:
         if self.totals:
-            self.logger.info(format_table(self.totals, self.steps[-1], len(self.steps)))
+            health = None
+            if self.health is not None:
+                try:
+                    health = self.health.summary_lines()
+                except Exception as exc:  # the table goes out without them
+                    health = [f"(the health summary failed: {type(exc).__name__}: {exc})"]
+            self.logger.info(format_table(self.totals, self.steps[-1], len(self.steps), health))
         self.totals, self.steps = {}, []
