@@ -348,9 +348,8 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_lambda(args: argparse.Namespace) -> int:
-    from hf_weightforces.analysis.scale import format_scale, scale_trajectory
-
     from hf_weightforces.analysis.dynamics import dynamics_of_run, format_dynamics
+    from hf_weightforces.analysis.scale import format_scale, scale_trajectory
 
     paths = _hub_inputs(args, args.paths)
     traj = scale_trajectory(paths, grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
@@ -507,8 +506,13 @@ def _add_wandb_view(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_wandb_view(args: argparse.Namespace) -> int:
-    from hf_weightforces.integrations.wandb_view import (build_workspace, keys_from_api, keys_from_run_dir,
-                                                         view_sections, workspace_json)
+    from hf_weightforces.integrations.wandb_view import (
+        build_workspace,
+        keys_from_api,
+        keys_from_run_dir,
+        view_sections,
+        workspace_json,
+    )
 
     entity, _, project = args.project.partition("/")
     if not entity or not project or "/" in project:

@@ -66,9 +66,8 @@ def test_every_trainer_gets_one_callback_never_two(patched, tmp_path, wf_rows):
     trainer = train_tiny(tmp_path / "own", [own], max_steps=2, logging_steps=2)
     assert _ours(trainer) == [own]
 
-    from transformers import Trainer, TrainingArguments
-
     from conftest import tiny_data, tiny_model
+    from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(str(tmp_path / "late"), max_steps=2, logging_steps=2, report_to=[], use_cpu=True,
                              disable_tqdm=True, save_strategy="no", per_device_train_batch_size=4)

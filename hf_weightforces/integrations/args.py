@@ -165,12 +165,9 @@ class WeightForcesArguments:
     )
     weight_forces_kernel: str = field(
         default="auto",
-        metadata={"help": "How the per-step sums run: 'exact' (eager, float64 sums), 'compiled' (the whole step "
-                  "compiled, ahead of time on CPU: about 3x faster there; the second budget step waits for the "
-                  "compiler once, tens of seconds, kept on disk), 'background' (the same, compiled by a child "
-                  "process while the steps run exact; CPU, elsewhere exact), 'foreach' (multi-tensor kernels, float32-rounded norms: "
-                  "pre-training learning rates only) or 'auto' (background on CPU for runs of 1000 budget steps, "
-                  "or 100 from 2M trained elements; else exact)."},
+        metadata={"help": "How the per-step sums run: 'auto' (the default) and 'exact' run the eager pass; "
+                  "'compiled' (opt-in) fuses it with torch.compile in process (the second budget step waits for "
+                  "the compilation)."},
     )
     weight_forces_observed_mode: str = field(
         default="sampled",

@@ -133,13 +133,9 @@ class WeightForcesCallback(TrainerCallback):
             ``rounding`` (computed before each budget step from w_t, the gradients and the moments,
             like low-precision parameters always are): where rounding of the stored weights is the
             story, at fine-tuning learning rates.  Costs a second pass over w, g, m, v per step.
-        kernel: how the per-step sums run: ``"exact"`` (eager, float64 sums), ``"compiled"`` (the
-            whole step in one compiled call, ahead of time on CPU, ~3x less time there; compiled
-            once at the second budget step, which waits for it; kept on disk), ``"background"``
-            (the same, compiled by a child process while the steps run exact; CPU, elsewhere
-            exact), ``"foreach"`` (multi-tensor kernels with float32-rounded norms) or ``"auto"``
-            (the default: on CPU ``"background"`` for runs of 1000 budget steps or more, or 100
-            from 2M trained elements; else exact).
+        kernel: how the per-step sums run: ``"auto"`` (the default) and ``"exact"``: the eager pass
+            (docs/budget.md, section 9); ``"compiled"`` (opt-in): the same sums fused by
+            ``torch.compile`` in process, compiled at the second budget step, which waits for it.
         quiet: no console summary (one line per log event when no tracker shows the keys, a table
             at train end; see ``integrations/console.py``).
         dashboard: what W&B, TensorBoard, MLflow and trackio get beside the aggregates' charts
@@ -262,12 +258,10 @@ class WeightForcesCallback(TrainerCallback):
         self._entries = entries
         self._index_of = {id(e.param): i for i, e in enumerate(entries)}
         self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
-        budget_steps = (state.max_steps - state.global_step) // self.every if state.max_steps > 0 else None
-        self.monitor.dots_method = choose_kernel(self.kernel, sum(e.numel for e in entries), self.monitor.device,
-                                                 budget_steps)
+        self.monitor.dots_method = choose_kernel(self.kernel)
         if self.monitor.dots_method == "compiled":
-            logger.info("weight forces: the per-step pass is compiled at the second budget step, which waits for it "
-                        "(once: up to a minute on a small CPU the first time, seconds once the compiled pass is on disk)")
+            logger.info("weight forces: the per-step pass is compiled by torch.compile at the second budget step, "
+                        "which waits for it (seconds to a minute, once per process)")
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
         self.pools = WeibullPools(infos, self.monitor.device, per_matrix=self.weibull_per_matrix)
         self._next_weibull = 0
@@ -528,16 +522,13 @@ class WeightForcesCallback(TrainerCallback):
                 self._reader.record(step_id)
             return
         opt = unwrap_optimizer(optimizer)
-        method = None
         if self._super is None and getattr(self.monitor, "_staged", None) is None:
             planned = self.ctx.planned_step(opt, self._index_of, self.monitor.dots_method)
             if planned is not None and planned.plan.device == self.monitor.device:  # planned at an earlier step
                 self.monitor.record_planned(planned, step_id)
                 return
-            if self.ctx.has_plan:  # planned from the next step on: this one step is not worth a compilation
-                method = "exact" if self.monitor.dots_method == "compiled" else None
         views = self.ctx.views(opt, self._index_of)
-        self.monitor.record_views(views, step_id, method=method)
+        self.monitor.record_views(views, step_id)
         if self._super is not None:
             whole = self.ctx.views(unwrap_optimizer(optimizer), self._index_of, whole=True) if self.ctx.divides else views
             self._super.record(whole, step_id)
