@@ -326,25 +326,7 @@ def _add_lambda(subparsers: argparse._SubParsersAction) -> None:
     _run_paths(p)
     _hub_flags(p)
 
-    def run(args: argparse.Namespace) -> int:
-        """_run_lambda with the integration rule and the lock point passed on."""
-        from hf_weightforces.analysis.dynamics import dynamics_of_run, format_dynamics
-        from hf_weightforces.analysis.scale import format_scale, scale_trajectory
-
-        paths = _hub_inputs(args, args.paths)
-        traj = scale_trajectory(paths, grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
-                                per_matrix=not args.groups_only, keep_every=args.keep_every)
-        dyn, source = dynamics_of_run(paths, traj, records=args.records, preset=args.preset, every=args.predict_every,
-                                      alignment=args.alignment, rule=args.rule, lock=args.lock)
-        if args.json:
-            from hf_weightforces.core.records import json_safe
-
-            print(json.dumps({**traj.to_dict(), "schedule": source, "dynamics": json_safe(dyn)}, indent=2))
-        else:
-            print(format_scale(traj, per_matrix=not args.groups_only) + "\n\n" + format_dynamics(dyn, source))
-        return 0
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_run_lambda)
 
 
 def _run_lambda(args: argparse.Namespace) -> int:
@@ -355,7 +337,7 @@ def _run_lambda(args: argparse.Namespace) -> int:
     traj = scale_trajectory(paths, grouping=_load_grouping(args.groups_json), exact_groups=args.exact_groups,
                             per_matrix=not args.groups_only, keep_every=args.keep_every)
     dyn, source = dynamics_of_run(paths, traj, records=args.records, preset=args.preset, every=args.predict_every,
-                                  alignment=args.alignment)
+                                  alignment=args.alignment, rule=args.rule, lock=args.lock)
     if args.json:
         from hf_weightforces.core.records import json_safe
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import numpy as np
 import pytest
@@ -41,7 +40,6 @@ from hf_weightforces.core.budget import (
     BUDGET_TERMS,
     adamw_direction,
     decay_factor,
-    choose_kernel,
     force_budget,
 )
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
@@ -178,7 +176,7 @@ def test_plan_matches_the_float64_reference(kernel):
     norm2_start = acc[kernel][2].clone()
     ref_sum = np.zeros((run.n, NT))
     returned = {k: torch.zeros(run.n, NT, dtype=torch.float64) for k in plans}
-    for step in range(6):
+    for _ in range(6):
         t_before, t_after, w_before = run.step()
         assert torch.all(t_after == t_before + 1)
         ref = np.stack([run.reference(i, w_before[i]) for i in range(run.n)])
@@ -388,12 +386,12 @@ def test_step_vector_fast_path_equals_the_general_one():
     plan = AdamWRun().plan("exact")
     general = AdamWRun().plan("exact")
     hypers = [(0.1, 0.9, 0.999, 1e-8), (0.0, 0.8, 0.95, 1e-6)]
-    last = None
+    last, last_lrs = None, []
     for step in range(40):
         if step in (10, 25):
             hypers = [(float(rng.uniform(0, 0.3)), 0.9, 0.98, 1e-7) for _ in range(2 if step == 10 else 3)]
         lrs = [float(x) for x in 10.0 ** rng.uniform(-7, -2, len(hypers))]
-        if step % 5 == 0 and last is not None and len(last_lrs) == len(hypers):
+        if step % 5 == 0 and len(last_lrs) == len(hypers):
             lrs = last_lrs  # unchanged: the same vector again
         fast = plan.step_vector(lrs, hypers)
         want = general.step_vector([torch.tensor(x, dtype=torch.float64) for x in lrs], hypers)

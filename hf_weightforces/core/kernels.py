@@ -180,8 +180,8 @@ class BlockPass:
         r0 = 0
         for j, ((k, a, b), r) in enumerate(zip(pieces, rows)):
             shape = (r, (b - a) // r)
-            view = lambda x: x[a:b].view(shape)  # noqa: E731
-            self._steps.append((view(ws[k]), view(ms[k]), view(vs[k]), s[: b - a].view(shape), p[: b - a].view(shape),
+            w, m, v = (x[a:b].view(shape) for x in (ws[k], ms[k], vs[k]))
+            self._steps.append((w, m, v, s[: b - a].view(shape), p[: b - a].view(shape),
                                 self._norm_w[j], self._rows_wu[r0 : r0 + r], self._rows_uu[r0 : r0 + r], self.eps[k],
                                 vs[k].dtype != torch.float32))
             r0 += r

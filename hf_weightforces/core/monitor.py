@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .aggregates import ParamInfo, aggregate_masks
 from .budget import (
     BUDGET_TERMS,
     bias_scales,
@@ -31,7 +32,6 @@ from .budget import (
     squared_norms,
     step_dots,
 )
-from .aggregates import ParamInfo, aggregate_masks
 from .kernels import to_device
 
 __all__ = ["BUDGET_MODES", "FORCE_KEYS", "ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]

@@ -32,35 +32,33 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
-
-import numpy as np
-
 from ..core.aggregates import describe
+from ..core.budget import KERNELS, choose_kernel
 from ..core.groups import Grouping
 from ..core.integral import RunIntegral
-from ..core.budget import KERNELS, choose_kernel
 from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import plan_optimizer, unwrap_optimizer
 from ..core.pools import WeibullPools
 from ..distributed import ParamEntry, ShardContext, ShardFailureError, UnsupportedBackendError
 from .args import output_subdir_problem
-from .frozen import find_frozen
-from .optimizers import OBSERVED_MODES, budget_info, budget_reader
-from .intended import LOW_PRECISION, IntendedStager
-from .ordering import find_callback_handler, place_before_reporters
-from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
-from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, open_record_sinks, write_params_file  # noqa: F401
 from .console import ConsoleSink, tracker_shows_keys
+from .frozen import find_frozen
+from .guard import Faults
 from .health import HealthWatch
+from .intended import LOW_PRECISION, IntendedStager
+from .optimizers import OBSERVED_MODES, budget_info, budget_reader
+from .ordering import find_callback_handler, place_before_reporters
+from .overflow import OverflowWatch
+from .runfiles import PARAMS_FILE, SCHEDULE_FILE, ScheduleLog, open_record_sinks, write_params_file  # noqa: F401
+from .sinks import JsonlSink, NullSink, Sink, WandbSink, close_sinks, log_to_sinks  # noqa: F401
+from .state import PROBE_TENSORS_FILE, STATE_FILE, load_state, restore_probes, save_state  # noqa: F401
+from .superweights import SuperWeightTracker
 from .trackers import tracker_sinks
 from .wandb_layout import Dashboard
-from .sinks import JsonlSink, NullSink, Sink, WandbSink, close_sinks, log_to_sinks  # noqa: F401
-from .guard import Faults
-from .overflow import OverflowWatch
-from .superweights import SuperWeightTracker
 
 __all__ = ["CONFIG_ERRORS", "WeightForcesCallback"]
 
