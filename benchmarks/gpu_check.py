@@ -15,6 +15,11 @@ its own failure and reporting it in the table:
   bandwidth against its floor of one read of w, m and v (12 bytes a parameter, also timed as
   three ``torch._foreach_norm`` passes), the thread CPU time inside every hook, and the peak extra
   GPU memory (run peak with vs without, and the allocation peak inside the optimizer-step hook).
+* ``pass/<size>``: the force pass alone on the model's real layout (its parameters, AdamW-like
+  moments): the default eager pass (``exact``), the opt-in ``compiled`` one (``torch.compile``,
+  compiled before timing) and the floor (three ``torch._foreach_norm`` passes over w, m, v), side
+  by side, each the median of repeated runs (CUDA events); the operations one step dispatches, and
+  the largest difference of the compiled sums from the exact ones.
 * ``sync``: steps of the callback with ``torch.cuda.set_sync_debug_mode("error")`` switched on
   inside every hook of the callback and the optimizer pre-hook it registers, between log events;
   pass/fail with the offending operation.
@@ -54,6 +59,7 @@ import torch  # noqa: E402
 SIZES = {
     "160m": (768, 12, 12, 3072, 50304),
     "410m": (1024, 24, 16, 4096, 50304),
+    "1.4b": (2048, 24, 16, 8192, 50304),
     "tiny": (64, 2, 4, 256, 256),
 }
 FORCE_KEYS = ("align", "inject", "decay", "rest", "delta")
@@ -519,6 +525,56 @@ def section_fsdp2(cfg, data) -> dict:
             "detail": f"backend {backend} ({wrapped}), forces within {worst:.1e} of the budget of one plain process"}
 
 
+def section_pass(cfg, size: str) -> dict:
+    """The planned pass alone, ``exact`` and ``compiled`` against the floor, on one layout."""
+    from op_count import OpCounter  # benchmarks/op_count.py, beside this script
+
+    from hf_weightforces.core.budget import BUDGET_TERMS
+    from hf_weightforces.core.plan import StepPlan
+
+    dev = torch.device(cfg.device)
+    clock = Clock(dev.type == "cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ws = [p.detach().to(dev).reshape(-1) for p in _model(size).parameters()]
+    ms = [torch.randn(w.shape, generator=gen, device=dev) * 1e-3 for w in ws]
+    vs = [torch.rand(w.shape, generator=gen, device=dev) * 1e-6 for w in ws]
+    n = len(ws)
+    t_before, t_after = torch.zeros(n, device=dev), torch.ones(n, device=dev)
+
+    def timed(fn) -> float:
+        for _ in range(3):  # warm-up (the compiled pass compiles here)
+            fn()
+        stamps = []
+        for _ in range(cfg.pass_repeats):
+            a = clock.stamp()
+            fn()
+            stamps.append((a, clock.stamp()))
+        clock.sync()
+        return statistics.median(clock.ms(a, b) for a, b in stamps)
+
+    out: dict = {"params": sum(w.numel() for w in ws), "tensors": n}
+    sums = {}
+    # the compiled pass on the first size only: each layout compiles its own graphs (tens of seconds each)
+    kernels = ("exact", "compiled") if size == cfg.sizes[0] else ("exact",)
+    for kernel in kernels:
+        plan = StepPlan(list(range(n)), [0] * n, 1, [False] * n, [w.numel() for w in ws], dev, kernel)
+        acc = (torch.zeros(n, len(BUDGET_TERMS), dtype=torch.float64, device=dev),
+               torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.float64, device=dev))
+        hv = plan.step_vector([1e-4], [(0.01, 0.9, 0.999, 1e-8)])
+        step = lambda plan=plan, acc=acc, hv=hv: plan.run(ws, ms, vs, t_after, t_before, hv, *acc)  # noqa: E731
+        out[f"{kernel}_ms"] = timed(step)
+        with OpCounter() as counter:
+            sums[kernel] = step()
+        out[f"{kernel}_ops"] = counter.total
+    out["floor_ms"] = timed(lambda: [torch._foreach_norm(xs) for xs in (ws, ms, vs)])
+    for kernel in kernels:
+        out[f"{kernel}_over_floor"] = out[f"{kernel}_ms"] / out["floor_ms"]
+    if "compiled" in sums:
+        scale = sums["exact"].abs()[:, :4].sum(1, keepdim=True).clamp_min(1e-300)
+        out["compiled_vs_exact_rel"] = float(((sums["compiled"] - sums["exact"])[:, :4].abs() / scale).max())
+    return out
+
+
 # ----------------------------------------------------------------------------- driver
 def _run_section(name: str, fn, results: dict, *args) -> None:
     t0 = time.perf_counter()
@@ -536,6 +592,11 @@ def _run_section(name: str, fn, results: dict, *args) -> None:
 def _summary(name: str, r: dict) -> str:
     if r["status"] != "ok" or name.startswith(("sync", "scaler", "fsdp")):
         return r.get("detail", "")
+    if name.startswith("pass/"):
+        compiled = (f", compiled {r['compiled_ms']:.2f} ms ({r['compiled_over_floor']:.1f}x, {r['compiled_ops']} ops, "
+                    f"{r['compiled_vs_exact_rel']:.1e} from exact)" if "compiled_ms" in r else "")
+        return (f"{r['params'] / 1e6:.1f}M params, {r['tensors']} tensors: exact {r['exact_ms']:.2f} ms "
+                f"({r['exact_over_floor']:.1f}x floor, {r['exact_ops']} ops){compiled}, floor {r['floor_ms']:.2f} ms")
     return (f"{r['params'] / 1e6:.1f}M params, batch {r['batch']}x{r['seq']}: plain {r['plain_ms']:.1f} ms, "
             f"with {r['watched_ms']:.1f} ms ({r['overhead_pct']:+.1f}%); hook {r['hook_ms']:.2f} ms "
             f"({r['hook_pct']:.2f}%), CPU {r['hook_cpu_ms']:.2f} ms; force pass {r['force_pass_ms']:.2f} ms = "
@@ -555,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--batch", type=int, default=0, help="0: fill the GPU")
     ap.add_argument("--max-batch", type=int, default=64)
-    ap.add_argument("--sections", nargs="+", default=["overhead", "sync", "scaler_skip", "fsdp2"])
+    ap.add_argument("--pass-repeats", type=int, default=None)
+    ap.add_argument("--sections", nargs="+", default=["pass", "overhead", "sync", "scaler_skip", "fsdp2"])
     cfg = ap.parse_args(argv)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available (use --device cpu)", file=sys.stderr)
@@ -566,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.warmup = cfg.warmup if cfg.warmup is not None else (8 if gpu else 2)
     cfg.repeats = cfg.repeats or (2 if gpu else 1)
     cfg.seq = cfg.seq or (1024 if gpu else 64)
+    cfg.pass_repeats = cfg.pass_repeats or (20 if gpu else 3)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "hf_weightforces", "torch"):
@@ -583,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
            "python": platform.python_version(), "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
            "threads": torch.get_num_threads()}
+    if "pass" in cfg.sections:
+        for size in cfg.sizes + (["1.4b"] if gpu and cfg.sizes == ["160m", "410m"] else []):
+            _run_section(f"pass/{size}", section_pass, results, cfg, size)
     if "overhead" in cfg.sections:
         for size in cfg.sizes:
             _run_section(f"overhead/{size}", section_overhead, results, cfg, size, data)

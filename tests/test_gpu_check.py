@@ -23,10 +23,14 @@ def test_gpu_check_smoke_mode_writes_one_table_and_one_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     sections = data["sections"]
-    assert list(sections) == ["overhead/tiny", "sync", "scaler_skip", "fsdp2"]
+    assert list(sections) == ["pass/tiny", "overhead/tiny", "sync", "scaler_skip", "fsdp2"]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table[0] == "| section | status | result |" and len(table) == 1 + len(sections)
 
+    one = sections["pass/tiny"]
+    assert one["status"] == "ok", one
+    assert one["exact_ms"] > 0 and one["compiled_ms"] > 0 and one["floor_ms"] > 0 and one["exact_ops"] <= 100
+    assert one["compiled_vs_exact_rel"] < 1e-6  # the compiled pass's stated tolerance
     over = sections["overhead/tiny"]
     assert over["status"] == "ok", over
     assert over["plain_ms"] > 0 and over["watched_ms"] > 0 and over["hook_ms"] > 0 and over["hook_cpu_ms"] > 0
