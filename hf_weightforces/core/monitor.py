@@ -102,9 +102,20 @@ class ForceMonitor:
         self.var = torch.zeros(n, 2, dtype=torch.float64, device=self.device)  # sampled observed mode
         #: which computation produced the rows (:data:`BUDGET_MODES`), set by the callback
         self.budget_mode: str | None = None
+        self._staged: tuple | None = None  # the budget staged before the step, until recorded
 
     def __len__(self) -> int:
         return len(self.infos)
+
+    @property
+    def staged(self) -> bool:
+        """Whether a budget staged before the step (:meth:`stage_intended`, :meth:`stage_dots`)
+        waits to be recorded."""
+        return self._staged is not None
+
+    def drop_staged(self) -> None:
+        """Forget a staged budget (its pass failed): the step is recorded the post-step way."""
+        self._staged = None
 
     # ------------------------------------------------------------------ observing
     def observe_norms(self, weights: Sequence[torch.Tensor], indices: Sequence[int] | None = None) -> None:
@@ -227,8 +238,7 @@ class ForceMonitor:
         """After the step: add the staged intended budget of the tensors in ``indices`` (those
         the optimizer really updated), with the observed Δ and ``rounding`` = Δ - (A + I + D + R).
         Returns the indices that had nothing staged (to be recorded the post-step way)."""
-        staged = getattr(self, "_staged", None)
-        self._staged = None
+        staged, self._staged = self._staged, None
         rows = {} if staged is None else staged[0]
         have = [i for i in indices if i in rows]
         missing = [i for i in indices if i not in rows]
@@ -286,7 +296,7 @@ class ForceMonitor:
         call per device; ``pick(view, tensor)`` may select elements of each tensor first.  Tensors
         whose intended update was staged before the step (:meth:`stage_intended`) are recorded
         from that instead."""
-        if getattr(self, "_staged", None) is not None and pick is None:
+        if self._staged is not None and pick is None:
             missing = set(self.record_intended([v.index for v in views], [v.weight for v in views], step_id))
             views = [v for v in views if v.index in missing]
         pick = pick or (lambda view, t: t)

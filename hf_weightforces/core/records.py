@@ -12,9 +12,17 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["RowsRead", "json_safe", "read_jsonl", "read_rows"]
+__all__ = ["METRICS_FILE", "PARAMS_FILE", "PREVIOUS_DIR", "SCHEDULE_FILE", "RowsRead", "continue_records", "json_safe",
+           "read_jsonl", "read_rows", "replace_file"]
+
+SCHEDULE_FILE = "schedule.jsonl"  # lr and weight decay per param group at every optimizer step
+PARAMS_FILE = "params.json"  # names, classes, shapes and optimizer group of the monitored tensors
+METRICS_FILE = "metrics.jsonl"
+PREVIOUS_DIR = "previous"  # rows a fresh or resumed run does not continue, kept whole
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +92,51 @@ def json_safe(obj: object) -> object:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name and rename it: a reader sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def continue_records(folder: Path, resume_step: int, names: tuple[str, ...] = (METRICS_FILE, SCHEDULE_FILE)) -> Path | None:
+    """Make the JSON-lines record files in ``folder`` continue a run at ``resume_step`` (0: a fresh run).
+
+    Rows with steps up to ``resume_step`` stay, exactly as written (null stays null), in
+    increasing step order; rows after it, repeated or out-of-order steps and unusable lines go.
+    When anything goes, every record file (and ``params.json``) is first copied whole into the
+    first free ``previous/<n>/``, which is returned.  Idempotent: a second call finds nothing to
+    drop.  Raises ``OSError`` when the folder cannot be read or written.
+    """
+    plans: dict[Path, list[dict]] = {}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        read = read_rows(path)
+        kept: list[dict] = []
+        for row in read.rows:
+            if (kept[-1]["step"] if kept else -1) < row["step"] <= resume_step:
+                kept.append(row)
+        if len(kept) != len(read.rows) or read.skipped:
+            plans[path] = kept
+    if not plans:
+        return None
+    n = 1
+    while (folder / PREVIOUS_DIR / str(n)).exists():
+        n += 1
+    archive = folder / PREVIOUS_DIR / str(n)
+    archive.mkdir(parents=True)
+    for name in (*names, PARAMS_FILE):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, archive / name)
+    for path, kept in plans.items():
+        replace_file(path, "".join(json.dumps(json_safe(row)) + "\n" for row in kept))
+    what = f"rows after step {resume_step}" if resume_step else "the rows of a previous run"
+    logger.warning("weight forces: %s in %s kept in %s", what, folder, archive)
+    return archive

@@ -25,13 +25,13 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
-import re
 import typing
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
+
+from .guard import output_subdir_problem  # re-exported: the flag, the variable and the callback check alike
 
 __all__ = ["ENV_PREFIX", "ENV_SWITCH", "WeightForcesArgumentError", "WeightForcesArguments", "env_for", "env_name",
            "flag_name", "output_subdir_problem", "parse_bool", "settings"]
@@ -53,28 +53,6 @@ def flag_name(setting: str) -> str:
 def env_name(setting: str) -> str:
     """``"every"`` -> ``"HF_WEIGHTFORCES_EVERY"``; ``""`` (the switch) -> ``"HF_WEIGHTFORCES"``."""
     return f"{ENV_PREFIX}{setting.upper()}" if setting else ENV_SWITCH
-
-
-def output_subdir_problem(subdir: object) -> str | None:
-    """What is wrong with ``subdir`` as the records folder under the output folder, or ``None``.
-
-    Rows go to ``<output_dir>/<subdir>``.  An absolute path (``os.path.join`` then drops
-    ``output_dir``) or a ``..`` component would put them outside the run's folder, where another
-    run's or another user's files are: refused rather than normalised, so the folder is the one
-    the user wrote.  Both separators count (``a\\..\\b`` leaves the folder on Windows).
-    """
-    if not isinstance(subdir, (str, os.PathLike)):
-        return f"must be a folder name, got {subdir!r}"
-    text = os.fspath(subdir)
-    if not isinstance(text, str) or not text.strip():
-        return "must not be empty"
-    if "\x00" in text:
-        return f"must not contain a NUL character, got {text!r}"
-    if any(p.is_absolute() or p.drive or p.root for p in (PurePosixPath(text), PureWindowsPath(text))):
-        return f"must be a folder inside the output folder, got the absolute path {text!r}"
-    if ".." in re.split(r"[\\/]", text):
-        return f"must be a folder inside the output folder, got {text!r} (a '..' component leaves it)"
-    return None
 
 
 def parse_bool(text: str) -> bool:

@@ -44,10 +44,9 @@ from ..core.monitor import ForceMonitor, ParamInfo
 from ..core.optim import plan_optimizer, unwrap_optimizer
 from ..core.pools import WeibullPools
 from ..distributed import ParamEntry, ShardContext, ShardFailureError, UnsupportedBackendError
-from .args import output_subdir_problem
 from .console import ConsoleSink, tracker_shows_keys
 from .frozen import find_frozen
-from .guard import Faults
+from .guard import Faults, output_subdir_problem
 from .health import HealthWatch
 from .intended import LOW_PRECISION, IntendedStager
 from .optimizers import OBSERVED_MODES, budget_info, budget_reader
@@ -167,7 +166,7 @@ class WeightForcesCallback(TrainerCallback):
         if not isinstance(observed_sample_size, int) or isinstance(observed_sample_size, bool) or observed_sample_size < 2:
             raise ValueError(f"observed_sample_size must be an integer >= 2, got {observed_sample_size!r}")
         self.observed_mode, self.observed_sample_size, self.observed_seed = observed_mode, observed_sample_size, int(observed_seed)
-        self._reader = None  # integrations/optimizers.py: StagedMoments or ObservedUpdate (not AdamW)
+        self._reader = None  # the budget source (integrations/optimizers.py), chosen at train start
         if offset_sample_every is None:  # the smallest multiple of every that is >= 10
             offset_sample_every = every * -(-10 // every) if isinstance(every, int) and every > 0 else 10
         for label, value, low in (("every", every, 1), ("weibull_every", weibull_every, 0),
@@ -304,10 +303,11 @@ class WeightForcesCallback(TrainerCallback):
         if self._reader is not None:
             self._reader.close()
         self._reader, mode = budget_reader(self._plan, opt, self.monitor, entries, self.ctx, self.observed_mode,
-                                           self.observed_sample_size, self.observed_seed)
+                                           self.observed_sample_size, self.observed_seed, self._index_of)
         self.monitor.budget_mode = mode
         self._budget_info = budget_info(self._plan, mode, self.observed_sample_size, self.observed_seed)
         if self._plan.path == "moments":
+            self._reader.super_weights = self._super
             self._setup_intended(opt, entries)
             return
         if getattr(self, "rounding_split", False):
@@ -466,10 +466,7 @@ class WeightForcesCallback(TrainerCallback):
             if self._stager is not None:
                 self._stager.due = self._active and self._is_budget_step(state.global_step + 1)
             if self._reader is not None and self._active and self._is_budget_step(state.global_step + 1):
-                if hasattr(self._reader, "before"):
-                    self._reader.before()  # w_t, before any backward of this cycle
-                else:
-                    self._reader.due = True
+                self._reader.before_step()  # e.g. w_t kept, before any backward of this cycle
             if self._active and self._super is not None and self._is_budget_step(state.global_step + 1):
                 self._super.observe(self.ctx.whole_weights(self._entries))
         except Exception as exc:  # a diagnostic never stops training
@@ -511,25 +508,7 @@ class WeightForcesCallback(TrainerCallback):
             self._fail("on_pre_optimizer_step", exc)
 
     def _record(self, optimizer, step_id: int) -> None:
-        if self.monitor.budget_mode != "moments":
-            if self._reader is None:  # no budget ("none"): count the step, norms and fits go on
-                self.monitor.record_budget([], torch.zeros(0, 8, dtype=torch.float64), torch.zeros(0))
-            elif hasattr(self._reader, "before"):
-                self._reader.record(unwrap_optimizer(optimizer), step_id)
-            else:
-                self._reader.record(step_id)
-            return
-        opt = unwrap_optimizer(optimizer)
-        if self._super is None and getattr(self.monitor, "_staged", None) is None:
-            planned = self.ctx.planned_step(opt, self._index_of, self.monitor.dots_method)
-            if planned is not None and planned.plan.device == self.monitor.device:  # planned at an earlier step
-                self.monitor.record_planned(planned, step_id)
-                return
-        views = self.ctx.views(opt, self._index_of)
-        self.monitor.record_views(views, step_id)
-        if self._super is not None:
-            whole = self.ctx.views(unwrap_optimizer(optimizer), self._index_of, whole=True) if self.ctx.divides else views
-            self._super.record(whole, step_id)
+        self._reader.record(unwrap_optimizer(optimizer), step_id)
 
     # ------------------------------------------------------------------ per log event
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -10,11 +10,14 @@ record with the traceback); repeats go to the debug log.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import PurePosixPath, PureWindowsPath
 
-__all__ = ["Faults", "warn_fault"]
+__all__ = ["Faults", "output_subdir_problem", "warn_fault"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,3 +52,25 @@ class Faults:
             yield
         except Exception as exc:  # a diagnostic never stops training
             self.report(kind, what, exc, lost)
+
+
+def output_subdir_problem(subdir: object) -> str | None:
+    """What is wrong with ``subdir`` as the records folder under the output folder, or ``None``.
+
+    Rows go to ``<output_dir>/<subdir>``.  An absolute path (``os.path.join`` then drops
+    ``output_dir``) or a ``..`` component would put them outside the run's folder, where another
+    run's or another user's files are: refused rather than normalised, so the folder is the one
+    the user wrote.  Both separators count (``a\\..\\b`` leaves the folder on Windows).
+    """
+    if not isinstance(subdir, (str, os.PathLike)):
+        return f"must be a folder name, got {subdir!r}"
+    text = os.fspath(subdir)
+    if not isinstance(text, str) or not text.strip():
+        return "must not be empty"
+    if "\x00" in text:
+        return f"must not contain a NUL character, got {text!r}"
+    if any(p.is_absolute() or p.drive or p.root for p in (PurePosixPath(text), PureWindowsPath(text))):
+        return f"must be a folder inside the output folder, got the absolute path {text!r}"
+    if ".." in re.split(r"[\\/]", text):
+        return f"must be a folder inside the output folder, got {text!r} (a '..' component leaves it)"
+    return None

@@ -52,7 +52,7 @@ class IntendedStager:
             self._stage(optimizer, kwargs)
         except Exception as exc:  # a diagnostic never stops training
             self.broken = True
-            self.monitor._staged = None
+            self.monitor.drop_staged()
             msg = (f"weight forces: the intended-update pass failed ({type(exc).__name__}: {exc}); low-precision "
                    "tensors are rebuilt from the rounded post-step weights from now on (approximate, no rounding term)")
             logger.warning(msg, exc_info=True)

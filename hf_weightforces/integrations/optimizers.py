@@ -25,7 +25,7 @@ import logging
 
 import torch
 
-from ..core.budget import intended_dots
+from ..core.budget import BUDGET_TERMS, intended_dots
 from ..core.monitor import ForceMonitor
 from ..core.observed import budget_from_observed, observed_dots, signed_bucket_sums, sketch_buckets, sketched_budget
 from ..core.optim import OptimizerPlan, adafactor_lr, observed_factor
@@ -72,7 +72,7 @@ def _lion_dots(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, beta1: 
 class StagedMoments:
     """A step pre-hook staging the budget of bitsandbytes Adam/AdamW or Lion at budget steps.
 
-    ``due`` is set by the callback at the start of each budget step and consumed by the next
+    :meth:`before_step` (the callback, at the start of each budget step) arms the hook for the next
     ``optimizer.step()``; :meth:`record` adds the staged budget after the step.
     """
 
@@ -119,7 +119,10 @@ class StagedMoments:
         dots = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
         self.monitor.stage_dots(idx, dots, lrs, wds, factors)
 
-    def record(self, step_id: int) -> None:
+    def before_step(self) -> None:
+        self.due = True
+
+    def record(self, optimizer, step_id: int) -> None:
         """After the step: add what was staged (those tensors were all updated)."""
         staged, self._staged = self._staged, []
         self.monitor.record_staged([i for i, _ in staged], [p.detach() for _, p in staged], step_id)
@@ -144,7 +147,7 @@ class ObservedUpdate:
         self.generator = torch.Generator().manual_seed(int(seed) * 1000003 + ctx.rank)
         self._pre: dict[int, tuple[torch.Tensor | None, torch.Tensor]] | None = None
 
-    def before(self) -> None:
+    def before_step(self) -> None:
         """w_t of every local tensor: a copy (exact, or tensors no larger than the sample) or its
         signed bucket sums under freshly drawn signs (the seed is kept for the sums after the step)."""
         pre: dict[int, tuple[int | None, torch.Tensor]] = {}
@@ -212,15 +215,65 @@ class ObservedUpdate:
         self._pre = None
 
 
+class AdamWMoments:
+    """AdamW's own moments, read after the step: the planned pass (``ShardContext.planned_step``,
+    one call for every tensor) where the step has one, else the per-tensor views; tensors staged
+    before the step (low precision: integrations/intended.py) are recorded from what was staged.
+    ``super_weights``: the tracker that also takes the step's whole tensors (or None)."""
+
+    def __init__(self, monitor: ForceMonitor, ctx: ShardContext, index_of: dict[int, int]) -> None:
+        self.monitor, self.ctx, self.index_of = monitor, ctx, index_of
+        self.super_weights = None
+
+    def before_step(self) -> None:
+        pass  # nothing to keep: w_t is rebuilt from w_{t+1} and the moments
+
+    def record(self, optimizer, step_id: int) -> None:
+        if self.super_weights is None and not self.monitor.staged:
+            planned = self.ctx.planned_step(optimizer, self.index_of, self.monitor.dots_method)
+            if planned is not None and planned.plan.device == self.monitor.device:  # planned at an earlier step
+                self.monitor.record_planned(planned, step_id)
+                return
+        views = self.ctx.views(optimizer, self.index_of)
+        self.monitor.record_views(views, step_id)
+        if self.super_weights is not None:
+            whole = self.ctx.views(optimizer, self.index_of, whole=True) if self.ctx.divides else views
+            self.super_weights.record(whole, step_id)
+
+    def close(self) -> None:
+        pass
+
+
+class NoBudget:
+    """No budget (nothing to read here, or a rank that does not compute): each budget step is counted;
+    norms, fits and probes go on."""
+
+    def __init__(self, monitor: ForceMonitor) -> None:
+        self.monitor = monitor
+
+    def before_step(self) -> None:
+        pass
+
+    def record(self, optimizer, step_id: int) -> None:
+        self.monitor.record_budget([], torch.zeros(0, len(BUDGET_TERMS), dtype=torch.float64), torch.zeros(0))
+
+    def close(self) -> None:
+        pass
+
+
 def budget_reader(plan: OptimizerPlan, optimizer: torch.optim.Optimizer, monitor: ForceMonitor,
-                  entries: list[ParamEntry], ctx: ShardContext, mode: str, sample_size: int, seed: int):
-    """The reader for ``plan`` at train start: (None | :class:`StagedMoments` | :class:`ObservedUpdate`,
-    the budget mode name of :data:`~hf_weightforces.core.monitor.BUDGET_MODES`)."""
+                  entries: list[ParamEntry], ctx: ShardContext, mode: str, sample_size: int, seed: int,
+                  index_of: dict[int, int]):
+    """The budget source for ``plan``, chosen once at train start: (one of :class:`AdamWMoments`,
+    :class:`StagedMoments`, :class:`ObservedUpdate`, :class:`NoBudget`; the budget mode name of
+    :data:`~hf_weightforces.core.monitor.BUDGET_MODES`).  Every source has the same three methods:
+    ``before_step()`` at the start of a budget step, ``record(optimizer, step_id)`` after it,
+    ``close()`` at train end; the callback calls them the same way whatever the optimizer."""
     if plan.path == "moments":
-        return None, "moments"
+        return AdamWMoments(monitor, ctx, index_of), "moments"
     if plan.path in ("bnb_adam", "lion") and not ctx.backend.sharded:
         logger.info("weight forces: %s: %s", plan.name, plan.note)
-        return (StagedMoments(optimizer, plan, monitor, entries, ctx) if ctx.computes else None), "staged"
+        return (StagedMoments(optimizer, plan, monitor, entries, ctx) if ctx.computes else NoBudget(monitor)), "staged"
     if ctx.backend.deepspeed:
         import warnings
 
@@ -228,11 +281,11 @@ def budget_reader(plan: OptimizerPlan, optimizer: torch.optim.Optimizer, monitor
                "force budget is logged; norms, RMS, Weibull fits and probes go on")
         logger.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        return None, "none"
+        return NoBudget(monitor), "none"
     reader = ObservedUpdate(plan, monitor, entries, ctx, mode, sample_size, seed)
     logger.info("weight forces: %s: the budget of the observed update (%s%s; decay rule %s)", plan.name, mode,
                 f", {sample_size} coordinates per tensor" if mode == "sampled" else ", one copy of the weights", plan.decay)
-    return (reader if ctx.computes else None), f"observed_{mode}"
+    return (reader if ctx.computes else NoBudget(monitor)), f"observed_{mode}"
 
 
 def budget_info(plan: OptimizerPlan, mode: str, sample_size: int, seed: int) -> dict:

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..core.records import json_safe, read_rows
+from ..core.records import (
+    METRICS_FILE,
+    PARAMS_FILE,
+    PREVIOUS_DIR,
+    SCHEDULE_FILE,
+    continue_records,
+    json_safe,
+    replace_file,
+)
 from .guard import warn_fault
 from .sinks import JsonlSink, NullSink
 
@@ -30,10 +36,6 @@ __all__ = ["METRICS_FILE", "PARAMS_FILE", "PREVIOUS_DIR", "SCHEDULE_FILE", "Sche
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_FILE = "schedule.jsonl"  # lr and weight decay per param group at every optimizer step
-PARAMS_FILE = "params.json"  # names, classes, shapes and optimizer group of the monitored tensors
-METRICS_FILE = "metrics.jsonl"
-PREVIOUS_DIR = "previous"  # rows a fresh or resumed run does not continue, kept whole
 
 
 def _number(x) -> float:
@@ -69,54 +71,6 @@ def write_params_file(folder: Path, opt, entries, infos, every: int, group_of: d
     if budget is not None:
         data["budget"] = budget
     replace_file(folder / PARAMS_FILE, json.dumps(json_safe(data), indent=1))
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary name and rename it: a reader sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def continue_records(folder: Path, resume_step: int, names: tuple[str, ...] = (METRICS_FILE, SCHEDULE_FILE)) -> Path | None:
-    """Make the JSON-lines record files in ``folder`` continue a run at ``resume_step`` (0: a fresh run).
-
-    Rows with steps up to ``resume_step`` stay, exactly as written (null stays null), in
-    increasing step order; rows after it, repeated or out-of-order steps and unusable lines go.
-    When anything goes, every record file (and ``params.json``) is first copied whole into the
-    first free ``previous/<n>/``, which is returned.  Idempotent: a second call finds nothing to
-    drop.  Raises ``OSError`` when the folder cannot be read or written.
-    """
-    plans: dict[Path, list[dict]] = {}
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            continue
-        read = read_rows(path)
-        kept: list[dict] = []
-        for row in read.rows:
-            if (kept[-1]["step"] if kept else -1) < row["step"] <= resume_step:
-                kept.append(row)
-        if len(kept) != len(read.rows) or read.skipped:
-            plans[path] = kept
-    if not plans:
-        return None
-    n = 1
-    while (folder / PREVIOUS_DIR / str(n)).exists():
-        n += 1
-    archive = folder / PREVIOUS_DIR / str(n)
-    archive.mkdir(parents=True)
-    for name in (*names, PARAMS_FILE):
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, archive / name)
-    for path, kept in plans.items():
-        replace_file(path, "".join(json.dumps(json_safe(row)) + "\n" for row in kept))
-    what = f"rows after step {resume_step}" if resume_step else "the rows of a previous run"
-    logger.warning("weight forces: %s in %s kept in %s", what, folder, archive)
-    return archive
 
 
 def open_record_sinks(folder: Path, resume_step: int) -> tuple[JsonlSink | NullSink, JsonlSink | NullSink]:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..core.records import read_jsonl, read_rows
+from ..core.records import continue_records, read_jsonl, read_rows
 from .guard import warn_fault
 
 __all__ = ["JsonlSink", "NullSink", "Sink", "WandbSink", "close_sinks", "log_to_sinks", "read_jsonl"]
@@ -62,13 +62,11 @@ class JsonlSink:
     the Trainer's final summary re-fires ``on_log`` at the last step).
 
     ``resume_step``: the file continues a run resumed there (0: a fresh run starts an empty file);
-    see :func:`~hf_weightforces.integrations.runfiles.continue_records`, which keeps whatever it
+    see :func:`~hf_weightforces.core.records.continue_records`, which keeps whatever it
     drops in ``previous/<n>/``.
     """
 
     def __init__(self, path: str | os.PathLike, resume_step: int = 0) -> None:
-        from .runfiles import continue_records
-
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         continue_records(self.path.parent, resume_step, (self.path.name,))  # no-op when already done
