@@ -65,8 +65,8 @@ def _plan(world: int) -> list[dict]:
         plan.append(_run("zero2" if HAS_DEEPSPEED else "fsdp2", name="fail-step", fail_rank=1, fail_at=4))
         # rank 1's backbone probe raises in a step hook: every rank drops it at the next log event
         plan.append(_run("fsdp2", name="probe-fail", probes=True, probe_fail_rank=1, probe_fail_at=4))
-        # the compiled pass built by a child process per rank (the steps run eager meanwhile)
-        plan.append(_run("ddp", name="ddp-background", kernel="background", **{**COMMON, "super": 0}))
+        # super weights off: the divided DDP shares take the planned pass
+        plan.append(_run("ddp", name="ddp-planned", **{**COMMON, "super": 0}))
         if HAS_DEEPSPEED:  # a scheduler inside the DeepSpeed config steps before on_optimizer_step
             plan.append(_run("zero2", name="zero2-ds-scheduler", ds_scheduler=True))
     else:
@@ -267,16 +267,13 @@ def test_ddp_divides_the_work(world, launches):
     assert sum(f["view_tensors"] for f in facts) == 28  # every updated tensor once (not the unused one)
 
 
-def test_ddp_with_the_pass_compiled_in_the_background(launches):
-    """``kernel="background"`` under DDP (super weights off: the divided, planned path): every rank
-    starts its own child at its second budget step, logs what the eager pass logs meanwhile (the
-    numbers of the DDP run beside it), and stops the child when training ends; no rank waits."""
+def test_ddp_planned_pass_equals_the_per_tensor_path_and_starts_nothing(launches):
+    """Super weights off under DDP: every rank plans its share at the second budget step and logs
+    the numbers of the per-tensor path of the DDP run beside it; no rank starts a process."""
     run = launches(2)
-    facts = run.facts("ddp-background")
-    assert [f["background"] for f in facts] == [{"started": 1, "alive": 0}] * 2
-    assert all(f["warnings"] == [] and f["active"] for f in facts)
-    assert [f["background"]["started"] for f in run.facts("ddp")] == [0, 0]  # super weights: not planned
-    got, want = run.rows("ddp-background"), run.rows("ddp")
+    facts = run.facts("ddp-planned")
+    assert all(f["warnings"] == [] and f["active"] and f["children"] == 0 for f in facts)
+    got, want = run.rows("ddp-planned"), run.rows("ddp")
     assert len(got) == len(want)
     common = [set(g) & set(w) for g, w in zip(got, want)]  # not the super weights' keys
     assert all(len(keys) > 100 for keys in common)
