@@ -17,7 +17,7 @@ from hf_weightforces.core.budget import (
     force_budget,
     step_dots,
 )
-from hf_weightforces.core.kernels import ROW, SMALL
+from hf_weightforces.core.kernels import ROW
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.optim import UnsupportedOptimizerError, check_supported
 
@@ -80,21 +80,14 @@ def test_step_dots_against_float64_reference():
         n, a, c, wu = w.numel(), float(ref[0]), float(ref[2]), abs_sum(w64, u)
         # The reference: ũ 3 roundings a coordinate (sqrt, +, /), a product 1, then a float64 sum of n terms;
         # the pass the same sums in another order. Higham: sum_tol covers both, with the per-term roundings.
-        if n < SMALL:
-            # the packed pass: ||w'||² and ||ũ||² as float64 norms of float32 values (rooted, squared again: 2
-            # more roundings); ũ in float32 (4 roundings: ε' to float32, sqrt, +, /), the products in float32 (1),
-            # summed per tensor in float64
-            tol = [sum_tol(n, a, ulps_per_term=3),
-                   sum_tol(n, wu, ulps_per_term=4) + (4 + 1) * U32 * wu,
-                   sum_tol(n, c, ulps_per_term=8) + 8 * U32 * c]
-        else:
-            # ||w'||²: exact squares summed in float64 (a norm, then squared). ũ in float32: 4 roundings (ε' to
-            # float32, sqrt, +, /), so 4·2^-24 of each term of <w', ũ> and 8 of each of ||ũ||²; then a float32
-            # product (1) or square (1), float32 sums of rows of up to ROW terms (Higham: (ROW - 1)·2^-24·Σ|x_i|;
-            # a row norm is also rooted and squared again: 2), the rows summed in float64.
-            tol = [sum_tol(n, a, ulps_per_term=3),
-                   sum_tol(n, wu, ulps_per_term=4) + (4 + 1 + ROW) * U32 * wu,
-                   sum_tol(n, c, ulps_per_term=8) + (8 + 1 + 2 + ROW) * U32 * c]
+        # Packed small tensors (rows of 64) and big ones (rows of up to ROW) alike: ||w'||² exact squares
+        # summed in float64 (a norm, then squared). ũ in float32: 4 roundings (ε' to float32, sqrt, +, /), so
+        # 4·2^-24 of each term of <w', ũ> and 8 of each of ||ũ||²; then a float32 product (1) or square (1),
+        # float32 sums of rows of up to ROW terms (Higham: (ROW - 1)·2^-24·Σ|x_i|; a row norm is also rooted and
+        # squared again: 2), the rows summed in float64.
+        tol = [sum_tol(n, a, ulps_per_term=3),
+               sum_tol(n, wu, ulps_per_term=4) + (4 + 1 + ROW) * U32 * wu,
+               sum_tol(n, c, ulps_per_term=8) + (8 + 1 + 2 + ROW) * U32 * c]
         for k in range(3):
             assert abs(float(got[i, k]) - float(ref[k])) <= tol[k], (i, k, float(got[i, k]), float(ref[k]), tol[k])
     # ||w'||²: exact float64 squares of float32 values summed in float64, in two orders, the norm rooted and

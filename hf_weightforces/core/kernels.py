@@ -22,6 +22,7 @@ sums fused by ``torch.compile``, in process: :mod:`.plan`) and ``auto`` (= ``exa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -103,45 +104,50 @@ def _row_length(n: int) -> int:
     return r
 
 
-class PackedSmall:
-    """The pass over many small tensors at once: packed into buffers made once (with per-tensor
-    views), so a step is about fifteen multi-tensor and flat operations however many tensors.
+#: Row length of the packed small tensors: each tensor starts a row and its last row is padded (w' = 0,
+#: m = 0, v = 1: ũ = 0 there), so a row never straddles two tensors.
+SMALL_ROW = 64
 
-    ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, its products summed
-    per tensor in float64), float64 for tensors stored in float64 (nothing rounded).  ||w'||² and
-    ||ũ||² are multi-tensor norms with float64 squares and sums (exact for float32 values).
-    ``members``: the tensors' positions in the caller's list (``index`` on the device)."""
+
+class PackedSmall:
+    """The pass over many small tensors at once, the big tensors' design on one packed buffer:
+    each tensor copied into rows of :data:`SMALL_ROW` elements of buffers made once (its last row
+    padded), so a step is about fifteen operations however many tensors, and every sum is a row
+    reduction summed per tensor at the end.
+
+    ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, products and squares
+    of ũ summed in float32 rows then in float64; ||w'||² as float64 row norms of exact squares),
+    float64 for tensors stored in float64 (nothing rounded).  ``members``: the tensors' positions
+    in the caller's list (``index`` on the device)."""
 
     def __init__(self, members: list[int], numels: list[int], device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
         self.members, self.dtype = members, dtype
         self.index = to_device(torch.tensor(members, dtype=torch.long), device)
-        total = sum(numels)
-        self.seg = to_device(torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(numels)), device)
-        self.w, self.m, self.u, self.e = (torch.empty(total, dtype=dtype, device=device) for _ in range(4))
-        self.views = [list(b.split(numels)) for b in (self.w, self.m, self.u)]
-        self.ends = to_device(torch.tensor(numels).cumsum(0) - 1, device)  # each tensor's last element
+        rows = [max(1, -(-n // SMALL_ROW)) for n in numels]
+        size = sum(rows) * SMALL_ROW
+        self.w, self.m, self.p = (torch.zeros(size, dtype=dtype, device=device) for _ in range(3))
+        self.u = torch.ones(size, dtype=dtype, device=device)  # v's padding: 1 (ũ = 0 / (1 + ε') = 0)
+        starts = [SMALL_ROW * r for r in itertools.accumulate([0, *rows[:-1]])]
+        self.views = [[b[a : a + n] for a, n in zip(starts, numels)] for b in (self.w, self.m, self.u)]
+        self.rows = [b.view(-1, SMALL_ROW) for b in (self.w, self.m, self.u, self.p)]
+        self.row_of = to_device(torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(rows)), device)
 
     def dots(self, ws, ms, vs, eps: torch.Tensor) -> torch.Tensor:
         """(||w'||², <w', ũ>, ||ũ||²) per tensor [k, 3] float64; ``ws``, ``ms``, ``vs`` flat, ``eps``
         one float64 ε' per tensor on the device."""
         wv, mv, uv = self.views
+        w, m, u, p = self.rows
         torch._foreach_copy_(wv, ws)
         torch._foreach_copy_(mv, ms)
         torch._foreach_copy_(uv, vs)
-        torch.index_select(eps.to(self.dtype), 0, self.seg, out=self.e)
-        self.u.sqrt_().add_(self.e)
-        self.m.div_(self.u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
-        a, c = torch.stack(torch._foreach_norm(wv + mv, 2, dtype=torch.float64)).square().view(2, -1)
-        torch.mul(self.w, self.m, out=self.u)  # w' ũ, summed per tensor in float64: a running sum read at each
-        # tensor's end (3x faster than a scatter; its rounding is 2^-53 of the running sum, far below the products').
-        # A non-finite product would spoil every later tensor's sum: it counts 0 here, and its tensor is flagged by
-        # its non-finite ||w'||² or ||ũ||² (a product of finite w' and ũ beyond float32's range, |w' ũ| > 3.4e38,
-        # would count 0 too: far outside any trained weights)
-        torch.nan_to_num_(self.u, nan=0.0, posinf=0.0, neginf=0.0)
-        ends = torch.cumsum(self.u, 0, dtype=torch.float64).index_select(0, self.ends)
-        b = torch.diff(ends, prepend=ends.new_zeros(1))
-        return torch.stack((a, b, c), dim=1)
+        u.sqrt_().add_(eps.to(self.dtype).index_select(0, self.row_of)[:, None])
+        m.div_(u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
+        torch.mul(w, m, out=p)
+        rows = torch.stack((torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).square(),
+                            p.sum(1, dtype=self.dtype).to(torch.float64),
+                            torch.linalg.vector_norm(m, dim=1).to(torch.float64).square()), dim=1)
+        return torch.zeros(len(self.members), 3, dtype=torch.float64, device=rows.device).index_add_(0, self.row_of, rows)
 
 
 class BlockPass:
