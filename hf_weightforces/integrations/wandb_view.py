@@ -32,21 +32,20 @@ def _line(title: str, keys: list[str], logged: set[str], kind: str = "line", **e
 
 
 def view_sections(logged: Iterable[str]) -> list[tuple[str, list[Panel]]]:
-    """(section name, panels) in reading order; only keys in ``logged``, empty sections left out."""
+    """(section name, panels) in reading order (README, "What to look at first": who moves the norm, the
+    forces over time, the bookkeeping; the saved workspace opens these three); only keys in ``logged``,
+    empty sections left out."""
     logged = set(logged)
     aggs = [g for g in _AGGS if f"forces/{g}/align" in logged]
     pools = [g for g in _AGGS if f"weibull/{g}/weibull_k" in logged or f"weibull/{g}/start_weibull_k" in logged]
     backbone = [g for g in _AGGS if f"backbone/{g}/fraction" in logged or f"backbone/{g}/update_cos" in logged]
     sections: list[tuple[str, list[Panel]]] = [
-        ("Forces: A, I and D per class", [p for g in aggs for p in _line(
-            f"{g}: alignment, injection, decay per optimizer step",
-            [f"forces/{g}/{k}" for k in ("align", "inject", "decay", "rest")], logged)]),
         ("Shares of |A| + |I| + |D|", [p for g in aggs for p in _line(
             f"{g}: shares (stacked)", [f"shares/{g}/{k}_share" for k in ("align", "inject", "decay")], logged,
             kind="stacked")]),
-        ("A + D balance", [p for g in aggs for p in _line(
-            f"{g}: alignment against decay (A + D → 0 at balance)", [f"forces/{g}/align", f"forces/{g}/decay"],
-            logged)]),
+        ("Forces: A, I and D per class", [p for g in aggs for p in _line(
+            f"{g}: alignment, injection, decay per optimizer step",
+            [f"forces/{g}/{k}" for k in ("align", "inject", "decay", "rest")], logged)]),
         ("Health: closure and rounding", [
             *_line("closure / (|A| + |I| + |D|) per aggregate", [f"health/{g}/closure_rel" for g in aggs], logged),
             *_line("rounding per aggregate (stored weights vs intended update)", [f"health/{g}/rounding" for g in aggs],
@@ -54,6 +53,9 @@ def view_sections(logged: Iterable[str]) -> list[tuple[str, list[Panel]]]:
             *_line("decay really applied / nominal", [f"health/{g}/decay_ratio" for g in aggs], logged),
             *_line("skipped and non-finite steps", ["health/skipped_steps", f"health/{TOTAL}/nonfinite_steps"], logged),
         ]),
+        ("A + D balance", [p for g in aggs for p in _line(
+            f"{g}: alignment against decay (A + D → 0 at balance)", [f"forces/{g}/align", f"forces/{g}/decay"],
+            logged)]),
         ("Weibull k and λ/σ per class", [
             *_line("Weibull shape k (Gaussian weights: 1.2054)",
                    [f"weibull/{g}/{k}" for g in pools for k in ("weibull_k", "start_weibull_k")], logged),
