@@ -37,6 +37,9 @@ class Reference(TrainerCallback):
     def __init__(self, intended: bool):
         self.intended = intended  # True: u from the pre-step moments; False: from the stored post-step ones
         self.rows: list[dict] = []
+        #: per step and aggregate, the research code's alignment on what is stored after the step:
+        #: -2η <w_{t+1}, u_t> with u_t from the stored moments, all read as float64
+        self.stored_align_post: list[dict] = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
         opt = optimizer.optimizer
@@ -62,9 +65,14 @@ class Reference(TrainerCallback):
 
     def _post(self, opt, args, kwargs):
         row: dict[str, np.ndarray] = {}
+        post: dict[str, float] = {}
         for p, g, w, grad, m, v, t in self.snap:
             b1, b2 = g["betas"]
             lr, wd, eps = float(g["lr"]), g["weight_decay"], g["eps"]
+            st = opt.state[p]
+            stored_u = (st["exp_avg"].double() / (1 - b1**t)) / ((st["exp_avg_sq"].double() / (1 - b2**t)).sqrt() + eps)
+            for key in (self.cls[id(p)], "total"):
+                post[key] = post.get(key, 0.0) - 2.0 * lr * float((p.detach().double() * stored_u).sum())
             if self.intended:
                 m = b1 * m + (1 - b1) * grad
                 v = b2 * v + (1 - b2) * grad * grad
@@ -76,6 +84,7 @@ class Reference(TrainerCallback):
             for key in (self.cls[id(p)], "total"):
                 row[key] = row.get(key, 0) + terms
         self.rows.append(row)
+        self.stored_align_post.append(post)
 
 
 def closure_and_floor(rows_by_step: dict, ref_rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

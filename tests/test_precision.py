@@ -75,6 +75,12 @@ def test_bf16_weights_report_the_intended_update_and_its_rounding(tmp_path, wf_r
             # closure = Δ - (A + I + D + R + rounding) with rounding := Δ - (A + I + D + R) per tensor: the sums'
             # reassociation over the aggregate's tensors and steps only, far below 1e-9 of the budget
             assert abs(r[f"weightforces/{agg}/closure"]) <= 1e-9 * scale
+            # align_post: the research formula on the stored weights and moments (rounded to bf16 where held so);
+            # ũ in float32 (4 roundings), float32 products summed in rows of up to 1024: (5 + 1024)·2^-24 of the
+            # sum of |terms|, itself below |align_post| + 2·scale here
+            post = ref.stored_align_post[step - 1][agg]
+            assert r[f"weightforces/{agg}/align_post"] == pytest.approx(post, rel=0, abs=1029 * 2**-24 * (abs(post)
+                                                                                                   + 2 * scale))
     if split:
         return
     # bf16 keeps little of a small update: norm gains (other) lose most of their intended change

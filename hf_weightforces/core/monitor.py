@@ -79,6 +79,19 @@ def _index(cache: dict, indices: Sequence[int], device: torch.device) -> torch.T
     return idx
 
 
+def _bias_scales(steps, betas, eps, dev: torch.device) -> tuple[torch.Tensor, list]:
+    """(s [k] on ``dev``, ε' per tensor) of :func:`~.budget.bias_scales` for each tensor's counter
+    after the step; counters on an accelerator (fused/capturable AdamW) stay there."""
+    if all(_is_host(s) for s in steps):
+        scales = [bias_scales(float(s), b1, b2, e) for s, (b1, b2), e in zip(steps, betas, eps)]
+        return _to_device([s for s, _ in scales], dev), [e for _, e in scales]
+    t = torch.stack([torch.as_tensor(s, device=dev).to(torch.float64).reshape(()) for s in steps])
+    b1 = _to_device([b[0] for b in betas], dev)
+    b2 = _to_device([b[1] for b in betas], dev)
+    bc2_sqrt = torch.sqrt(1.0 - b2**t)
+    return bc2_sqrt / (1.0 - b1**t), list((_to_device(list(eps), dev) * bc2_sqrt).unbind())
+
+
 class ForceMonitor:
     """Accumulates per-parameter budget sums on ``device``; one host transfer per log event."""
 
@@ -155,17 +168,7 @@ class ForceMonitor:
         dev = weights[0].device
         if factors is None:
             factors = [decay_factor(lr, wd, w.dtype) for lr, wd, w in zip(lrs, weight_decays, weights)]
-        if all(_is_host(s) for s in steps):
-            scales = [bias_scales(float(s), b1, b2, e) for s, (b1, b2), e in zip(steps, betas, eps)]
-            u_scale = _to_device([s for s, _ in scales], dev)
-            eps_terms: list[float | torch.Tensor] = [e for _, e in scales]
-        else:  # steps live on the accelerator (fused/capturable): stay there
-            t = torch.stack([torch.as_tensor(s, device=dev).to(torch.float64).reshape(()) for s in steps])
-            b1 = _to_device([b[0] for b in betas], dev)
-            b2 = _to_device([b[1] for b in betas], dev)
-            bc2_sqrt = torch.sqrt(1.0 - b2**t)
-            u_scale = bc2_sqrt / (1.0 - b1**t)
-            eps_terms = list((_to_device(list(eps), dev) * bc2_sqrt).unbind())
+        u_scale, eps_terms = _bias_scales(steps, betas, eps, dev)
         dots = step_dots(weights, exp_avgs, second_moments, eps_terms)
         idx = _index(self._indices, indices, self.device)
         terms = budget_from_dots(
@@ -233,11 +236,18 @@ class ForceMonitor:
         self._staged = ({int(i): k for k, i in enumerate(indices)}, terms, dots[:, 0])
 
     def record_intended(
-        self, indices: Sequence[int], weights_after: Sequence[torch.Tensor], step_id: int | None = None
+        self, indices: Sequence[int], weights_after: Sequence[torch.Tensor], step_id: int | None = None,
+        views: Sequence | None = None,
     ) -> list[int]:
         """After the step: add the staged intended budget of the tensors in ``indices`` (those
         the optimizer really updated), with the observed Δ and ``rounding`` = Δ - (A + I + D + R).
-        Returns the indices that had nothing staged (to be recorded the post-step way)."""
+        Returns the indices that had nothing staged (to be recorded the post-step way).
+
+        ``views`` (AdamW: the tensors' views, ``index``, ``weight``, ``exp_avg``, ``second_moment``,
+        ``step``, ``hyper``): ``align_post`` is then the research code's formula on what is stored
+        after the step, -2η s <w_{t+1}, ũ_t> from the stored weights and moments (bf16/fp16-held:
+        both rounded), read by the same pass that observes ||w_{t+1}||²; without them (bitsandbytes,
+        whose moments are quantised) it is c A + 2I of the intended update (docs/budget.md, section 6)."""
         staged, self._staged = self._staged, None
         rows = {} if staged is None else staged[0]
         have = [i for i in indices if i in rows]
@@ -246,9 +256,20 @@ class ForceMonitor:
             return missing
         pick = _index(self._indices, [rows[i] for i in have], self.device)
         intended, before = staged[1][pick], staged[2][pick]
-        after = squared_norms([w for i, w in zip(indices, weights_after) if i in rows]).to(self.device)
-        delta = after - before
         align, inject, decay, rest, decay_nominal, align_post = intended.unbind(1)
+        if views is not None:
+            vs = [v for v in views if v.index in rows]
+            dev = vs[0].weight.device
+            u_scale, eps_terms = _bias_scales([v.step for v in vs], [(v.hyper.beta1, v.hyper.beta2) for v in vs],
+                                              [v.hyper.eps for v in vs], dev)
+            dots = step_dots([v.weight for v in vs], [v.exp_avg for v in vs], [v.second_moment for v in vs],
+                             eps_terms).to(self.device)
+            after = dots[:, 0]
+            lr = _to_device([float(v.hyper.lr) for v in vs], self.device)
+            align_post = -2.0 * lr * u_scale.to(self.device) * dots[:, 1]
+        else:
+            after = squared_norms([w for i, w in zip(indices, weights_after) if i in rows]).to(self.device)
+        delta = after - before
         rounding = delta - (align + inject + decay + rest)
         terms = torch.stack((align, inject, decay, rest, delta, rounding, decay_nominal, align_post), dim=1)
         idx = _index(self._indices, have, self.device)
@@ -297,7 +318,7 @@ class ForceMonitor:
         whose intended update was staged before the step (:meth:`stage_intended`) are recorded
         from that instead."""
         if self._staged is not None and pick is None:
-            missing = set(self.record_intended([v.index for v in views], [v.weight for v in views], step_id))
+            missing = set(self.record_intended([v.index for v in views], [v.weight for v in views], step_id, views))
             views = [v for v in views if v.index in missing]
         pick = pick or (lambda view, t: t)
         by_device: dict[torch.device, list] = {}
