@@ -327,3 +327,16 @@ def test_geometry_errors_name_their_file(tmp_path, capsys):
     for argv, expect in cases.items():
         line = one_error_line(*cli(["geometry", *argv, "--coords", "64"], capsys)[::2])
         assert expect in line, (argv, line)
+
+
+def test_spline_with_too_few_checkpoints_names_the_folder(tmp_path, capsys):
+    """Two checkpoints: one error line that names the folder it looked in (exit 2)."""
+    from hf_weightforces.cli import main
+
+    for step in (10, 20):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file({"layers.0.mlp.dense_h_to_4h.weight": torch.zeros(4, 4)},
+                  str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+    assert main(["spline", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path) in err and "at least 4 checkpoints" in err, err

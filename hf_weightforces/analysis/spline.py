@@ -721,8 +721,9 @@ def analyze(
         checkpoints = [c for c in checkpoints if c.step % keep_every == 0]
     if len(checkpoints) < MIN_CHECKPOINTS:
         steps = [c.step for c in checkpoints]
-        raise RecordError(f"a cubic spline needs at least {MIN_CHECKPOINTS} checkpoints; found {len(steps)} "
-                          f"(steps {steps}): save more often or pass more checkpoints")
+        where = ", ".join(str(p) for p in paths) if isinstance(paths, (list, tuple)) else str(paths)
+        raise RecordError(f"{where}: a cubic spline needs at least {MIN_CHECKPOINTS} checkpoints; found "
+                          f"{len(steps)} (steps {steps}): save more often or pass more checkpoints")
     hub = isinstance(paths, HubCheckpoints)  # no records beside Hub revisions, unless --records names them
     folder = records if records is not None or hub else locate_records(paths, checkpoints)
     rec = read_records(folder)
