@@ -118,7 +118,7 @@ class WeightForcesCallback(TrainerCallback):
             ``..`` component (ValueError otherwise), so records never land outside the run's folder.
         weibull_every: fit Weibull (k, λ) per class (docs/weibull.md) at the first log event at or
             after every ``weibull_every`` optimizer steps, from a mergeable log-spaced histogram
-            of |w| (one sort of the weights: see the README for the cost); 0 turns it off.
+            of |w| (one sort of the weights: docs/budget.md, section 10, for the cost); 0 turns it off.
         weibull_per_matrix: also fit every weight matrix at those events (bigger reduction).
         offset_sample_every: the sparse-recording variant of the σ prediction integrates forces
             recorded every N steps (docs/weibull.md); must be a multiple of ``every`` (default: the
