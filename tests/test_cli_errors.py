@@ -233,8 +233,11 @@ def test_fit_memory_is_bounded_by_the_largest_tensor(big):
 def test_ctrl_c_stops_a_long_command_cleanly(big):
     """On a terminal the progress line says the read began; SIGINT then ends it with 130, no traceback."""
     leader, follower = pty.openpty()
+    # SIGINT as a terminal delivers it: the default disposition (an earlier test in the same session may leave it
+    # ignored, which a child inherits, and Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-m", "hf_weightforces.cli", "fit", str(big)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=follower, env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=follower, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(follower)
     seen = b""
     deadline = time.monotonic() + 120
