@@ -23,7 +23,7 @@ from hf_weightforces.integrations.args import env_name, output_subdir_problem, s
 
 _BAD_TEXT = {  # a malformed value for each kind of setting; choices and paths get their own
     int: "ten", bool: "maybe", "kernel": "fast", "observed_mode": "guess", "patterns": '{"value": [1]}',
-    "output_subdir": "../escape_subdir",
+    "output_subdir": "../escape_subdir", "offset_rule": "middle",
 }
 
 

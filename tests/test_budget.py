@@ -10,6 +10,7 @@ import torch
 from float_bounds import U32, abs_sum, sum_tol
 
 from hf_weightforces.core.budget import (
+    BUDGET_TERMS,
     adamw_direction,
     bias_scales,
     budget_from_dots,
@@ -230,3 +231,18 @@ def test_unsupported_optimizers_are_refused_with_the_supported_list():
             check_supported(opt)
     with pytest.raises(UnsupportedOptimizerError, match="supported"):
         check_supported(object())
+
+
+@pytest.mark.parametrize("rule_at, sampled_steps", [(0, (5, 10)), (1, (1, 6))])
+def test_sparse_recording_integral_samples_the_rule_steps(rule_at, sampled_steps):
+    """``sample_every`` N: N·(A + I + D) of the step that stands for each block of N steps: its last
+    (right-point rule, ``sample_at`` 0) or its first (left-point, the research script's), nothing else."""
+    mon = ForceMonitor([ParamInfo("w", "transmission", 0, 4)], sample_every=5, sample_at=rule_at)
+    total = 0.0
+    for step in range(1, 11):
+        terms = torch.zeros(1, len(BUDGET_TERMS), dtype=torch.float64)
+        terms[0, :3] = torch.tensor([step, 0.5 * step, -0.25 * step], dtype=torch.float64)  # A, I, D
+        mon.record_budget([0], terms, torch.ones(1, dtype=torch.float64), step_id=step)
+        if step in sampled_steps:
+            total += 5 * 1.25 * step
+    assert float(mon.sampled[0]) == total  # small integers and quarters: exact in float64

@@ -163,3 +163,19 @@ def test_per_matrix_fits_equal_exact_fits(tmp_path, wf_rows):
         assert row[f"weightforces/matrix/{name}/weibull_scale"] == pytest.approx(exact.scale, rel=2e-4), name
         fitted += 1
     assert fitted == 2 + 2 * 4  # embed_in, lm_head and four matrices in each of two layers
+
+
+@pytest.mark.parametrize("every, rule, sample_at", [(1, "right", 0), (1, "left", 1), (2, "left", 2), (5, "left", 0)])
+def test_offset_rule_picks_the_step_that_stands_for_each_block(tmp_path, every, rule, sample_at):
+    """``offset_rule``: the sparse-recording integral samples each block's last step (right) or its
+    first budget step (left: step ``every`` of the block; the same step as right when N == every)."""
+    from conftest import train_tiny
+
+    from hf_weightforces import WeightForcesCallback
+
+    cb = WeightForcesCallback(every=every, offset_sample_every=10 if every != 5 else 5, offset_rule=rule,
+                              weibull_every=0, quiet=True)
+    train_tiny(tmp_path, [cb], max_steps=every, logging_steps=every)
+    assert cb.monitor.sample_at == sample_at
+    with pytest.raises(ValueError, match="offset_rule"):
+        WeightForcesCallback(offset_rule="middle")

@@ -34,9 +34,12 @@ from .budget import (
 )
 from .kernels import to_device
 
-__all__ = ["BUDGET_MODES", "FORCE_KEYS", "ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
+__all__ = ["BUDGET_MODES", "OFFSET_RULES", "FORCE_KEYS", "ForceMonitor", "Packed", "ParamInfo", "aggregate_masks", "summarize_sums"]
 
 _NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta, rounding, decay_nominal, align_post
+
+#: Which step stands for each block of the sparse-recording integral (the callback's ``offset_rule``).
+OFFSET_RULES: tuple[str, ...] = ("right", "left")
 
 #: ``weightforces/budget_mode`` codes: how the row's budget was computed (docs/optimizers.md).
 #: moments: AdamW's moments read after the step; staged: the moments read before the step
@@ -96,12 +99,15 @@ class ForceMonitor:
     """Accumulates per-parameter budget sums on ``device``; one host transfer per log event."""
 
     def __init__(
-        self, infos: Sequence[ParamInfo], device: torch.device | str = "cpu", sample_every: int | None = None
+        self, infos: Sequence[ParamInfo], device: torch.device | str = "cpu", sample_every: int | None = None,
+        sample_at: int = 0,
     ) -> None:
-        """``sample_every`` N also accumulates N·(A + I + D) at steps that are multiples of N: the
-        sparse-recording integral of docs/weibull.md."""
+        """``sample_every`` N also accumulates N·(A + I + D) at the steps whose number is ``sample_at``
+        modulo N: the sparse-recording integral of docs/weibull.md (0, the default: each block's last
+        step, the right-point rule; the first budget step of each block: the left-point rule)."""
         self.infos = list(infos)
         self.sample_every = sample_every
+        self.sample_at = sample_at % sample_every if sample_every else 0
         self.device = torch.device(device)
         n = len(self.infos)
         self.sums = torch.zeros(n, _NT, dtype=torch.float64, device=self.device)
@@ -192,14 +198,14 @@ class ForceMonitor:
         plan = step.plan
         terms = plan.run(step.weights, step.exp_avgs, step.second_moments, step.t_after, step.t_before,
                          step.hyper_now, self.sums, self.nonfinite, self.norm2)
-        if self.sample_every and step_id is not None and step_id % self.sample_every == 0:
+        if self.sample_every and step_id is not None and step_id % self.sample_every == self.sample_at:
             self.sampled.index_add_(0, plan.index, terms[:, :3].sum(dim=1) * self.sample_every)
 
     def _add(self, idx: torch.Tensor, terms: torch.Tensor, step_id: int | None) -> None:
         finite = torch.isfinite(terms).all(dim=1)
         terms = torch.where(finite[:, None], terms, torch.zeros_like(terms))
         self.sums.index_add_(0, idx, terms)
-        if self.sample_every and step_id is not None and step_id % self.sample_every == 0:
+        if self.sample_every and step_id is not None and step_id % self.sample_every == self.sample_at:
             self.sampled.index_add_(0, idx, terms[:, :3].sum(dim=1) * self.sample_every)
         self.nonfinite.index_add_(0, idx, (~finite).to(torch.float64))
 

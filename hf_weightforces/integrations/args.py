@@ -133,6 +133,11 @@ class WeightForcesArguments:
         metadata={"help": "Sparse-recording variant of the RMS prediction: forces every N steps (a multiple of "
                   "--weight_forces_every; default the smallest such multiple >= 10)."},
     )
+    weight_forces_offset_rule: str = field(
+        default="right",
+        metadata={"help": "The step that stands for each block of that integral: 'right' (its last step, the default) "
+                  "or 'left' (its first budget step: the research script's rule)."},
+    )
     weight_forces_super_weights: int = field(
         default=0, metadata={"help": "Also report shares and fits without the N largest |w| (0 = off)."}
     )
@@ -318,7 +323,7 @@ _LOWER_BOUNDS = {"every": 1, "weibull_every": 0, "offset_sample_every": 1, "supe
 #: Upper bounds: the observed sample's seed becomes ``seed * 1000003 + rank`` in a 64-bit generator
 #: seed (integrations/optimizers.py); 2**32 - 1 keeps that in range for any rank count.
 _UPPER_BOUNDS = {"observed_seed": (1 << 32) - 1}
-_CHOICE_SETTINGS = ("observed_mode", "kernel")
+_CHOICE_SETTINGS = ("observed_mode", "kernel", "offset_rule")
 
 
 def _choices(setting: str) -> tuple[str, ...]:
@@ -329,12 +334,16 @@ def _choices(setting: str) -> tuple[str, ...]:
         from ..core.kernels import KERNELS
 
         return tuple(KERNELS)
+    if setting == "offset_rule":
+        return _OFFSET_RULES
     return _OBSERVED_MODES
 
 
+_OFFSET_RULES = ("right", "left")  # core/monitor.py OFFSET_RULES (that module imports torch)
 _OBSERVED_MODES = ("sampled", "exact")  # integrations/optimizers.py OBSERVED_MODES (tested equal; that module imports torch)
 _CALLBACK_SETTINGS = ("every", "per_layer", "per_matrix", "patterns", "to_all_integrations", "output_subdir",
-                      "weibull_every", "weibull_per_matrix", "offset_sample_every", "super_weights", "rounding_split",
+                      "weibull_every", "weibull_per_matrix", "offset_sample_every", "offset_rule", "super_weights",
+                      "rounding_split",
                       "kernel", "quiet", "observed_mode", "observed_sample_size", "observed_seed")
 
 def settings() -> list[tuple[str, type, object, str]]:

@@ -40,7 +40,7 @@ from ..core.aggregates import describe
 from ..core.budget import KERNELS, choose_kernel
 from ..core.groups import Grouping
 from ..core.integral import RunIntegral
-from ..core.monitor import ForceMonitor, ParamInfo
+from ..core.monitor import OFFSET_RULES, ForceMonitor, ParamInfo
 from ..core.optim import plan_optimizer, unwrap_optimizer
 from ..core.pools import WeibullPools
 from ..distributed import ParamEntry, ShardContext, ShardFailureError, UnsupportedBackendError
@@ -123,6 +123,11 @@ class WeightForcesCallback(TrainerCallback):
         offset_sample_every: the sparse-recording variant of the σ prediction integrates forces
             recorded every N steps (docs/weibull.md); must be a multiple of ``every`` (default: the
             smallest multiple of ``every`` that is at least 10).
+        offset_rule: which step stands for each block of ``offset_sample_every`` steps in that
+            integral: ``"right"`` (the default: the block's last step, so a record stands for the
+            steps since the previous one, as ``metrics.jsonl`` rows do) or ``"left"`` (its first
+            budget step: the research script ``make_predicted_lambda_fig.py``'s rule; with ``every``
+            equal to ``offset_sample_every`` both are the same step).
         probes: extra live quantities (see :class:`Probe`) logged in the same rows.
         super_weights: also report the budget shares and Weibull fits without the N largest |w|
             over all weight matrices (re-picked at each log event); 0 = off.  Single process/DDP.
@@ -151,6 +156,7 @@ class WeightForcesCallback(TrainerCallback):
         weibull_every: int = 100,
         weibull_per_matrix: bool = False,
         offset_sample_every: int | None = None,
+        offset_rule: str = "right",
         probes: Sequence[Probe] = (),
         super_weights: int = 0,
         rounding_split: bool = False,
@@ -175,6 +181,9 @@ class WeightForcesCallback(TrainerCallback):
                 raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
         if offset_sample_every % every:
             raise ValueError(f"offset_sample_every ({offset_sample_every}) must be a multiple of every ({every})")
+        if offset_rule not in OFFSET_RULES:
+            raise ValueError(f"offset_rule must be one of {OFFSET_RULES}, got {offset_rule!r}")
+        self.offset_rule = offset_rule
         self.every = every
         self.weibull_every = weibull_every
         self.weibull_per_matrix = weibull_per_matrix
@@ -254,7 +263,8 @@ class WeightForcesCallback(TrainerCallback):
             raise ValueError("WeightForcesCallback: the optimizer has no parameters to monitor")
         self._entries = entries
         self._index_of = {id(e.param): i for i, e in enumerate(entries)}
-        self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every)
+        self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every,
+                                    sample_at=0 if self.offset_rule == "right" else self.every % self.offset_sample_every)
         self.monitor.dots_method = choose_kernel(self.kernel)
         if self.monitor.dots_method == "compiled":
             logger.info("weight forces: the per-step pass is compiled by torch.compile at the second budget step, "
