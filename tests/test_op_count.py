@@ -160,3 +160,24 @@ def test_trainer_step_of_the_4x256_model_is_bounded(tmp_path):
     steps = [c for c in counts[3:] if c]
     assert len(steps) >= 2 and max(steps) <= 10 * big + 50, steps
     assert not children and not psutil.Process().children(recursive=True)
+
+
+def test_per_tensor_pass_is_planned_once_for_the_same_memory():
+    """``step_dots`` keeps the pass of tensors it saw (a sharded backend hands the same local views
+    every step): the second call plans nothing and reads the current values; tensors that are not
+    contiguous (flattening copies them) get a fresh pass, never a stale copy."""
+    from hf_weightforces.core.kernels import step_dots
+
+    w, m, v = [torch.randn(SMALL * 2), torch.randn(300)], [torch.randn(SMALL * 2), torch.randn(300)], \
+        [torch.rand(SMALL * 2), torch.rand(300)]
+    first = step_dots(w, m, v, [1e-8, 1e-8])
+    with Allocations() as seen:
+        w[0].mul_(2.0)
+        again = step_dots(w, m, v, [1e-8, 1e-8])
+    assert seen.largest < SMALL  # no scratch made again
+    assert float(again[0, 0]) == pytest.approx(4 * float(first[0, 0]), rel=1e-12)  # the new values, exact squares
+    wt = torch.randn(300, 200).t()
+    m2, v2 = torch.randn(200, 300), torch.rand(200, 300)
+    before = step_dots([wt], [m2], [v2], [1e-8])
+    wt.mul_(2.0)
+    assert float(step_dots([wt], [m2], [v2], [1e-8])[0, 0]) == pytest.approx(4 * float(before[0, 0]), rel=1e-12)

@@ -267,12 +267,30 @@ def step_dots(
     ``weights`` are the post-step tensors w' (any float dtype; the fp32 master where mixed
     precision keeps one), ``second_moments`` are ``exp_avg_sq`` (or ``max_exp_avg_sq`` under
     AMSGrad), and ``eps_terms[i] = ε sqrt(1-β2^t_i)``.  All tensors must share one device; no
-    host synchronisation happens here.  A :class:`BlockPass` made for this call: the planned
-    path (:mod:`.plan`) keeps one from step to step instead."""
+    host synchronisation happens here.  The :class:`BlockPass` of these tensors is kept for the
+    next call over the same memory (a sharded backend hands the same local views every step), so
+    it is planned once, not at every step."""
     if not weights:
         return torch.zeros(0, 3, dtype=torch.float64)
-    block = BlockPass(weights, exp_avgs, second_moments)
+    tensors = [x for xs in (weights, exp_avgs, second_moments) for x in xs]
+    if not all(x.is_contiguous() for x in tensors):  # flattening copies: a pass of the copy would go stale
+        block = BlockPass(weights, exp_avgs, second_moments)
+        return block.run(_eps_vector(eps_terms, len(weights), block.device))
+    key = tuple((x.data_ptr(), x.numel(), x.dtype, x.device) for x in tensors)
+    block = _BLOCKS.pop(key, None)
+    if block is None:
+        block = BlockPass(weights, exp_avgs, second_moments)
+    _BLOCKS[key] = block  # the most recently used last
+    while len(_BLOCKS) > _BLOCKS_KEPT:
+        _BLOCKS.pop(next(iter(_BLOCKS)))
     return block.run(_eps_vector(eps_terms, len(weights), block.device))
+
+
+#: The passes :func:`step_dots` keeps, by the memory they read (a pass holds views, so the memory
+#: it reads stays allocated while it is kept: equal pointers mean the same memory): a few, enough
+#: for the per-tensor path's tensor sets of one step (per device, intended and post-step).
+_BLOCKS: dict[tuple, BlockPass] = {}
+_BLOCKS_KEPT = 4
 
 
 #: The ways the pass can run (the callback's ``kernel`` argument): ``exact`` (:class:`BlockPass`),
