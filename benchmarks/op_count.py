@@ -1,10 +1,11 @@
 """Device operations of one planned budget step, counted at the dispatcher, for Pythia layouts.
 
-    python benchmarks/op_count.py                  # 160m and 1.4b on the meta device (accelerator chunks)
+    python benchmarks/op_count.py                  # 160m, 410m and 1.4b on the meta device
 
 No device and no memory: the model's parameters and AdamW moments are meta tensors laid out as the
 Pythia model's (GPT-NeoX, vocab 50304, untied embeddings, biases on); the pass is the one a run on
-an accelerator plans (:data:`~hf_weightforces.core.kernels.CHUNK_ACCEL` elements a chunk).  Every
+an accelerator plans (:data:`~hf_weightforces.core.kernels.CHUNK_ACCEL` elements a chunk) and the
+one a CPU plans (:data:`~hf_weightforces.core.kernels.CHUNK_CPU`).  Every
 ATen operation the step dispatches counts once (views included): on a GPU each non-view one is a
 kernel launch.  ``tests/test_op_count.py`` keeps these counts from growing back.
 """
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_weightforces.core.budget import BUDGET_TERMS
-from hf_weightforces.core.kernels import SMALL
+from hf_weightforces.core import kernels
+from hf_weightforces.core.kernels import CHUNK_CPU, SMALL
 from hf_weightforces.core.plan import StepPlan
 
 #: (hidden, layers, intermediate) of EleutherAI's Pythia models; vocab 50304
@@ -58,8 +61,13 @@ def big_tensors(shapes) -> int:
     return sum(1 for s in shapes if torch.Size(s).numel() >= SMALL)
 
 
-def count_step(shapes, device: str = "meta", kernel: str = "exact") -> OpCounter:
-    """The operations of the second planned step (the first plans the pass) over ``shapes``."""
+def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int | None = None) -> OpCounter:
+    """The operations of the second planned step (the first plans the pass) over ``shapes``;
+    ``chunk``: the pass's chunk size (default: the device's; :data:`CHUNK_CPU` counts a CPU's pass
+    on the meta device)."""
+    if chunk is not None:
+        with mock.patch.object(kernels, "chunk_size", lambda device: chunk):
+            return count_step(shapes, device, kernel)
     dev = torch.device(device)
     ws = [torch.empty(s, device=dev).view(-1) for s in shapes]
     ms = [torch.empty(s, device=dev).view(-1) for s in shapes]
@@ -81,13 +89,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["160m", "410m", "1.4b"], choices=sorted(PYTHIA))
     args = ap.parse_args()
-    print("| layout | tensors | of them >= 32768 elements | operations a step | bound 10 x big + 50 |")
-    print("|---|---|---|---|---|")
+    print("| layout | tensors | of them >= 32768 elements | operations a step (accelerator chunks) "
+          "| (CPU chunks) | bound 10 x big + 50 |")
+    print("|---|---|---|---|---|---|")
     for size in args.sizes:
         shapes = pythia_shapes(size)
-        c = count_step(shapes)
         big = big_tensors(shapes)
-        print(f"| Pythia-{size} | {len(shapes)} | {big} | {c.total} | {10 * big + 50} |")
+        print(f"| Pythia-{size} | {len(shapes)} | {big} | {count_step(shapes).total} "
+              f"| {count_step(shapes, chunk=CHUNK_CPU).total} | {10 * big + 50} |")
 
 
 if __name__ == "__main__":

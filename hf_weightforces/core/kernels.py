@@ -6,11 +6,12 @@ both float64, on the tensors' device, with no host synchronisation.  One design 
 
 * tensors below :data:`SMALL` elements are packed into buffers made once (:class:`PackedSmall`):
   about fifteen multi-tensor and flat operations for all of them, however many;
-* larger tensors are cut, once, into chunks of at most :func:`chunk_size` elements (cache-sized on
-  a CPU, large on an accelerator), each viewed as rows; a step is seven operations per chunk into
-  scratch buffers made once: ũ = m / (sqrt(v) + ε') in float32, ||w'||² as a float64 norm (exact
-  squares, float64 sums), <w', ũ> as float32 row sums of products and ||ũ||² as float32 row norms,
-  the rows summed in float64 at the end (1e-6 relative on the last two: stated and tested).
+* larger tensors are cut, once, into about equal chunks of at most :func:`chunk_size` elements
+  (cache-sized on a CPU, large on an accelerator), each viewed as rows; a step is one multi-tensor
+  float64 norm of every chunk's w' (||w'||²: exact squares, float64 sums) and six operations per
+  chunk in one scratch buffer made once: ũ = m / (sqrt(v) + ε') in float32, ||ũ||² as float32 row
+  norms, then <w', ũ> as float32 row sums of products, the rows summed in float64 at the end (1e-6
+  relative on the last two: stated and tested).
 
 On a CPU the chunk operations run on one intra-op thread: a parallel region per operation is what
 made the previous pass collapse when torch's threads outnumber the free cores (docs/budget.md).
@@ -37,10 +38,12 @@ __all__ = ["KERNELS", "SMALL", "BlockPass", "PackedSmall", "chunk_size", "choose
 #: arithmetic, is what small tensors cost); larger ones are read in place, chunk by chunk.
 SMALL = 1 << 15
 
-#: Elements per chunk: on a CPU the chunk's float32 scratch (two buffers of 4 MiB) stays in cache
-#: between the seven operations (measured: 4.1x the floor at 1 Mi elements, 9x at 4 Mi and above,
-#: docs/budget.md); an accelerator takes large chunks (fewer launches; 2 x 64 MiB of scratch).
-CHUNK_CPU = 1 << 20
+#: Elements per chunk (tensors are cut into about equal chunks up to this size): on a CPU the chunk's
+#: float32 scratch buffer (12 MiB) stays in the last-level cache between the six operations
+#: (measured at a Pythia-160M layout: 3.1x the floor at 1 Mi elements, 3.5x at 3 Mi, 6.9x from
+#: 6 Mi; 3 Mi keeps the operations within ten per big tensor, docs/budget.md); an accelerator
+#: takes large chunks (fewer launches; 64 MiB of scratch).
+CHUNK_CPU = 3 << 20
 CHUNK_ACCEL = 1 << 24
 
 #: Longest row of the float32 partial sums (pairwise within a row, rows summed in float64):
@@ -150,12 +153,31 @@ class PackedSmall:
         return torch.zeros(len(self.members), 3, dtype=torch.float64, device=rows.device).index_add_(0, self.row_of, rows)
 
 
+def _pieces(n: int, chunk: int) -> list[tuple[int, int, int]]:
+    """A tensor of ``n`` elements cut into about equal chunks of at most ``chunk`` elements (starts
+    on multiples of :data:`ROW`), each as (start, stop, row length): the row length is the longest
+    divisor of the chunk's size up to :data:`ROW`; a chunk with no divisor of at least 64 (an odd
+    size) leaves its last ``size % ROW`` elements to a one-row piece of their own."""
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    step = ceil(ceil(n, ceil(n, chunk)), ROW) * ROW
+    out = []
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        r = next(r for r in range(min(ROW, b - a), 0, -1) if (b - a) % r == 0)
+        if r < 64 and b - a > ROW:
+            cut = b - (b - a) % ROW
+            out += [(a, cut, ROW), (cut, b, b - cut)]
+        else:
+            out.append((a, b, r))
+    return out
+
+
 class BlockPass:
     """(||w'||², <w', ũ>, ||ũ||²) of a fixed list of tensors, planned once (module docstring).
 
     ``weights``, ``exp_avgs``, ``second_moments``: the tensors (any float dtype; flattened here),
     on one device; the pass keeps views of them, so it stays valid while their storage does.  Per
-    call only ε' (one value per tensor) changes.  Memory: two float32 scratch buffers of one chunk,
+    call only ε' (one value per tensor) changes.  Memory: one float32 scratch buffer of one chunk,
     the packed small tensors (4 x their size in float32), and a few floats per row of 1024."""
 
     def __init__(self, weights: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
@@ -172,26 +194,23 @@ class BlockPass:
                 pack = PackedSmall(small, [numels[k] for k in small], dev, torch.float64 if wide else torch.float32)
                 self._small.append((pack, [[xs[k] for k in small] for xs in (ws, ms, vs)]))
         chunk = chunk or chunk_size(dev)
-        pieces = [(k, i, min(n, i + chunk)) for k, n in enumerate(numels) if n >= SMALL for i in range(0, n, chunk)]
+        pieces = [(k, *p) for k, n in enumerate(numels) if n >= SMALL for p in _pieces(n, chunk)]
         self._steps: list[tuple] = []
         if not pieces:
             return
-        longest = max(b - a for _, a, b in pieces)
-        s, p = (torch.empty(longest, dtype=torch.float32, device=dev) for _ in range(2))
-        rows = [(b - a) // _row_length(b - a) for _, a, b in pieces]
-        self._norm_w = torch.empty(len(pieces), dtype=torch.float64, device=dev)  # ||w'|| per chunk
+        s = torch.empty(max(b - a for _, a, b, _ in pieces), dtype=torch.float32, device=dev)
+        rows = [(b - a) // r for _, a, b, r in pieces]
+        self._w = [ws[k][a:b] for k, a, b, _ in pieces]  # ||w'||²: one multi-tensor float64 norm of all chunks
         self._rows_wu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row sums of w' ũ
         self._rows_uu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row norms of ũ
         self.eps = torch.zeros(self.size, dtype=torch.float32, device=dev)  # ε' per tensor, set per call
         r0 = 0
-        for j, ((k, a, b), r) in enumerate(zip(pieces, rows)):
-            shape = (r, (b - a) // r)
-            w, m, v = (x[a:b].view(shape) for x in (ws[k], ms[k], vs[k]))
-            self._steps.append((w, m, v, s[: b - a].view(shape), p[: b - a].view(shape),
-                                self._norm_w[j], self._rows_wu[r0 : r0 + r], self._rows_uu[r0 : r0 + r], self.eps[k],
-                                vs[k].dtype != torch.float32))
-            r0 += r
-        owner = torch.tensor([k for k, _, _ in pieces])
+        for (k, a, b, r), n in zip(pieces, rows):
+            w, m, v = (x[a:b].view(n, r) for x in (ws[k], ms[k], vs[k]))
+            self._steps.append((w, m, v, s[: b - a].view(n, r), self._rows_wu[r0 : r0 + n],
+                                self._rows_uu[r0 : r0 + n], self.eps[k], vs[k].dtype != torch.float32))
+            r0 += n
+        owner = torch.tensor([k for k, *_ in pieces])
         self._chunk_of = to_device(owner, dev)  # each chunk's tensor
         self._row_of = to_device(torch.repeat_interleave(owner, torch.tensor(rows)), dev)  # each row's tensor
 
@@ -205,19 +224,19 @@ class BlockPass:
             return out
         self.eps.copy_(eps)  # the chunks read their tensor's ε' from here (float32, as ũ)
         with one_thread(self.device):
-            for w, m, v, s, p, norm_w, rows_wu, rows_uu, e, widen in self._steps:
+            norm_w = torch._foreach_norm(self._w, 2, dtype=torch.float64)  # exact squares, float64 sums
+            for w, m, v, s, rows_wu, rows_uu, e, widen in self._steps:
                 if widen:  # v in bfloat16/float16 (or float64): its square root taken in float32, not in v's dtype
                     s.copy_(v)
                     s.sqrt_()
                 else:
                     torch.sqrt(v, out=s)
                 s.add_(e)
-                torch.div(m, s, out=s)  # ũ = m / (sqrt(v) + ε'), float32
-                torch.linalg.vector_norm(w, dtype=torch.float64, out=norm_w)  # exact squares, float64 sums
-                torch.mul(w, s, out=p)
-                torch.sum(p, 1, out=rows_wu)
+                torch.div(m, s, out=s)  # ũ = m / (sqrt(v) + ε'), float32, in the one scratch buffer
                 torch.linalg.vector_norm(s, dim=1, out=rows_uu)
-        out[:, 0].index_add_(0, self._chunk_of, self._norm_w.square())
+                torch.mul(w, s, out=s)  # w' ũ over ũ: its norms are taken
+                torch.sum(s, 1, out=rows_wu)
+        out[:, 0].index_add_(0, self._chunk_of, torch.stack(norm_w).square())
         out[:, 1].index_add_(0, self._row_of, self._rows_wu.to(torch.float64))
         out[:, 2].index_add_(0, self._row_of, self._rows_uu.to(torch.float64).square())
         return out

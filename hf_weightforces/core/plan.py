@@ -13,7 +13,7 @@ synchronisation, no host-to-device copy of a Python list.
 The pass (``kernel``):
 
 * ``exact``: :class:`~.kernels.BlockPass`, planned at the first run (small tensors packed, big ones
-  read chunk by chunk in place, seven operations per chunk), then the budget;
+  read chunk by chunk in place, six operations per chunk), then the budget;
 * ``compiled`` (opt-in): :func:`_chunk_pass` through ``torch.compile``, in process: the three sums
   of every tensor, the budget and the accumulation in one compiled call per :data:`CHUNK` tensors,
   equal to the eager pass within 1e-6 of each sum (``tests/test_plan.py``); the first run waits
