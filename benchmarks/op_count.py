@@ -19,8 +19,8 @@ from unittest import mock
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_weightforces.core.budget import BUDGET_TERMS
 from hf_weightforces.core import kernels
+from hf_weightforces.core.budget import BUDGET_TERMS
 from hf_weightforces.core.kernels import CHUNK_CPU, SMALL
 from hf_weightforces.core.plan import StepPlan
 
