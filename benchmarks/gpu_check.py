@@ -11,7 +11,7 @@ its own failure and reporting it in the table:
   parameter counts), bf16 autocast, ``adamw_torch_fused``, a batch sized to fill most of the GPU;
   runs without and with the callback (budget every step, logging every 10) interleaved, every
   step timed with CUDA events; the median step time of each, the GPU time inside the callback's
-  ``on_optimizer_step`` and the force pass (``ForceMonitor.record_views`` or ``record_planned``) (CUDA events), the force pass's achieved
+  ``on_optimizer_step`` and the force pass (the budget source's ``record``) (CUDA events), the force pass's achieved
   bandwidth against its floor of one read of w, m and v (12 bytes a parameter, also timed as
   three ``torch._foreach_norm`` passes), the thread CPU time inside every hook, and the peak extra
   GPU memory (run peak with vs without, and the allocation peak inside the optimizer-step hook).
@@ -129,7 +129,7 @@ def _train(cfg, size: str, out: str, callbacks: list, *, steps: int, batch: int,
 def _callback_class():
     """The real callback, with every hook (and the optimizer pre-hook of its reader) timed from
     outside: thread CPU time, and GPU time and allocation peak around ``on_optimizer_step`` and
-    the force pass (``record_views`` or ``record_planned``)."""
+    the force pass (the budget source's ``record``: planned or per-tensor)."""
     from transformers import TrainerCallback
 
     from hf_weightforces import WeightForcesCallback
@@ -163,10 +163,8 @@ def _callback_class():
             finally:
                 self.cpu_s += time.thread_time() - t0
                 self._time_reader()
-                mon = self.monitor
-                for name in ("record_views", "record_planned"):  # the force pass: per-tensor or planned
-                    if mon is not None and hasattr(mon, name):
-                        setattr(mon, name, self._timed_pass(getattr(mon, name)))
+                if self._reader is not None:  # the force pass: planned or per-tensor, and its rows added
+                    self._reader.record = self._timed_pass(self._reader.record)
 
         def _timed_pass(self, inner):
             def timed(*a, **k):
@@ -529,7 +527,6 @@ def section_pass(cfg, size: str) -> dict:
     """The planned pass alone, ``exact`` and ``compiled`` against the floor, on one layout."""
     from op_count import OpCounter  # benchmarks/op_count.py, beside this script
 
-    from hf_weightforces.core.budget import BUDGET_TERMS
     from hf_weightforces.core.plan import StepPlan
 
     dev = torch.device(cfg.device)
@@ -558,10 +555,9 @@ def section_pass(cfg, size: str) -> dict:
     kernels = ("exact", "compiled") if size == cfg.sizes[0] else ("exact",)
     for kernel in kernels:
         plan = StepPlan(list(range(n)), [0] * n, 1, [False] * n, [w.numel() for w in ws], dev, kernel)
-        acc = (torch.zeros(n, len(BUDGET_TERMS), dtype=torch.float64, device=dev),
-               torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.float64, device=dev))
+        norm2 = torch.zeros(n, dtype=torch.float64, device=dev)
         hv = plan.step_vector([1e-4], [(0.01, 0.9, 0.999, 1e-8)])
-        step = lambda plan=plan, acc=acc, hv=hv: plan.run(ws, ms, vs, t_after, t_before, hv, *acc)  # noqa: E731
+        step = lambda plan=plan, norm2=norm2, hv=hv: plan.run(ws, ms, vs, t_after, t_before, hv, norm2).terms  # noqa: E731
         out[f"{kernel}_ms"] = timed(step)
         with OpCounter() as counter:
             sums[kernel] = step()

@@ -20,8 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_weightforces.core import kernels
-from hf_weightforces.core.budget import BUDGET_TERMS
 from hf_weightforces.core.kernels import CHUNK_CPU, SMALL
+from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.plan import StepPlan
 
 #: (hidden, layers, intermediate) of EleutherAI's Pythia models; vocab 50304
@@ -74,14 +74,12 @@ def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int |
     vs = [torch.empty(s, device=dev).view(-1) for s in shapes]
     n = len(shapes)
     plan = StepPlan(list(range(n)), [0] * n, 1, [False] * n, [w.numel() for w in ws], dev, kernel)
-    sums = torch.zeros(n, len(BUDGET_TERMS), dtype=torch.float64, device=dev)
-    nonfinite = torch.zeros(n, dtype=torch.float64, device=dev)
-    norm2 = torch.zeros(n, dtype=torch.float64, device=dev)
+    monitor = ForceMonitor([ParamInfo(f"p{i}", "other", None, w.numel()) for i, w in enumerate(ws)], dev)
     t_before, t_after = torch.zeros(n, device=dev), torch.ones(n, device=dev)
     hv = plan.step_vector([1e-4], [(0.01, 0.9, 0.999, 1e-8)])
-    plan.run(ws, ms, vs, t_after, t_before, hv, sums, nonfinite, norm2)
-    with OpCounter() as counter:
-        plan.run(ws, ms, vs, t_after, t_before, hv, sums, nonfinite, norm2)
+    monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.norm2)])
+    with OpCounter() as counter:  # the pass, the budget and the monitor's accumulation
+        monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.norm2)])
     return counter
 
 

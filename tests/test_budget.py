@@ -21,6 +21,7 @@ from hf_weightforces.core.budget import (
 from hf_weightforces.core.kernels import ROW
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.optim import UnsupportedOptimizerError, check_supported
+from hf_weightforces.core.rows import Rows, tensor_rows
 
 
 def hand_adamw(w, g, m, v, t, lr, wd, b1, b2, eps):
@@ -162,7 +163,7 @@ def _run_monitored(make_opt, steps=6, lr_scale=1.0):
                 second = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
                 idx.append(next(i for i, q in enumerate(params) if q is p))
                 views.append((p.detach(), st["exp_avg"], second, st["step"], lr, group["weight_decay"], (b1, b2), group["eps"]))
-        mon.record_step(idx, *map(list, zip(*views)))
+        mon.add([tensor_rows(idx, *map(list, zip(*views)), mon.norm2)])
         sums = mon.unpack(mon.pack().numpy()).sums
         got.append(sums.copy())
         mon.reset()
@@ -214,7 +215,8 @@ def test_nonfinite_is_reported_not_summed():
     m = [torch.full((4,), float("nan")), torch.ones(4) * 1e-3, torch.full((4,), float("inf"))]
     v = [torch.ones(4) * 1e-6] * 3
     mon.observe_norms(w)
-    mon.record_step([0, 1, 2], w, m, v, [1.0] * 3, [1e-3] * 3, [0.1] * 3, [(0.9, 0.999)] * 3, [1e-8] * 3)
+    mon.add([tensor_rows([0, 1, 2], w, m, v, [1.0] * 3, [1e-3] * 3, [0.1] * 3, [(0.9, 0.999)] * 3, [1e-8] * 3,
+                         mon.norm2)])
     rows = mon.summarize(mon.pack().numpy(), mon.steps)
     assert math.isnan(rows["weightforces/transmission/align"])
     # one step went non-finite (in two tensors at once): counted once, as a step
@@ -242,7 +244,7 @@ def test_sparse_recording_integral_samples_the_rule_steps(rule_at, sampled_steps
     for step in range(1, 11):
         terms = torch.zeros(1, len(BUDGET_TERMS), dtype=torch.float64)
         terms[0, :3] = torch.tensor([step, 0.5 * step, -0.25 * step], dtype=torch.float64)  # A, I, D
-        mon.record_budget([0], terms, torch.ones(1, dtype=torch.float64), step_id=step)
+        mon.add([Rows([0], terms, torch.ones(1, dtype=torch.float64))], step_id=step)
         if step in sampled_steps:
             total += 5 * 1.25 * step
     assert float(mon.sampled[0]) == total  # small integers and quarters: exact in float64

@@ -203,7 +203,7 @@ def test_a_failure_mid_run_warns_once_and_training_goes_on(tmp_path, wf_rows):
     class Breaker(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == 5 and cb.monitor is not None:
-                cb.monitor.record_step = cb.monitor.record_planned = None  # the next budget step raises TypeError
+                cb.monitor.add = None  # the next budget step raises TypeError
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

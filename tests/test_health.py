@@ -160,20 +160,20 @@ def _closure_over_floor(w0: torch.Tensor, lr: float, wd: float, steps: int = 6, 
     """|closure| / floor of each step of torch.optim.AdamW (float32, for-loop) as the monitor rebuilds it."""
     from hf_weightforces.core.aggregates import describe
     from hf_weightforces.core.monitor import ForceMonitor
+    from hf_weightforces.core.rows import tensor_rows
 
     gen = torch.Generator().manual_seed(seed)
     p = torch.nn.Parameter(w0.clone())
     opt = torch.optim.AdamW([p], lr=lr, weight_decay=wd, foreach=False)
     mon = ForceMonitor([describe("layers.0.mlp.dense_h_to_4h.weight", 2, p.numel())], sample_every=None)
-    mon.dots_method = "exact"
     out = []
     for _ in range(steps):
         mon.observe_norms([p.detach()])
         p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
         st = opt.state[p]
-        mon.record_step([0], [p.detach()], [st["exp_avg"]], [st["exp_avg_sq"]], [st["step"]], [lr], [wd],
-                        [(0.9, 0.999)], [1e-8])
+        mon.add([tensor_rows([0], [p.detach()], [st["exp_avg"]], [st["exp_avg_sq"]], [st["step"]], [lr], [wd],
+                             [(0.9, 0.999)], [1e-8], mon.norm2)])
         row = mon.summarize(mon.pack().numpy(), 1, per_layer=False)
         mon.reset()
         g = "weightforces/total/"

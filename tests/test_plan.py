@@ -44,7 +44,9 @@ from hf_weightforces.core.budget import (
 )
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.plan import StepPlan
+from hf_weightforces.core.rows import moment_rows
 from hf_weightforces.distributed import Backend, ShardContext
+from hf_weightforces.distributed.steps import PlannedStep
 
 COL = {name: j for j, name in enumerate(BUDGET_TERMS)}
 NT = len(BUDGET_TERMS)
@@ -83,6 +85,7 @@ class AdamWRun:
         assert all(a is b for a, b in zip(self.params, params)), "specs must be listed group by group"
         self.group_of = [g for g, group in enumerate(self.opt.param_groups) for _ in group["params"]]
         self.n = len(self.params)
+        self.monitors: dict[int, ForceMonitor] = {}
 
     def plan(self, kernel: str) -> StepPlan:
         return StepPlan(list(range(self.n)), self.group_of, len(self.opt.param_groups),
@@ -93,9 +96,12 @@ class AdamWRun:
         return [(g["weight_decay"], *g["betas"], g["eps"]) for g in self.opt.param_groups]
 
     def accumulators(self):
-        """(sums, nonfinite, norm2) as a monitor holds them, norm2 observed now."""
-        return (torch.zeros(self.n, NT, dtype=torch.float64), torch.zeros(self.n, dtype=torch.float64),
-                exact_norm2(self.params))
+        """(sums, nonfinite, norm2) of a fresh monitor (the very tensors it accumulates into), norm2
+        observed now."""
+        mon = ForceMonitor([ParamInfo(f"p{i}", "other", None, p.numel()) for i, p in enumerate(self.params)])
+        mon.observe_norms([p.detach() for p in self.params])
+        self.monitors[id(mon.sums)] = mon
+        return mon.sums, mon.nonfinite, mon.norm2
 
     def counters(self) -> torch.Tensor:
         return torch.stack([self.opt.state.get(p, {}).get("step", torch.tensor(0.0)) for p in self.params])
@@ -127,9 +133,13 @@ class AdamWRun:
                 [s["exp_avg_sq"].view(-1) for s in st])
 
     def run(self, plan: StepPlan, t_before, t_after, acc, inputs=None) -> torch.Tensor:
+        """One planned step added to the monitor of ``acc`` (its one way in); returns the rows' terms."""
         hv = plan.step_vector(self.lrs(), self.hypers())
         ws, ms, vs = inputs if inputs is not None else self.inputs()
-        return plan.run(ws, ms, vs, t_after, t_before, hv, *acc)
+        mon = self.monitors[id(acc[0])]
+        rows = plan.run(ws, ms, vs, t_after, t_before, hv, mon.norm2)
+        mon.add([rows])
+        return rows.terms
 
     def reference(self, i: int, w_before: torch.Tensor) -> np.ndarray:
         """Tensor i's float64 budget row (BUDGET_TERMS) of the step just taken."""
@@ -270,7 +280,7 @@ def test_nonfinite_row_is_flagged_and_left_out(kernel):
     exact = exact_norm2(run.params)
     for i in range(run.n):
         if i in broken:
-            assert torch.all(terms_bad[i] == 0), terms_bad[i]
+            assert not torch.isfinite(terms_bad[i]).all(), terms_bad[i]
             assert torch.equal(bad[0][i], bad_sums_before[i])  # nothing added at that step
             assert bad[1][i] == 1.0
             assert torch.isfinite(terms_clean[i]).all() and torch.any(terms_clean[i] != 0)
@@ -350,14 +360,21 @@ def _compare_rows(planned: list[dict], per_tensor: list[dict]) -> int:
 
 @pytest.mark.parametrize("every", [1, 3])
 def test_trainer_planned_path_equals_the_per_tensor_path(tmp_path, wf_rows, monkeypatch, every):
-    calls = []
-    record_planned = ForceMonitor.record_planned
+    calls, pending = [], []  # the steps whose rows came from the planned pass
+    rows, add = PlannedStep.rows, ForceMonitor.add
 
-    def counting(self, step, step_id=None):
-        calls.append(step_id)
-        return record_planned(self, step, step_id)
+    def counting_rows(self, norm2):
+        pending.append(True)
+        return rows(self, norm2)
 
-    monkeypatch.setattr(ForceMonitor, "record_planned", counting)
+    def counting_add(self, step_rows, step_id=None):
+        if pending:
+            calls.append(step_id)
+            pending.clear()
+        return add(self, step_rows, step_id)
+
+    monkeypatch.setattr(PlannedStep, "rows", counting_rows)
+    monkeypatch.setattr(ForceMonitor, "add", counting_add)
 
     def train(folder):
         cb = WeightForcesCallback(every=every, kernel="exact", per_matrix=True, quiet=True)
@@ -418,7 +435,6 @@ def _context_run(action_at: int | None = None, action=None, steps: int = 8, kern
     assert [e.param for e in entries] == run.params
     index_of = {id(e.param): i for i, e in enumerate(entries)}
     mon = ForceMonitor([ParamInfo(e.name, "other", None, e.numel) for e in entries])
-    mon.dots_method = kernel
     mon.observe_norms([p.detach() for p in run.params])
     pattern, rows = [], []
     saved = None
@@ -428,9 +444,9 @@ def _context_run(action_at: int | None = None, action=None, steps: int = 8, kern
             step_in = ctx.planned_step(run.opt, index_of, kernel) if planned else None
             pattern.append(step_in is not None)
             if step_in is not None:
-                mon.record_planned(step_in, step)
+                mon.add([step_in.rows(mon.norm2)], step)
             else:
-                mon.record_views(ctx.views(run.opt, index_of), step)
+                mon.add(moment_rows(ctx.views(run.opt, index_of), mon.norm2), step)
             assert mon.steps == 1
             ref = np.stack([run.reference(i, w_before[i]) for i in range(run.n)])
             rows.append((mon.sums.clone().numpy(), mon.norm2.clone(), ref, exact_norm2(run.params)))
@@ -454,7 +470,6 @@ def test_counters_before_a_step_after_steps_the_budget_skipped():
     entries = ctx.entries(None, run.opt)  # registers the step pre-hook
     index_of = {id(e.param): i for i, e in enumerate(entries)}
     mon = ForceMonitor([ParamInfo(e.name, "other", None, e.numel) for e in entries])
-    mon.dots_method = "exact"
     mon.observe_norms([p.detach() for p in run.params])
     try:
         # budget at steps 1, 2, 3 (planned from 2; 3 reuses 2's counters), none at 4, budget at 5
@@ -467,11 +482,11 @@ def test_counters_before_a_step_after_steps_the_budget_skipped():
             planned = ctx.planned_step(run.opt, index_of, "exact")
             pattern.append(planned is not None)
             if planned is None:
-                mon.record_views(ctx.views(run.opt, index_of), step)
+                mon.add(moment_rows(ctx.views(run.opt, index_of), mon.norm2), step)
                 mon.reset()
                 continue
             norm0 = mon.norm2[0].item()
-            mon.record_planned(planned, step)
+            mon.add([planned.rows(mon.norm2)], step)
             ref = np.stack([run.reference(i, w_before[i]) for i in range(run.n)])
             rows = slice(1 if no_grad else 0, None)
             if no_grad:  # tensor 0 was not updated by this step (at step 5: it was by step 4)

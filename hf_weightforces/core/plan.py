@@ -4,10 +4,10 @@ hyper-parameters (learning rates, weight decays, betas, ε, decay factors) and t
 the bias corrections are computed from the counters inside the pass (docs/budget.md, section 9).
 
 :class:`StepPlan` holds, for a fixed list of tensors on one device, the index tensors into the
-monitor and into the step vector, and the pass itself.  One :meth:`StepPlan.run` adds every tensor's
-budget row (:data:`~.budget.BUDGET_TERMS`) to the monitor's sums, flags non-finite rows and sets the
-new squared norms, with the tensors the step did not update (counter not moved: no gradient, a
-GradScaler skip inside a fused kernel) masked out on the device: no Python work per tensor, no host
+monitor and into the step vector, and the pass itself.  One :meth:`StepPlan.run` returns every tensor's
+budget row (:data:`~.budget.BUDGET_TERMS`) and new squared norm as one :class:`~.rows.Rows` for the
+monitor, with the tensors the step did not update (counter not moved: no gradient, a GradScaler skip
+inside a fused kernel) masked out on the device: no Python work per tensor, no host
 synchronisation, no host-to-device copy of a Python list.
 
 The pass (``kernel``):
@@ -15,7 +15,7 @@ The pass (``kernel``):
 * ``exact``: :class:`~.kernels.BlockPass`, planned at the first run (small tensors packed, big ones
   read chunk by chunk in place, six operations per chunk), then the budget;
 * ``compiled`` (opt-in): :func:`_chunk_pass` through ``torch.compile``, in process: the three sums
-  of every tensor, the budget and the accumulation in one compiled call per :data:`CHUNK` tensors,
+  of every tensor and the budget in one compiled call per :data:`CHUNK` tensors,
   equal to the eager pass within 1e-6 of each sum (``tests/test_plan.py``); the first run waits
   for the compilation (seconds to tens of seconds); a failure warns once and runs ``exact``.
 """
@@ -32,6 +32,7 @@ import torch
 
 from .budget import budget_from_dots, decay_factor
 from .kernels import BlockPass, to_device
+from .rows import Rows
 
 logger = logging.getLogger(__name__)
 
@@ -63,41 +64,28 @@ def planned_terms(
     t_before: torch.Tensor,
     hyper: torch.Tensor,
     norm2_before: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(terms [k, len(BUDGET_TERMS)], not finite [k], new squared norm [k]) from the three sums and
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(terms [k, len(BUDGET_TERMS)], new squared norm [k]) from the three sums and
     :func:`per_tensor`'s rows.
 
     A tensor whose step counter did not move (``t_after <= t_before``) was not updated: its row
-    is zero, its norm stays.  A non-finite row is zero and flagged.  Float64 vectors throughout."""
+    is zero, its norm stays (a non-finite row of an updated tensor is the monitor's to count).
+    Float64 vectors throughout."""
     lr, wd, factor, s, _ = hyper.unbind(0)
     terms = budget_from_dots(dots, lr, wd, s, norm2_before, factor)
     keep = t_after > t_before
-    finite = torch.isfinite(terms).all(dim=1)
-    terms = torch.where((keep & finite)[:, None], terms, 0.0)
-    bad = (keep > finite).to(torch.float64)  # kept and not finite
-    norm2 = torch.where(keep, dots[:, 0], norm2_before)
-    return terms, bad, norm2
+    return torch.where(keep[:, None], terms, 0.0), torch.where(keep, dots[:, 0], norm2_before)
 
 
-def _accumulate(dots, t_after, t_before, hyper, idx, sums, nonfinite, norm2) -> torch.Tensor:
-    """The budget of ``dots`` added to the accumulators at ``idx`` (in place); returns the terms.
-    ``hyper``: :func:`per_tensor`'s rows."""
-    terms, bad, norm2_new = planned_terms(dots, t_after, t_before, hyper, norm2[idx])
-    sums.index_add_(0, idx, terms)
-    nonfinite.index_add_(0, idx, bad)
-    norm2.index_copy_(0, idx, norm2_new)
-    return terms
-
-
-def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, idx, sums, nonfinite, norm2):
+def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, norm2_before):
     """One chunk of tensors, written for inductor to fuse: the per-tensor hyper-parameters
     (:func:`per_tensor` of ``hyper`` = (step vector, groups, float64 flags, counters)), per tensor one
     read of w', m, v (exact float64 squares for ||w'||², ũ in float32, its products summed in
-    float64, as the eager pass), then the budget of the chunk, added to the monitor's accumulators
-    in place.  Each tensor's three sums are one row made by ``cat`` of 1-element sums: inductor then
-    computes them in one loop over the tensor (one read of w', m, v) and allocates no scalar buffer
-    per sum (a compiled call pays for every buffer it allocates).  Measured against the other ways
-    of writing it (three 0-d sums stacked; three vectors of k sums): the fastest on both models of
+    float64, as the eager pass), then the chunk's :func:`planned_terms`.  Each tensor's three sums
+    are one row made by ``cat`` of 1-element sums: inductor then computes them in one loop over the
+    tensor (one read of w', m, v) and allocates no scalar buffer per sum (a compiled call pays for
+    every buffer it allocates).  Measured against the other ways of writing it (three 0-d sums
+    stacked; three vectors of k sums): the fastest on both models of
     ``benchmarks/overhead.py`` and the quickest to compile."""
     hyper = per_tensor(*hyper)
     # ε' in float32, made a buffer by a (trivial) reduction: inductor inlines pointwise values into
@@ -109,8 +97,7 @@ def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, idx, sums, nonfinite, norm
         u = (m / (torch.sqrt(v) + e[k])).to(torch.float64)
         rows.append(torch.cat(((w64 * w64).sum(0, keepdim=True), (w64 * u).sum(0, keepdim=True),
                                (u * u).sum(0, keepdim=True))))
-    dots = torch.stack(rows)
-    return _accumulate(dots, t_after, t_before, hyper, idx, sums, nonfinite, norm2)
+    return planned_terms(torch.stack(rows), t_after, t_before, hyper, norm2_before)
 
 
 _COMPILE_FAILED = False
@@ -226,41 +213,39 @@ class StepPlan:
         t_after: torch.Tensor,
         t_before: torch.Tensor,
         hv: torch.Tensor,
-        sums: torch.Tensor,
-        nonfinite: torch.Tensor,
         norm2: torch.Tensor,
-    ) -> torch.Tensor:
-        """Add the step's budget to ``sums`` [N, len(BUDGET_TERMS)], ``nonfinite`` [N] and set
-        ``norm2`` [N] (the monitor's accumulators, on the plan's device) at the planned indices;
-        returns the step's terms [P, len(BUDGET_TERMS)].
+    ) -> Rows:
+        """The step's budget rows of the planned tensors; ``norm2`` [N] is the monitor's vector of
+        squared norms observed before the step (on the plan's device).
 
         ``weights``, ``exp_avgs``, ``second_moments`` are flat, in the planned order;
         ``t_after`` and ``t_before`` the tensors' step counters stacked after and before the step
         (on the device), ``hv`` the :meth:`step_vector`."""
-        acc = (sums, nonfinite, norm2)
         if self.kernel == "compiled" and not _COMPILE_FAILED:
             try:
                 if self._fns is None:  # compiled here, at this first call (the step waits)
                     tag = next(_PLANS)
                     self._fns = [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
-                return self._call(self._fns, weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+                return Rows(self.index, *self._call(self._fns, weights, exp_avgs, second_moments, t_after, t_before,
+                                                    hv, norm2))
             except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
                 _compile_failed(exc)
-        return self._run_eager(weights, exp_avgs, second_moments, t_after, t_before, hv, acc)
+        return Rows(self.index, *self._run_eager(weights, exp_avgs, second_moments, t_after, t_before, hv, norm2))
 
-    def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc) -> list[tuple]:
+    def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2) -> list[tuple]:
         """Each chunk's arguments of :func:`_chunk_pass`."""
         if len(self.chunks) == 1:
             return [(weights, exp_avgs, second_moments, t_after, t_before, (hv, self.gidx, self.f64, t_after),
-                     self.index, *acc)]
+                     norm2[self.index])]
         return [(weights[sl], exp_avgs[sl], second_moments[sl], t_after[sl], t_before[sl], (hv, g, f, t_after[sl]),
-                 idx, *acc) for sl, g, f, idx in self.chunks]
+                 norm2[idx]) for sl, g, f, idx in self.chunks]
 
-    def _call(self, fns, *step):
+    def _call(self, fns, *step) -> tuple[torch.Tensor, torch.Tensor]:
         args = self._chunk_args(*step)
         if len(fns) == 1:
             return fns[0](*args[0])
-        return torch.cat([fn(*a) for fn, a in zip(fns, args)])
+        terms, norm2 = zip(*(fn(*a) for fn, a in zip(fns, args)))
+        return torch.cat(terms), torch.cat(norm2)
 
     def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor) -> torch.Tensor:
         """The eager pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64; ``eps`` the
@@ -269,10 +254,10 @@ class StepPlan:
             self._block, self._block_of = BlockPass(weights, exp_avgs, second_moments), weights
         return self._block.run(eps)
 
-    def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, acc):
+    def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2):
         hyper = per_tensor(hv, self.gidx, self.f64, t_after)
         dots = self.dots(weights, exp_avgs, second_moments, hyper[4])
-        return _accumulate(dots, t_after, t_before, hyper, self.index, *acc)
+        return planned_terms(dots, t_after, t_before, hyper, norm2[self.index])
 
 
 def _compile_failed(exc: Exception) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from ..core.optim import AdamHyper, group_hyper
 from ..core.plan import StepPlan
+from ..core.rows import Rows
 from .common import _is_host
 
 
@@ -97,6 +98,11 @@ class PlannedStep(NamedTuple):
     t_after: torch.Tensor
     t_before: torch.Tensor
     hyper_now: torch.Tensor  # StepPlan.step_vector: the groups' hyper-parameters and decay factors
+
+    def rows(self, norm2: torch.Tensor) -> Rows:
+        """The step's budget rows (``norm2``: the monitor's squared norms observed before it)."""
+        return self.plan.run(self.weights, self.exp_avgs, self.second_moments, self.t_after, self.t_before,
+                             self.hyper_now, norm2)
 
 
 def _group_key(group: dict) -> tuple:

@@ -265,8 +265,8 @@ class WeightForcesCallback(TrainerCallback):
         self._index_of = {id(e.param): i for i, e in enumerate(entries)}
         self.monitor = ForceMonitor(infos, device=entries[0].param.device, sample_every=self.offset_sample_every,
                                     sample_at=0 if self.offset_rule == "right" else self.every % self.offset_sample_every)
-        self.monitor.dots_method = choose_kernel(self.kernel)
-        if self.monitor.dots_method == "compiled":
+        self._kernel = choose_kernel(self.kernel)
+        if self._kernel == "compiled":
             logger.info("weight forces: the per-step pass is compiled by torch.compile at the second budget step, "
                         "which waits for it (seconds to a minute, once per process)")
         self._norm_step = -1  # global step at which monitor.norm2 matches the weights
@@ -313,12 +313,13 @@ class WeightForcesCallback(TrainerCallback):
         if self._reader is not None:
             self._reader.close()
         self._reader, mode = budget_reader(self._plan, opt, self.monitor, entries, self.ctx, self.observed_mode,
-                                           self.observed_sample_size, self.observed_seed, self._index_of)
+                                           self.observed_sample_size, self.observed_seed, self._index_of, self._kernel)
         self.monitor.budget_mode = mode
         self._budget_info = budget_info(self._plan, mode, self.observed_sample_size, self.observed_seed)
         if self._plan.path == "moments":
             self._reader.super_weights = self._super
             self._setup_intended(opt, entries)
+            self._reader.stager = self._stager
             return
         if getattr(self, "rounding_split", False):
             raise ValueError(f"rounding_split needs AdamW's moments; {self._plan.name} has none to split")

@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from ..core.monitor import ForceMonitor
+from ..core.rows import Staged
 from ..distributed import ParamEntry, ShardContext
 
 __all__ = ["LOW_PRECISION", "IntendedStager"]
@@ -42,17 +43,19 @@ class IntendedStager:
         self.targets = {id(entries[i].param): i for i in indices if ctx.owns(entries[i])}
         self.due = False
         self.broken = False
+        self.staged: Staged | None = None  # the budget staged before the step, until taken
         self._handle = optimizer.register_step_pre_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs) -> None:
         if not self.due or self.broken:
             return
         self.due = False
+        self.staged = None
         try:
             self._stage(optimizer, kwargs)
         except Exception as exc:  # a diagnostic never stops training
             self.broken = True
-            self.monitor.drop_staged()
+            self.staged = None
             msg = (f"weight forces: the intended-update pass failed ({type(exc).__name__}: {exc}); low-precision "
                    "tensors are rebuilt from the rounded post-step weights from now on (approximate, no rounding term)")
             logger.warning(msg, exc_info=True)
@@ -87,9 +90,14 @@ class IntendedStager:
                 cols["betas"].append((b1, b2))
                 cols["eps"].append(float(group["eps"]))
                 cols["max"].append(maximize)
-        self.monitor.stage_intended(cols["idx"], cols["w"], cols["g"], cols["m"], cols["v"], cols["vmax"], cols["t"],
-                                    cols["lr"], cols["wd"], cols["betas"], cols["eps"], cols["max"],
-                                    grad_scale=kwargs.get("grad_scale") if kwargs else None)
+        self.staged = Staged.intended(cols["idx"], cols["w"], cols["g"], cols["m"], cols["v"], cols["vmax"], cols["t"],
+                                      cols["lr"], cols["wd"], cols["betas"], cols["eps"], cols["max"], self.monitor.device,
+                                      grad_scale=kwargs.get("grad_scale") if kwargs else None)
+
+    def take(self) -> Staged | None:
+        """What was staged for the step just taken (then forgotten), or None."""
+        staged, self.staged = self.staged, None
+        return staged
 
     def close(self) -> None:
         self._handle.remove()

@@ -25,10 +25,11 @@ import logging
 
 import torch
 
-from ..core.budget import BUDGET_TERMS, intended_dots
+from ..core.budget import intended_dots
 from ..core.monitor import ForceMonitor
 from ..core.observed import budget_from_observed, observed_dots, signed_bucket_sums, sketch_buckets, sketched_budget
 from ..core.optim import OptimizerPlan, adafactor_lr, observed_factor
+from ..core.rows import Rows, Staged, moment_rows
 from ..distributed import ParamEntry, ShardContext
 
 __all__ = ["OBSERVED_MODES", "ObservedUpdate", "StagedMoments"]
@@ -82,13 +83,14 @@ class StagedMoments:
         self.targets = {id(e.param): i for i, e in enumerate(entries) if ctx.owns(e)}
         self.due = False
         self._staged: list[tuple[int, torch.Tensor]] = []
+        self._budget: Staged | None = None
         self._handle = optimizer.register_step_pre_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs) -> None:
         if not self.due:
             return
         self.due = False
-        self._staged = []
+        self._staged, self._budget = [], None
         idx, rows, lrs, wds, factors = [], [], [], [], []
         for gi, group in enumerate(optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -117,15 +119,16 @@ class StagedMoments:
                 factors.append(observed_factor("mul", lr, wd, p.dtype))  # bitsandbytes: p *= 1 - lr*wd when wd > 0
                 self._staged.append((i, p))
         dots = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
-        self.monitor.stage_dots(idx, dots, lrs, wds, factors)
+        self._budget = Staged(idx, dots, lrs, wds, factors, self.monitor.device)
 
     def before_step(self) -> None:
         self.due = True
 
     def record(self, optimizer, step_id: int) -> None:
         """After the step: add what was staged (those tensors were all updated)."""
-        staged, self._staged = self._staged, []
-        self.monitor.record_staged([i for i, _ in staged], [p.detach() for _, p in staged], step_id)
+        staged, budget, self._staged, self._budget = self._staged, self._budget, [], None
+        rows = budget.rows([i for i, _ in staged], [p.detach() for _, p in staged])[0] if budget else None
+        self.monitor.add([rows] if rows else [], step_id)
 
     def close(self) -> None:
         self._handle.remove()
@@ -189,14 +192,14 @@ class ObservedUpdate:
         whole = [i for i in stepped if pre[i][0] is None]
         parts = [i for i in stepped if pre[i][0] is not None]
         dev = self.monitor.device
+        rows = []
         if whole:
             hyper = [self._hyper(optimizer, i, lrs, weights[i].numel()) for i in whole]
             dots = observed_dots([pre[i][1] for i in whole], [weights[i] for i in whole], [h[2] for h in hyper]).to(dev)
             lr, wd, c = (torch.tensor([h[k] for h in hyper], dtype=torch.float64, device=dev) for k in range(3))
             idx = torch.tensor(whole, device=dev)
             terms = budget_from_observed(dots, lr, wd, c, norm2[idx])
-            self.monitor.record_budget(whole, terms, dots[:, 3], step_id=step_id)
-            self.monitor.steps -= 1  # one optimizer step, counted once below
+            rows.append(Rows(whole, terms, dots[:, 3]))
         if parts:
             after = [weights[i].detach().reshape(-1) for i in parts]
             sums = torch.stack([signed_bucket_sums(a, self.buckets, pre[i][0], with_norm=True).to(dev)
@@ -207,9 +210,8 @@ class ObservedUpdate:
             prev = torch.stack([pre[i][1] for i in parts]).to(dev)
             idx = torch.tensor(parts, device=dev)
             terms, var = sketched_budget(prev, post, c, lr, wd, norm2[idx], n2_after)
-            self.monitor.record_budget(parts, terms, n2_after, var, step_id=step_id)
-            self.monitor.steps -= 1
-        self.monitor.steps += 1
+            rows.append(Rows(parts, terms, n2_after, var))
+        self.monitor.add(rows, step_id)
 
     def close(self) -> None:
         self._pre = None
@@ -217,25 +219,32 @@ class ObservedUpdate:
 
 class AdamWMoments:
     """AdamW's own moments, read after the step: the planned pass (``ShardContext.planned_step``,
-    one call for every tensor) where the step has one, else the per-tensor views; tensors staged
-    before the step (low precision: integrations/intended.py) are recorded from what was staged.
-    ``super_weights``: the tracker that also takes the step's whole tensors (or None)."""
+    one call for every tensor, ``kernel``: :data:`~hf_weightforces.core.kernels.KERNELS`) where the
+    step has one, else the per-tensor views; tensors staged before the step (low precision:
+    ``stager``, integrations/intended.py) are recorded from what was staged.  ``super_weights``: the
+    tracker that also takes the step's whole tensors (or None)."""
 
-    def __init__(self, monitor: ForceMonitor, ctx: ShardContext, index_of: dict[int, int]) -> None:
-        self.monitor, self.ctx, self.index_of = monitor, ctx, index_of
+    def __init__(self, monitor: ForceMonitor, ctx: ShardContext, index_of: dict[int, int], kernel: str = "exact") -> None:
+        self.monitor, self.ctx, self.index_of, self.kernel = monitor, ctx, index_of, kernel
         self.super_weights = None
+        self.stager = None
 
     def before_step(self) -> None:
         pass  # nothing to keep: w_t is rebuilt from w_{t+1} and the moments
 
     def record(self, optimizer, step_id: int) -> None:
-        if self.super_weights is None and not self.monitor.staged:
-            planned = self.ctx.planned_step(optimizer, self.index_of, self.monitor.dots_method)
+        staged = self.stager.take() if self.stager is not None else None
+        if self.super_weights is None and staged is None:
+            planned = self.ctx.planned_step(optimizer, self.index_of, self.kernel)
             if planned is not None and planned.plan.device == self.monitor.device:  # planned at an earlier step
-                self.monitor.record_planned(planned, step_id)
+                self.monitor.add([planned.rows(self.monitor.norm2)], step_id)
                 return
         views = self.ctx.views(optimizer, self.index_of)
-        self.monitor.record_views(views, step_id)
+        rows = []
+        if staged is not None:
+            row, missing = staged.rows([v.index for v in views], [v.weight for v in views], views)
+            rows, views = [row] if row else [], [v for v in views if v.index in set(missing)]
+        self.monitor.add(rows + moment_rows(views, self.monitor.norm2), step_id)
         if self.super_weights is not None:
             whole = self.ctx.views(optimizer, self.index_of, whole=True) if self.ctx.divides else views
             self.super_weights.record(whole, step_id)
@@ -255,7 +264,7 @@ class NoBudget:
         pass
 
     def record(self, optimizer, step_id: int) -> None:
-        self.monitor.record_budget([], torch.zeros(0, len(BUDGET_TERMS), dtype=torch.float64), torch.zeros(0))
+        self.monitor.add([], step_id)
 
     def close(self) -> None:
         pass
@@ -263,14 +272,14 @@ class NoBudget:
 
 def budget_reader(plan: OptimizerPlan, optimizer: torch.optim.Optimizer, monitor: ForceMonitor,
                   entries: list[ParamEntry], ctx: ShardContext, mode: str, sample_size: int, seed: int,
-                  index_of: dict[int, int]):
+                  index_of: dict[int, int], kernel: str = "exact"):
     """The budget source for ``plan``, chosen once at train start: (one of :class:`AdamWMoments`,
     :class:`StagedMoments`, :class:`ObservedUpdate`, :class:`NoBudget`; the budget mode name of
     :data:`~hf_weightforces.core.monitor.BUDGET_MODES`).  Every source has the same three methods:
     ``before_step()`` at the start of a budget step, ``record(optimizer, step_id)`` after it,
     ``close()`` at train end; the callback calls them the same way whatever the optimizer."""
     if plan.path == "moments":
-        return AdamWMoments(monitor, ctx, index_of), "moments"
+        return AdamWMoments(monitor, ctx, index_of, kernel), "moments"
     if plan.path in ("bnb_adam", "lion") and not ctx.backend.sharded:
         logger.info("weight forces: %s: %s", plan.name, plan.note)
         return (StagedMoments(optimizer, plan, monitor, entries, ctx) if ctx.computes else NoBudget(monitor)), "staged"

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..core.monitor import ForceMonitor, ParamInfo
+from ..core.rows import moment_rows
 from ..core.weibull import histogram_counts
 
 __all__ = ["SuperWeightTracker"]
@@ -58,7 +59,8 @@ class SuperWeightTracker:
 
     def record(self, views, step_id: int) -> None:
         views = [v for v in views if v.index in self.selected]
-        self.monitor.record_views(views, step_id, pick=lambda v, t: t.detach().reshape(-1)[self.selected[v.index]])
+        pick = lambda v, t: t.detach().reshape(-1)[self.selected[v.index]]  # noqa: E731
+        self.monitor.add(moment_rows(views, self.monitor.norm2, pick), step_id)
 
     def counts(self, weights: Sequence[torch.Tensor], rows_of: Sequence[Sequence[int]], n_rows: int,
                edges: torch.Tensor) -> np.ndarray:
