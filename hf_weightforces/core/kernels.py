@@ -5,7 +5,7 @@ section 9).
 both float64, on the tensors' device, with no host synchronisation.  One design on every device:
 
 * tensors below :data:`SMALL` elements are packed into buffers made once (:class:`PackedSmall`):
-  about fifteen multi-tensor and flat operations for all of them, however many;
+  about fifteen flat operations for all of them, however many;
 * larger tensors are cut, once, into about equal chunks of at most :func:`chunk_size` elements
   (cache-sized on a CPU, large on an accelerator), each viewed as rows; a step is one multi-tensor
   float64 norm of every chunk's w' (||w'||²: exact squares, float64 sums) and six operations per
@@ -114,42 +114,52 @@ SMALL_ROW = 64
 
 class PackedSmall:
     """The pass over many small tensors at once, the big tensors' design on one packed buffer:
-    each tensor copied into rows of :data:`SMALL_ROW` elements of buffers made once (its last row
-    padded), so a step is about fifteen operations however many tensors, and every sum is a row
-    reduction summed per tensor at the end.
+    each tensor copied into rows of :data:`SMALL_ROW` elements of buffers made once, so a step is
+    about fifteen operations however many tensors, and every sum is a row reduction summed per
+    tensor at the end.  Tensors whose size is a multiple of the row (most: hidden sizes are) are
+    packed back to back by one ``cat`` per input; the others follow, each starting a row, its last
+    row padded (w' = 0, m = 0, v = 1: ũ = 0 there), copied by one multi-tensor copy per input.
 
     ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, products and squares
     of ũ summed in float32 rows then in float64; ||w'||² as float64 row norms of exact squares),
     float64 for tensors stored in float64 (nothing rounded).  ``members``: the tensors' positions
-    in the caller's list (``index`` on the device)."""
+    in the caller's list (``index`` on the device), ``ws``, ``ms``, ``vs`` the flat tensors (the
+    pack keeps them: their values are read at each :meth:`dots`)."""
 
-    def __init__(self, members: list[int], numels: list[int], device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.members, self.dtype = members, dtype
-        self.index = to_device(torch.tensor(members, dtype=torch.long), device)
+    def __init__(self, members: list[int], ws: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
+                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        order = sorted(range(len(members)), key=lambda k: ws[k].numel() % SMALL_ROW != 0)  # stable: aligned first
+        self.members = [members[k] for k in order]
+        ws, ms, vs = ([xs[k] for k in order] for xs in (ws, ms, vs))
+        self.dtype = dtype
+        self.index = to_device(torch.tensor(self.members, dtype=torch.long), device)
+        numels = [w.numel() for w in ws]
         rows = [max(1, -(-n // SMALL_ROW)) for n in numels]
         size = sum(rows) * SMALL_ROW
-        self.w, self.m, self.p = (torch.zeros(size, dtype=dtype, device=device) for _ in range(3))
+        self.w, self.m = (torch.zeros(size, dtype=dtype, device=device) for _ in range(2))
         self.u = torch.ones(size, dtype=dtype, device=device)  # v's padding: 1 (ũ = 0 / (1 + ε') = 0)
         starts = [SMALL_ROW * r for r in itertools.accumulate([0, *rows[:-1]])]
-        self.views = [[b[a : a + n] for a, n in zip(starts, numels)] for b in (self.w, self.m, self.u)]
-        self.rows = [b.view(-1, SMALL_ROW) for b in (self.w, self.m, self.u, self.p)]
+        aligned = sum(1 for n in numels if n % SMALL_ROW == 0)
+        end = starts[aligned] if aligned < len(numels) else size  # the back-to-back part
+        self.cat = [(xs[:aligned], b[:end]) for xs, b in ((ws, self.w), (ms, self.m), (vs, self.u))] if aligned else []
+        self.copy = [([b[a : a + n] for a, n in zip(starts[aligned:], numels[aligned:])], xs[aligned:])
+                     for xs, b in ((ws, self.w), (ms, self.m), (vs, self.u))] if aligned < len(numels) else []
+        self.rows = [b.view(-1, SMALL_ROW) for b in (self.w, self.m, self.u)]
         self.row_of = to_device(torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(rows)), device)
 
-    def dots(self, ws, ms, vs, eps: torch.Tensor) -> torch.Tensor:
-        """(||w'||², <w', ũ>, ||ũ||²) per tensor [k, 3] float64; ``ws``, ``ms``, ``vs`` flat, ``eps``
-        one float64 ε' per tensor on the device."""
-        wv, mv, uv = self.views
-        w, m, u, p = self.rows
-        torch._foreach_copy_(wv, ws)
-        torch._foreach_copy_(mv, ms)
-        torch._foreach_copy_(uv, vs)
+    def dots(self, eps: torch.Tensor) -> torch.Tensor:
+        """(||w'||², <w', ũ>, ||ũ||²) per member [k, 3] float64, in :attr:`members` order; ``eps``
+        one float64 ε' per member on the device."""
+        for xs, out in self.cat:
+            torch.cat(xs, out=out)
+        for views, xs in self.copy:
+            torch._foreach_copy_(views, xs)
+        w, m, u = self.rows
         u.sqrt_().add_(eps.to(self.dtype).index_select(0, self.row_of)[:, None])
         m.div_(u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
-        torch.mul(w, m, out=p)
+        uu = torch.linalg.vector_norm(m, dim=1).to(torch.float64).square()
         rows = torch.stack((torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).square(),
-                            p.sum(1, dtype=self.dtype).to(torch.float64),
-                            torch.linalg.vector_norm(m, dim=1).to(torch.float64).square()), dim=1)
+                            m.mul_(w).sum(1, dtype=self.dtype).to(torch.float64), uu), dim=1)  # w' ũ over ũ
         return torch.zeros(len(self.members), 3, dtype=torch.float64, device=rows.device).index_add_(0, self.row_of, rows)
 
 
@@ -191,8 +201,8 @@ class BlockPass:
         for wide in (False, True):
             small = [k for k, n in enumerate(numels) if n < SMALL and (ws[k].dtype == torch.float64) == wide]
             if small:
-                pack = PackedSmall(small, [numels[k] for k in small], dev, torch.float64 if wide else torch.float32)
-                self._small.append((pack, [[xs[k] for k in small] for xs in (ws, ms, vs)]))
+                self._small.append(PackedSmall(small, *([xs[k] for k in small] for xs in (ws, ms, vs)), dev,
+                                               torch.float64 if wide else torch.float32))
         chunk = chunk or chunk_size(dev)
         pieces = [(k, *p) for k, n in enumerate(numels) if n >= SMALL for p in _pieces(n, chunk)]
         self._steps: list[tuple] = []
@@ -218,8 +228,8 @@ class BlockPass:
         """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t) (float64 [P],
         on the device)."""
         out = torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
-        for pack, inputs in self._small:
-            out.index_copy_(0, pack.index, pack.dots(*inputs, eps.index_select(0, pack.index)))
+        for pack in self._small:
+            out.index_copy_(0, pack.index, pack.dots(eps.index_select(0, pack.index)))
         if not self._steps:
             return out
         self.eps.copy_(eps)  # the chunks read their tensor's ε' from here (float32, as ũ)
