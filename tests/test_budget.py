@@ -248,3 +248,24 @@ def test_sparse_recording_integral_samples_the_rule_steps(rule_at, sampled_steps
         if step in sampled_steps:
             total += 5 * 1.25 * step
     assert float(mon.sampled[0]) == total  # small integers and quarters: exact in float64
+
+
+def test_monitor_add_is_one_step_whatever_the_rows():
+    """``ForceMonitor.add``: one call is one optimizer step however many :class:`Rows` it gets (tensors
+    on several devices, budgets made several ways, or none); rows are summed where they point, a
+    non-finite row is counted and left out, the norms become the observation, variances are summed."""
+    infos = [ParamInfo(n, "transmission", 0, 4) for n in "abcd"]
+    mon = ForceMonitor(infos)
+    mon.add([])
+    assert mon.steps == 1 and torch.all(mon.sums == 0)
+    t = torch.arange(3 * len(BUDGET_TERMS), dtype=torch.float64).reshape(3, -1)
+    bad = t[:1].clone()
+    bad[0, 2] = float("nan")
+    mon.add([Rows([2, 0], t[:2], torch.tensor([5.0, 7.0], dtype=torch.float64)),
+             Rows(torch.tensor([3]), bad, torch.tensor([9.0], dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)),
+             Rows([1], t[2:], torch.tensor([4.0], dtype=torch.float64), torch.tensor([[float("inf"), 2.0]], dtype=torch.float64))])
+    assert mon.steps == 2
+    assert torch.equal(mon.sums[2], t[0]) and torch.equal(mon.sums[0], t[1]) and torch.equal(mon.sums[1], t[2])
+    assert torch.all(mon.sums[3] == 0) and mon.nonfinite.tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert mon.norm2.tolist() == [7.0, 4.0, 5.0, 9.0]
+    assert mon.var.tolist() == [[0.0, 0.0], [0.0, 2.0], [0.0, 0.0], [1.0, 1.0]]  # a non-finite variance left out
