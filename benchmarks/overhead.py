@@ -14,9 +14,8 @@ hits all of them.  Configurations:
 * ``budget/1``, ``budget/10``: :class:`WeightForcesCallback` every step / every 10 steps with its
   defaults (``kernel="auto"``, logging every 10, Weibull every 100); ``budget/1/exact`` and
   ``budget/1/compiled`` force the eager or the compiled pass (compiled before the timed steps).
-  The Trainer is told the run is :data:`LONG_RUN` steps long (what ``auto`` picks for a long run:
-  on CPU the pass compiled by a background process, waited for in the warm-up; a constant-like
-  schedule) and stopped after the timed steps;
+  The Trainer is told the run is :data:`LONG_RUN` steps long (a long run's constant-like schedule)
+  and stopped after the timed steps;
 * ``wandb.watch``: ``wandb.watch(model, log="all", log_freq=10)`` on an offline W&B run
   (histograms of every parameter and gradient every 10 steps);
 * ``per-tensor loop``: the forces computed tensor by tensor after each optimizer step with one host
@@ -54,7 +53,7 @@ from hf_weightforces import WeightForcesCallback  # noqa: E402
 from hf_weightforces.demo import make_datasets, pythia_config  # noqa: E402
 from hf_weightforces.distributed import _StepRecorder  # noqa: E402
 
-#: the run length the Trainer is told: its schedule and ``auto``'s choice are a long run's
+#: the run length the Trainer is told: its schedule is a long run's
 LONG_RUN = 100_000
 
 CONFIGS = ("none", "floor", "budget/1", "budget/1/exact", "budget/1/compiled", "budget/10", "wandb.watch",
@@ -181,8 +180,8 @@ def _rss() -> int:
 class Meter(TrainerCallback):
     """Step stamps (wall, thread CPU), the hook clock's gate, and peak memory."""
 
-    def __init__(self, warmup: int, stop: int, wait_at: int, cuda: bool) -> None:
-        self.warmup, self.stop, self.wait_at, self.cuda = warmup, stop, wait_at, cuda
+    def __init__(self, warmup: int, stop: int, cuda: bool) -> None:
+        self.warmup, self.stop, self.cuda = warmup, stop, cuda
         self.wall, self.cpu, self.peak = [], [], 0
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -222,15 +221,15 @@ def make_config(size: str):
 def run(config: str, size: str, args, data, cuda: bool) -> dict:
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(make_config(size))
-    # the warm-up holds three budget steps: the compiled pass is compiled at the second (or started in
-    # the background there, waited for before the third, which loads it) before timing
+    # the warm-up holds three budget steps: the pass is planned at the first, and the opt-in compiled
+    # pass compiled at the second, before timing
     every = int(config.split("/")[1]) if config.startswith("budget/") else 1
     warmup = max(args.warmup, 3 * every + 1)
     watched = None
     if config.startswith("budget/"):
         parts = config.split("/")  # budget/<every>[/<kernel>]
         watched = TimedWeightForces(every=int(parts[1]), kernel=parts[2] if len(parts) > 2 else "auto")
-    meter = Meter(warmup, args.steps + warmup - args.warmup, warmup - every, cuda)
+    meter = Meter(warmup, args.steps + warmup - args.warmup, cuda)
     callbacks: list = [meter] + ([watched] if watched is not None else [])
     wandb_run = None
     if config == "floor":
@@ -276,7 +275,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "bench"])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50, help="optimizer steps per run, the warm-up included")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
@@ -285,6 +284,8 @@ def main() -> None:
     ap.add_argument("--count-ops", action="store_true",
                     help="count the ATen operations dispatched inside the hooks per step instead of timing them")
     args = ap.parse_args()
+    if args.steps <= args.warmup:
+        ap.error(f"--steps counts the warm-up: it must exceed --warmup ({args.warmup})")
     CLOCK.count = args.count_ops
     if "none" not in args.configs:
         args.configs.insert(0, "none")
