@@ -90,6 +90,8 @@ class IntendedStager:
                 cols["betas"].append((b1, b2))
                 cols["eps"].append(float(group["eps"]))
                 cols["max"].append(maximize)
+        if not cols["idx"]:
+            return  # nothing of ours updated this step: the step goes the post-step way (planned)
         self.staged = Staged.intended(cols["idx"], cols["w"], cols["g"], cols["m"], cols["v"], cols["vmax"], cols["t"],
                                       cols["lr"], cols["wd"], cols["betas"], cols["eps"], cols["max"], self.monitor.device,
                                       grad_scale=kwargs.get("grad_scale") if kwargs else None)
