@@ -18,7 +18,7 @@ from hf_weightforces.core.budget import (
     force_budget,
     step_dots,
 )
-from hf_weightforces.core.kernels import ROW
+from hf_weightforces.core.kernels import ROW, BlockPass
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.optim import UnsupportedOptimizerError, check_supported
 from hf_weightforces.core.rows import Rows, tensor_rows
@@ -68,14 +68,25 @@ def test_closure_catches_a_wrong_lr():
     assert abs(wrong.closure) > 1e-2 * scale
 
 
-def test_step_dots_against_float64_reference():
+@pytest.mark.parametrize("chunk", [None, 4096])
+def test_step_dots_against_float64_reference(chunk):
+    """Packed small tensors (back to back and padded), big ones in one chunk or several (``chunk``
+    4096: about equal chunks), in rows of 1024, of an odd divisor (771) and a prime size's tail."""
     gen = torch.Generator().manual_seed(2)
-    shapes = [(64, 32), (128,), (7, 5, 3), (1,), (300, 300)]  # the last one takes the chunked (big) path
+    # (64, 32) is packed back to back, (128,) too, (7, 5, 3) and (1,) padded; the rest take the chunked (big)
+    # path: 300 x 300 in rows of 1024 (of 400 with 4096-element chunks), 129 x 257 in rows of 771, 32771
+    # (a prime) as 32768 in rows of 1024 and a 3-element tail
+    shapes = [(64, 32), (128,), (7, 5, 3), (1,), (300, 300), (129, 257), (32771,)]
     ws = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
     ms = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
     vs = [torch.rand(s, generator=gen) * 1e-6 for s in shapes]
-    eps = [1e-8 * 0.3, 1e-8, 0.0, 1e-6, 1e-8]
-    got = step_dots(ws, ms, vs, eps)
+    eps = [1e-8 * 0.3, 1e-8, 0.0, 1e-6, 1e-8, 1e-8, 2e-8]
+    if chunk is None:
+        got = step_dots(ws, ms, vs, eps)
+    else:
+        block = BlockPass(ws, ms, vs, chunk=chunk)
+        assert len(block._steps) > 3 * len(shapes)  # several chunks a big tensor
+        got = block.run(torch.tensor(eps, dtype=torch.float64))
     for i, (w, m, v, e) in enumerate(zip(ws, ms, vs, eps)):
         w64, u = w.double(), m.double() / (v.double().sqrt() + e)
         ref = torch.stack([(w64 * w64).sum(), (w64 * u).sum(), (u * u).sum()])
