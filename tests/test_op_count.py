@@ -125,7 +125,8 @@ def test_one_thread_inside_the_pass_and_restored(monkeypatch):
 @pytest.mark.slow
 def test_trainer_step_of_the_4x256_model_is_bounded(tmp_path):
     """A real Trainer run: the operations inside the callback's hooks and its optimizer pre-hook per
-    budget step, after the plan is made; no other process during or after the run."""
+    budget step, after the plan is made; one pass planned for the whole run; no other process during
+    or after the run."""
     from transformers import GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from hf_weightforces import WeightForcesCallback
@@ -161,6 +162,9 @@ def test_trainer_step_of_the_4x256_model_is_bounded(tmp_path):
 
     pre_hook = _StepRecorder._record
     _StepRecorder._record = counted(pre_hook)
+    passes = []
+    plan_pass = BlockPass.__init__
+    BlockPass.__init__ = lambda self, *a, **k: (passes.append(1), plan_pass(self, *a, **k))[1]
     try:
         torch.manual_seed(0)
         model = GPTNeoXForCausalLM(pythia_config("bench"))
@@ -173,6 +177,9 @@ def test_trainer_step_of_the_4x256_model_is_bounded(tmp_path):
         trainer.train()
     finally:
         _StepRecorder._record = pre_hook
+        BlockPass.__init__ = plan_pass
+    # one pass for the run: the first budget step's per-tensor pass is the planned steps' (same memory)
+    assert len(passes) == 1
     big = sum(1 for p in model.parameters() if p.numel() >= SMALL)
     assert big == 18
     steps = [c for c in counts[3:] if c]

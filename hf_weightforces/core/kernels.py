@@ -31,8 +31,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KERNELS", "SMALL", "BlockPass", "PackedSmall", "chunk_size", "choose_kernel", "squared_norms",
-           "step_dots", "to_device"]
+__all__ = ["KERNELS", "SMALL", "BlockPass", "PackedSmall", "block_pass", "chunk_size", "choose_kernel",
+           "squared_norms", "step_dots", "to_device"]
 
 #: Tensors below this many elements go through one packed float64 pass (per-tensor work, not
 #: arithmetic, is what small tensors cost); larger ones are read in place, chunk by chunk.
@@ -285,6 +285,26 @@ def squared_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
         0, to_device(torch.tensor(owner), dev), norms)
 
 
+def block_pass(weights: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+               second_moments: Sequence[torch.Tensor]) -> BlockPass:
+    """The :class:`BlockPass` of these tensors, planned once for the memory they are in: kept for the
+    next call over the same memory (a sharded backend hands the same local views every step; the
+    first budget step's per-tensor pass and the planned pass of later steps read the same tensors),
+    so its scratch is made once.  Tensors that are not contiguous get a pass of their own each time
+    (flattening copies them: a kept pass would read a stale copy), and so do meta tensors."""
+    tensors = [x for xs in (weights, exp_avgs, second_moments) for x in xs]
+    if not all(x.is_contiguous() for x in tensors) or tensors[0].device.type == "meta":  # meta: no memory to key on
+        return BlockPass(weights, exp_avgs, second_moments)
+    key = tuple((x.data_ptr(), x.numel(), x.dtype, x.device) for x in tensors)
+    block = _BLOCKS.pop(key, None)
+    if block is None:
+        block = BlockPass(weights, exp_avgs, second_moments)
+    _BLOCKS[key] = block  # the most recently used last
+    while len(_BLOCKS) > _BLOCKS_KEPT:
+        _BLOCKS.pop(next(iter(_BLOCKS)))
+    return block
+
+
 def step_dots(
     weights: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
@@ -296,28 +316,17 @@ def step_dots(
     ``weights`` are the post-step tensors w' (any float dtype; the fp32 master where mixed
     precision keeps one), ``second_moments`` are ``exp_avg_sq`` (or ``max_exp_avg_sq`` under
     AMSGrad), and ``eps_terms[i] = ε sqrt(1-β2^t_i)``.  All tensors must share one device; no
-    host synchronisation happens here.  The :class:`BlockPass` of these tensors is kept for the
-    next call over the same memory (a sharded backend hands the same local views every step), so
-    it is planned once, not at every step."""
+    host synchronisation happens here.  The pass is :func:`block_pass`'s: planned once for the
+    same memory, not at every step."""
     if not weights:
         return torch.zeros(0, 3, dtype=torch.float64)
-    tensors = [x for xs in (weights, exp_avgs, second_moments) for x in xs]
-    if not all(x.is_contiguous() for x in tensors):  # flattening copies: a pass of the copy would go stale
-        block = BlockPass(weights, exp_avgs, second_moments)
-        return block.run(_eps_vector(eps_terms, len(weights), block.device))
-    key = tuple((x.data_ptr(), x.numel(), x.dtype, x.device) for x in tensors)
-    block = _BLOCKS.pop(key, None)
-    if block is None:
-        block = BlockPass(weights, exp_avgs, second_moments)
-    _BLOCKS[key] = block  # the most recently used last
-    while len(_BLOCKS) > _BLOCKS_KEPT:
-        _BLOCKS.pop(next(iter(_BLOCKS)))
+    block = block_pass(weights, exp_avgs, second_moments)
     return block.run(_eps_vector(eps_terms, len(weights), block.device))
 
 
-#: The passes :func:`step_dots` keeps, by the memory they read (a pass holds views, so the memory
+#: The passes :func:`block_pass` keeps, by the memory they read (a pass holds views, so the memory
 #: it reads stays allocated while it is kept: equal pointers mean the same memory): a few, enough
-#: for the per-tensor path's tensor sets of one step (per device, intended and post-step).
+#: for one step's tensor sets (per device, intended and post-step, planned).
 _BLOCKS: dict[tuple, BlockPass] = {}
 _BLOCKS_KEPT = 4
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from .budget import budget_from_dots, decay_factor
-from .kernels import BlockPass, to_device
+from .kernels import BlockPass, block_pass, to_device
 from .rows import Rows
 
 logger = logging.getLogger(__name__)
@@ -250,8 +250,8 @@ class StepPlan:
     def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor) -> torch.Tensor:
         """The eager pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64; ``eps`` the
         tensors' ε' (float64 [P]).  Planned at the first call, again only when handed other lists."""
-        if self._block is None or self._block_of is not weights:
-            self._block, self._block_of = BlockPass(weights, exp_avgs, second_moments), weights
+        if self._block is None or self._block_of is not weights:  # the first budget step's pass, where it read these
+            self._block, self._block_of = block_pass(weights, exp_avgs, second_moments), weights
         return self._block.run(eps)
 
     def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2):
