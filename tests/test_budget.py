@@ -280,3 +280,19 @@ def test_monitor_add_is_one_step_whatever_the_rows():
     assert torch.all(mon.sums[3] == 0) and mon.nonfinite.tolist() == [0.0, 0.0, 0.0, 1.0]
     assert mon.norm2.tolist() == [7.0, 4.0, 5.0, 9.0]
     assert mon.var.tolist() == [[0.0, 0.0], [0.0, 2.0], [0.0, 0.0], [1.0, 1.0]]  # a non-finite variance left out
+
+
+def test_squared_norms_of_chunked_tensors_against_float64():
+    """||w||² per tensor from chunks of at most CHUNK_CPU elements (a tensor of three chunks beside small
+    ones): exact float64 squares summed in float64 (Higham: (n + 3)·2^-53 relative), again on a second
+    call (the chunks' index kept, the values read anew)."""
+    from hf_weightforces.core.kernels import CHUNK_CPU, squared_norms
+
+    gen = torch.Generator().manual_seed(5)
+    ws = [torch.randn(2 * CHUNK_CPU + 1000, generator=gen), torch.randn(300, generator=gen), torch.randn(7, 9, generator=gen)]
+    for _ in range(2):
+        got = squared_norms(ws)
+        for w, g in zip(ws, got.tolist()):
+            ref = float((w.double() ** 2).sum())
+            assert g == pytest.approx(ref, rel=sum_tol(w.numel(), 1.0, ulps_per_term=3), abs=0)
+        ws[0].mul_(0.5)

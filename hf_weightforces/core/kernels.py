@@ -281,8 +281,16 @@ def squared_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
         norms = torch.stack(torch._foreach_norm(blocks, 2, dtype=torch.float64)).square()
     if len(blocks) == len(weights):
         return norms
-    return torch.zeros(len(weights), dtype=torch.float64, device=dev).index_add_(
-        0, to_device(torch.tensor(owner), dev), norms)
+    key = (dev, *owner)  # the chunks' tensors, made once per layout (no host-to-device copy a step)
+    index = _OWNERS.get(key)
+    if index is None:
+        if len(_OWNERS) >= 16:
+            _OWNERS.clear()
+        index = _OWNERS[key] = to_device(torch.tensor(owner), dev)
+    return torch.zeros(len(weights), dtype=torch.float64, device=dev).index_add_(0, index, norms)
+
+
+_OWNERS: dict[tuple, torch.Tensor] = {}
 
 
 def block_pass(weights: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],

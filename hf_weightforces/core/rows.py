@@ -29,7 +29,6 @@ from .budget import (
     budget_from_dots,
     budget_from_intended,
     decay_factor,
-    intended_dots,
     squared_norms,
     step_dots,
 )
@@ -136,8 +135,9 @@ def moment_rows(views: Sequence, norm2: torch.Tensor,
 class Staged:
     """The budget of an update computed before the step (docs/budget.md, section 5), kept until
     :meth:`rows` sees which tensors the step really updated: from (||w_t||², <w_t, u_t>, ||u_t||²)
-    per tensor computed elsewhere (``dots`` [k, 3]: bitsandbytes Adam, Lion), or by :meth:`intended`
-    (AdamW's intended update, from the true w_t)."""
+    per tensor (``dots`` [k, 3]: :func:`~.budget.intended_dots` of AdamW's intended update, from the
+    true w_t; bitsandbytes Adam and Lion: integrations/optimizers.py), each tensor's lr, weight
+    decay and applied decay factor."""
 
     def __init__(self, indices: Sequence[int], dots: torch.Tensor, lrs: Sequence[float],
                  weight_decays: Sequence[float], factors: Sequence[float], device: torch.device) -> None:
@@ -147,31 +147,6 @@ class Staged:
         self.terms = budget_from_intended(dots, _vector(lrs, device), _vector(weight_decays, device),
                                           _vector(factors, device)) if len(indices) else None
         self.before = dots[:, 0]  # ||w_t||², float64
-
-    @classmethod
-    def intended(
-        cls,
-        indices: Sequence[int],
-        weights: Sequence[torch.Tensor],
-        grads: Sequence[torch.Tensor],
-        exp_avgs: Sequence[torch.Tensor | None],
-        exp_avg_sqs: Sequence[torch.Tensor | None],
-        max_exp_avg_sqs: Sequence[torch.Tensor | None],
-        steps: Sequence[float],
-        lrs: Sequence[float],
-        weight_decays: Sequence[float],
-        betas: Sequence[tuple[float, float]],
-        eps: Sequence[float],
-        maximize: Sequence[bool],
-        device: torch.device,
-        grad_scale: float | torch.Tensor | None = None,
-    ) -> Staged:
-        """Before the step: the budget of the update AdamW intends, from the true w_t; ``steps`` are
-        the counters of the step about to be taken (the stored one + 1)."""
-        dots = (intended_dots(weights, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, betas, eps, maximize,
-                              grad_scale) if indices else torch.zeros(0, 3, dtype=torch.float64))
-        factors = [decay_factor(lr, wd, w.dtype) for lr, wd, w in zip(lrs, weight_decays, weights)]
-        return cls(indices, dots, lrs, weight_decays, factors, device)
 
     def rows(self, indices: Sequence[int], weights_after: Sequence[torch.Tensor],
              views: Sequence | None = None) -> tuple[Rows | None, list[int]]:

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from ..core.budget import decay_factor, intended_dots
 from ..core.monitor import ForceMonitor
 from ..core.rows import Staged
 from ..distributed import ParamEntry, ShardContext
@@ -92,9 +93,10 @@ class IntendedStager:
                 cols["max"].append(maximize)
         if not cols["idx"]:
             return  # nothing of ours updated this step: the step goes the post-step way (planned)
-        self.staged = Staged.intended(cols["idx"], cols["w"], cols["g"], cols["m"], cols["v"], cols["vmax"], cols["t"],
-                                      cols["lr"], cols["wd"], cols["betas"], cols["eps"], cols["max"], self.monitor.device,
-                                      grad_scale=kwargs.get("grad_scale") if kwargs else None)
+        dots = intended_dots(cols["w"], cols["g"], cols["m"], cols["v"], cols["vmax"], cols["t"], cols["betas"], cols["eps"],
+                             cols["max"], grad_scale=kwargs.get("grad_scale") if kwargs else None)
+        factors = [decay_factor(lr, wd, w.dtype) for lr, wd, w in zip(cols["lr"], cols["wd"], cols["w"])]
+        self.staged = Staged(cols["idx"], dots, cols["lr"], cols["wd"], factors, self.monitor.device)
 
     def take(self) -> Staged | None:
         """What was staged for the step just taken (then forgotten), or None."""

@@ -243,7 +243,8 @@ class AdamWMoments:
         rows = []
         if staged is not None:
             row, missing = staged.rows([v.index for v in views], [v.weight for v in views], views)
-            rows, views = [row] if row else [], [v for v in views if v.index in set(missing)]
+            missing = set(missing)
+            rows, views = [row] if row else [], [v for v in views if v.index in missing]
         self.monitor.add(rows + moment_rows(views, self.monitor.norm2), step_id)
         if self.super_weights is not None:
             whole = self.ctx.views(optimizer, self.index_of, whole=True) if self.ctx.divides else views
