@@ -7,7 +7,9 @@ Pythia model's (GPT-NeoX, vocab 50304, untied embeddings, biases on); the pass i
 an accelerator plans (:data:`~hf_weightforces.core.kernels.CHUNK_ACCEL` elements a chunk) and the
 one a CPU plans (:data:`~hf_weightforces.core.kernels.CHUNK_CPU`).  Every
 ATen operation the step dispatches counts once (views included): on a GPU each non-view one is a
-kernel launch.  ``tests/test_op_count.py`` keeps these counts from growing back.
+kernel launch.  A step's budget terms are computed at the log event, for all the steps since the last
+one together (the monitor's flush): the figures per step share that flush among the interval's steps.
+``tests/test_op_count.py`` keeps these counts from growing back.
 """
 
 from __future__ import annotations
@@ -61,13 +63,15 @@ def big_tensors(shapes) -> int:
     return sum(1 for s in shapes if torch.Size(s).numel() >= SMALL)
 
 
-def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int | None = None) -> OpCounter:
+def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int | None = None,
+               flush_after: int = 0) -> OpCounter:
     """The operations of the second planned step (the first plans the pass) over ``shapes``;
     ``chunk``: the pass's chunk size (default: the device's; :data:`CHUNK_CPU` counts a CPU's pass
-    on the meta device)."""
+    on the meta device).  With ``flush_after`` k, the operations of the log event's flush after k
+    such steps instead (the budget of the k pending steps computed together, then accumulated)."""
     if chunk is not None:
         with mock.patch.object(kernels, "chunk_size", lambda device: chunk):
-            return count_step(shapes, device, kernel)
+            return count_step(shapes, device, kernel, flush_after=flush_after)
     dev = torch.device(device)
     ws = [torch.empty(s, device=dev).view(-1) for s in shapes]
     ms = [torch.empty(s, device=dev).view(-1) for s in shapes]
@@ -78,23 +82,41 @@ def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int |
     t_before, t_after = torch.zeros(n, device=dev), torch.ones(n, device=dev)
     hv = plan.step_vector([1e-4], [(0.01, 0.9, 0.999, 1e-8)])
     monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.norm2)])
-    with OpCounter() as counter:  # the pass, the budget and the monitor's accumulation
+    monitor.flush()
+    if flush_after:
+        for _ in range(flush_after):
+            monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.norm2)])
+        with OpCounter() as counter:
+            monitor.flush()
+        return counter
+    with OpCounter() as counter:  # the pass and what the monitor does with it at once
         monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.norm2)])
     return counter
+
+
+#: Steps between log events in the figures (the demo's and the benchmarks' ``logging_steps``)
+INTERVAL = 10
+
+
+def per_step(shapes, chunk: int | None = None) -> float:
+    """Operations per budget step over a logging interval of :data:`INTERVAL` steps: a step's own
+    and the interval's flush shared among its steps."""
+    return count_step(shapes, chunk=chunk).total + count_step(shapes, chunk=chunk, flush_after=INTERVAL).total / INTERVAL
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["160m", "410m", "1.4b"], choices=sorted(PYTHIA))
     args = ap.parse_args()
-    print("| layout | tensors | of them >= 32768 elements | operations a step (accelerator chunks) "
-          "| (CPU chunks) | bound 10 x big + 50 |")
-    print("|---|---|---|---|---|---|")
+    print(f"| layout | tensors | of them >= 32768 elements | a step (accelerator chunks) | the log event's flush "
+          f"| per step, logging every {INTERVAL} | (CPU chunks) | bound 10 x big + 50 |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         shapes = pythia_shapes(size)
         big = big_tensors(shapes)
         print(f"| Pythia-{size} | {len(shapes)} | {big} | {count_step(shapes).total} "
-              f"| {count_step(shapes, chunk=CHUNK_CPU).total} | {10 * big + 50} |")
+              f"| {count_step(shapes, flush_after=INTERVAL).total} | {per_step(shapes):.0f} "
+              f"| {per_step(shapes, chunk=CHUNK_CPU):.0f} | {10 * big + 50} |")
 
 
 if __name__ == "__main__":

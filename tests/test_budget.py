@@ -9,6 +9,7 @@ import pytest
 import torch
 from float_bounds import U32, abs_sum, sum_tol
 
+from hf_weightforces.core import monitor as monitor_module
 from hf_weightforces.core.budget import (
     BUDGET_TERMS,
     adamw_direction,
@@ -21,7 +22,7 @@ from hf_weightforces.core.budget import (
 from hf_weightforces.core.kernels import ROW, BlockPass
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.optim import UnsupportedOptimizerError, check_supported
-from hf_weightforces.core.rows import Rows, tensor_rows
+from hf_weightforces.core.rows import Pending, Rows, tensor_rows
 
 
 def hand_adamw(w, g, m, v, t, lr, wd, b1, b2, eps):
@@ -280,6 +281,50 @@ def test_monitor_add_is_one_step_whatever_the_rows():
     assert torch.all(mon.sums[3] == 0) and mon.nonfinite.tolist() == [0.0, 0.0, 0.0, 1.0]
     assert mon.norm2.tolist() == [7.0, 4.0, 5.0, 9.0]
     assert mon.var.tolist() == [[0.0, 0.0], [0.0, 2.0], [0.0, 0.0], [1.0, 1.0]]  # a non-finite variance left out
+
+
+def test_pending_steps_are_the_same_sums_as_rows(monkeypatch):
+    """:class:`Pending` steps (terms computed at the flush, the steps of one source together) give
+    exactly the sums, non-finite counts, sampled integral and norms of the same steps added as
+    :class:`Rows`: two sources interleaved with rows, non-finite rows, sampled steps, and more steps
+    than the monitor keeps (computed in pieces, never more than PENDING_STEPS kept)."""
+    monkeypatch.setattr(monitor_module, "PENDING_STEPS", 4)
+    infos = [ParamInfo(n, "transmission", 0, 4) for n in "abcd"]
+    now, later = ForceMonitor(infos, sample_every=3), ForceMonitor(infos, sample_every=3)
+    gen = torch.Generator().manual_seed(3)
+
+    def doubled(x, y):  # a source's terms from its stacked inputs [S, k, NT]: 2x + y
+        return 2.0 * x + y
+
+    def halved(x):
+        return 0.5 * x
+
+    index_ab, index_d = torch.tensor([1, 0]), torch.tensor([3])
+    kept = []
+    for step in range(1, 12):
+        x, y = (torch.randint(-8, 8, (2, len(BUDGET_TERMS)), generator=gen).double() for _ in range(2))
+        z = torch.randint(-8, 8, (1, len(BUDGET_TERMS)), generator=gen).double()
+        if step in (4, 9):
+            x[1, 5] = float("inf")  # the second row of this step: left out, counted
+        norm_ab, norm_d = torch.tensor([step, 2.0 * step], dtype=torch.float64), torch.tensor([-step], dtype=torch.float64)
+        rows = [Rows(index_ab, doubled(x, y), norm_ab), Rows(index_d, halved(z), norm_d)]
+        pending = [Pending(index_ab, norm_ab, (x, y), doubled), Pending(index_d, norm_d, (z,), halved)]
+        if step % 2:
+            extra = Rows([2], torch.full((1, len(BUDGET_TERMS)), float(step), dtype=torch.float64),
+                         torch.tensor([step], dtype=torch.float64))
+            rows.append(extra)
+            pending.insert(1, extra)  # a row between the two sources' pending steps
+        now.add(rows, step_id=step)
+        later.add(pending, step_id=step)
+        assert torch.equal(later.norm2, now.norm2)  # the observation at once
+        kept.append(len(later._pending))
+    assert max(kept) < 4  # computed in pieces: at 4 pending steps the monitor flushes
+    got, want = later.unpack(later.pack().numpy()), now.unpack(now.pack().numpy())
+    for a, b in zip(got, want):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)  # small integers and halves: exact in float64
+    assert want.nonfinite.tolist() == [2.0, 0.0, 0.0, 0.0] and np.any(want.sampled != 0)
+    assert later.steps == now.steps == 11
 
 
 def test_squared_norms_of_chunked_tensors_against_float64():

@@ -133,13 +133,20 @@ class AdamWRun:
                 [s["exp_avg_sq"].view(-1) for s in st])
 
     def run(self, plan: StepPlan, t_before, t_after, acc, inputs=None) -> torch.Tensor:
-        """One planned step added to the monitor of ``acc`` (its one way in); returns the rows' terms."""
+        """One planned step added to the monitor of ``acc`` (its one way in); returns the step's terms
+        computed alone (the monitor computes the eager pass's pending steps together at
+        :meth:`flush`)."""
         hv = plan.step_vector(self.lrs(), self.hypers())
         ws, ms, vs = inputs if inputs is not None else self.inputs()
         mon = self.monitors[id(acc[0])]
         rows = plan.run(ws, ms, vs, t_after, t_before, hv, mon.norm2)
         mon.add([rows])
         return rows.terms
+
+    def flush(self) -> None:
+        """Every monitor's pending steps into its sums (what a log event does first)."""
+        for mon in self.monitors.values():
+            mon.flush()
 
     def reference(self, i: int, w_before: torch.Tensor) -> np.ndarray:
         """Tensor i's float64 budget row (BUDGET_TERMS) of the step just taken."""
@@ -199,6 +206,7 @@ def test_plan_matches_the_float64_reference(kernel):
             exact = exact_norm2(run.params)
             torch.testing.assert_close(acc[k][2], exact, rtol=1e-12, atol=0)
         run.decay_lrs()
+    run.flush()  # the eager pass's six steps computed together, the same as each alone
     for k in plans:
         sums, nonfinite, norm2 = acc[k]
         assert torch.all(nonfinite == 0)
@@ -232,19 +240,20 @@ def test_tensor_without_gradient_is_masked(kernel):
     sums, nonfinite, norm2 = acc = run.accumulators()
     # step -> tensors with no gradient: a packed small one and a big one, then the float64 one
     skips = {2: {0, 4}, 3: {FLOAT64}, 4: {1}}
+    returned = torch.zeros_like(sums)
     for step in range(6):
         skip = skips.get(step, set())
-        sums_before, norm2_before = sums.clone(), norm2.clone()
+        norm2_before = norm2.clone()
         w_prev = [p.detach().clone() for p in run.params]
         t_before, t_after, w_before = run.step(no_grad=skip)
         terms = run.run(plan, t_before, t_after, acc)
+        returned += terms
         exact = exact_norm2(run.params)
         for i in range(run.n):
             if i in skip:
-                # AdamW left it alone: counter and weights; the plan adds nothing and keeps its norm
+                # AdamW left it alone: counter and weights; the plan adds nothing and its norm stays
                 assert t_after[i] == t_before[i] and torch.equal(run.params[i].detach(), w_prev[i])
                 assert torch.all(terms[i] == 0), terms[i]
-                assert torch.equal(sums[i], sums_before[i])
                 assert norm2[i] == norm2_before[i]
             else:
                 assert t_after[i] == t_before[i] + 1
@@ -253,7 +262,9 @@ def test_tensor_without_gradient_is_masked(kernel):
                 assert_rows_match_reference(terms[i : i + 1].numpy(), ref, norm2[i : i + 1].numpy(),
                                             float64_rows=(0,) if i == FLOAT64 else ())
             torch.testing.assert_close(norm2[i], exact[i], rtol=1e-12, atol=0)
-        assert torch.all(nonfinite == 0)
+    run.flush()  # the six steps computed together (the eager pass) mask the same rows
+    torch.testing.assert_close(sums, returned, rtol=1e-13, atol=0)
+    assert torch.all(nonfinite == 0)
     counters = run.counters()
     assert counters.tolist() == [5.0, 5.0, 5.0, 6.0, 5.0]  # the skips really happened
     if kernel != "exact":
@@ -267,6 +278,7 @@ def test_nonfinite_row_is_flagged_and_left_out(kernel):
     plan = run.plan(kernel)
     clean, bad = run.accumulators(), run.accumulators()
     broken = {0: float("nan"), 4: float("nan")}  # a packed small tensor and a big one
+    first_two = torch.zeros_like(bad[0])
     for step in range(3):
         t_before, t_after, _ = run.step()
         ws, ms, vs = run.inputs()
@@ -274,14 +286,16 @@ def test_nonfinite_row_is_flagged_and_left_out(kernel):
             ms = [m.clone() for m in ms]
             for i, value in broken.items():
                 ms[i][17] = value
-        bad_sums_before = bad[0].clone()
         terms_clean = run.run(plan, t_before, t_after, clean)
         terms_bad = run.run(plan, t_before, t_after, bad, inputs=(ws, ms, vs))
+        if step < 2:
+            first_two += terms_bad
+    run.flush()  # the three steps computed together: the NaN row of the last one alone left out
     exact = exact_norm2(run.params)
     for i in range(run.n):
         if i in broken:
             assert not torch.isfinite(terms_bad[i]).all(), terms_bad[i]
-            assert torch.equal(bad[0][i], bad_sums_before[i])  # nothing added at that step
+            assert torch.equal(bad[0][i], first_two[i])  # nothing added at that step
             assert bad[1][i] == 1.0
             assert torch.isfinite(terms_clean[i]).all() and torch.any(terms_clean[i] != 0)
         else:  # the others exactly as without the NaN
@@ -320,6 +334,7 @@ def test_compiled_chunks_equal_the_exact_pass(monkeypatch):
         for i in skips.get(step, ()):
             assert torch.all(terms_c[i] == 0), (step, i, terms_c[i])
         run.decay_lrs()
+    run.flush()
     check_compiled_really_ran(compiled)
     assert len(compiled._fns) == 3
     for name, j in COL.items():
@@ -421,6 +436,12 @@ def test_step_vector_fast_path_equals_the_general_one():
 
 
 # ---------------------------------------------------------------------------------- 6. re-plan
+def sums_of(mon: ForceMonitor) -> np.ndarray:
+    """The monitor's interval sums as a log event reads them (:meth:`ForceMonitor.pack` flushes
+    the pending steps first)."""
+    return mon.unpack(mon.pack().numpy()).sums
+
+
 def _context_run(action_at: int | None = None, action=None, steps: int = 8, kernel: str = "exact",
                  planned: bool = True):
     """The callback's recording logic on plain torch (``_record``): ShardContext's planned step
@@ -449,7 +470,7 @@ def _context_run(action_at: int | None = None, action=None, steps: int = 8, kern
                 mon.add(moment_rows(ctx.views(run.opt, index_of), mon.norm2), step)
             assert mon.steps == 1
             ref = np.stack([run.reference(i, w_before[i]) for i in range(run.n)])
-            rows.append((mon.sums.clone().numpy(), mon.norm2.clone(), ref, exact_norm2(run.params)))
+            rows.append((sums_of(mon), mon.norm2.clone(), ref, exact_norm2(run.params)))
             mon.reset()
             run.decay_lrs(0.9)
             if step == 2:
@@ -464,7 +485,8 @@ def _context_run(action_at: int | None = None, action=None, steps: int = 8, kern
 def test_counters_before_a_step_after_steps_the_budget_skipped():
     """The pre-hook takes the counters stacked after the last planned step as the next step's
     "before" only while no other step ran: a tensor updated at a step the budget skipped and not
-    at the next budget step is not counted there (its row zero, its norm kept)."""
+    at the next budget step is not counted there (its row zero, its norm observed again: the same
+    weights' squared norm)."""
     run = AdamWRun()
     ctx = ShardContext(Backend.SINGLE)
     entries = ctx.entries(None, run.opt)  # registers the step pre-hook
@@ -490,8 +512,9 @@ def test_counters_before_a_step_after_steps_the_budget_skipped():
             ref = np.stack([run.reference(i, w_before[i]) for i in range(run.n)])
             rows = slice(1 if no_grad else 0, None)
             if no_grad:  # tensor 0 was not updated by this step (at step 5: it was by step 4)
-                assert torch.all(mon.sums[0] == 0) and mon.norm2[0].item() == norm0, step
-            assert_rows_match_reference(mon.sums.numpy()[rows], ref[rows], mon.norm2.numpy()[rows],
+                assert np.all(sums_of(mon)[0] == 0), step
+                assert mon.norm2[0].item() == pytest.approx(norm0, rel=1e-14, abs=0), step
+            assert_rows_match_reference(sums_of(mon)[rows], ref[rows], mon.norm2.numpy()[rows],
                                         float64_rows=(FLOAT64 - rows.start,))
             mon.reset()
         assert pattern == [False, True, True, True]

@@ -185,14 +185,15 @@ def budget_from_dots(
     norm2_before: torch.Tensor,
     factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-tensor budget [P, len(BUDGET_TERMS)] from :func:`step_dots` output (post-step weights).
+    """Per-tensor budget [..., P, len(BUDGET_TERMS)] from :func:`step_dots` output [..., P, 3]
+    (post-step weights; any leading dimensions, e.g. several steps).
 
     ``lr``, ``weight_decay``, ``u_scale`` (s = sqrt(1-β2^t)/(1-β1^t)), ``norm2_before`` (the
     squared norm observed before the step) and ``factor`` (the decay factor c the optimizer
-    applied, :func:`decay_factor`; default the nominal 1 - ηλ) are float64 vectors of length P
+    applied, :func:`decay_factor`; default the nominal 1 - ηλ) are float64 tensors [..., P]
     on one device.  w_t = (w' + η u) / c is rebuilt; the observation enters only through Δ.
     """
-    a, b, c = dots.unbind(1)
+    a, b, c = dots.unbind(-1)
     eta, s = lr, u_scale
     cf = 1.0 - eta * weight_decay if factor is None else factor
     # the forces of :func:`_forces` from the reconstruction above, written with few operations (the
@@ -207,7 +208,7 @@ def budget_from_dots(
     rest = d * (dww - align)  # d² ||w||² + 2ηd <w, u>
     return torch.stack((align, e1 * e1c,  # inject = η² s² ||ũ||²
                         -2.0 * dww, rest, a - norm2_before, torch.zeros_like(a), (m2 * weight_decay) * ww,
-                        m2 * s * b), dim=1)  # align_post = -2η<w_{t+1}, u_t>: the research code's convention
+                        m2 * s * b), dim=-1)  # align_post = -2η<w_{t+1}, u_t>: the research code's convention
 
 
 def bias_scales(step: float, beta1: float, beta2: float, eps: float) -> tuple[float, float]:

@@ -123,8 +123,8 @@ class PackedSmall:
     ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, products and squares
     of ũ summed in float32 rows then in float64; ||w'||² as float64 row norms of exact squares),
     float64 for tensors stored in float64 (nothing rounded).  ``members``: the tensors' positions
-    in the caller's list (``index`` on the device), ``ws``, ``ms``, ``vs`` the flat tensors (the
-    pack keeps them: their values are read at each :meth:`dots`)."""
+    in the caller's list, ``ws``, ``ms``, ``vs`` the flat tensors (the pack keeps them: their values
+    are read at each :meth:`dots`)."""
 
     def __init__(self, members: list[int], ws: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
                  device: torch.device, dtype: torch.dtype = torch.float32) -> None:
@@ -132,7 +132,6 @@ class PackedSmall:
         self.members = [members[k] for k in order]
         ws, ms, vs = ([xs[k] for k in order] for xs in (ws, ms, vs))
         self.dtype = dtype
-        self.index = to_device(torch.tensor(self.members, dtype=torch.long), device)
         numels = [w.numel() for w in ws]
         rows = [max(1, -(-n // SMALL_ROW)) for n in numels]
         size = sum(rows) * SMALL_ROW
@@ -145,22 +144,23 @@ class PackedSmall:
         self.copy = [([b[a : a + n] for a, n in zip(starts[aligned:], numels[aligned:])], xs[aligned:])
                      for xs, b in ((ws, self.w), (ms, self.m), (vs, self.u))] if aligned < len(numels) else []
         self.rows = [b.view(-1, SMALL_ROW) for b in (self.w, self.m, self.u)]
-        self.row_of = to_device(torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(rows)), device)
+        # each row's tensor, as a position in the caller's list
+        self.row_of = to_device(torch.repeat_interleave(torch.tensor(self.members), torch.tensor(rows)), device)
 
-    def dots(self, eps: torch.Tensor) -> torch.Tensor:
-        """(||w'||², <w', ũ>, ||ũ||²) per member [k, 3] float64, in :attr:`members` order; ``eps``
-        one float64 ε' per member on the device."""
-        for xs, out in self.cat:
-            torch.cat(xs, out=out)
+    def dots(self, eps: torch.Tensor, out: torch.Tensor) -> None:
+        """(||w'||², <w', ũ>, ||ũ||²) of the members added to their rows of ``out`` [P, 3] float64
+        (the caller's list); ``eps`` one float64 ε' per tensor of the caller's list, on the device."""
+        for xs, buf in self.cat:
+            torch.cat(xs, out=buf)
         for views, xs in self.copy:
             torch._foreach_copy_(views, xs)
         w, m, u = self.rows
-        u.sqrt_().add_(eps.to(self.dtype).index_select(0, self.row_of)[:, None])
+        u.sqrt_().add_(eps.index_select(0, self.row_of).to(self.dtype)[:, None])
         m.div_(u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
         uu = torch.linalg.vector_norm(m, dim=1).to(torch.float64).square()
         rows = torch.stack((torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).square(),
                             m.mul_(w).sum(1, dtype=self.dtype).to(torch.float64), uu), dim=1)  # w' ũ over ũ
-        return torch.zeros(len(self.members), 3, dtype=torch.float64, device=rows.device).index_add_(0, self.row_of, rows)
+        out.index_add_(0, self.row_of, rows)
 
 
 def _pieces(n: int, chunk: int) -> list[tuple[int, int, int]]:
@@ -229,7 +229,7 @@ class BlockPass:
         on the device)."""
         out = torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
         for pack in self._small:
-            out.index_copy_(0, pack.index, pack.dots(eps.index_select(0, pack.index)))
+            pack.dots(eps, out)
         if not self._steps:
             return out
         self.eps.copy_(eps)  # the chunks read their tensor's ε' from here (float32, as ũ)

@@ -8,7 +8,9 @@
 * the latest observed squared norm (the "before" of the next step, the "now" of a log row).
 
 A step's budget comes in through one method, :meth:`ForceMonitor.add`, as rows of terms per tensor
-(core/rows.py: how each budget source makes them).  Nothing leaves the device until :meth:`ForceMonitor.pack`, which returns one flat float64 tensor
+(core/rows.py: how each budget source makes them), or as a pending step whose terms are computed
+with the interval's other steps at the log event (the planned pass's: a few operations per
+interval, not per step).  Nothing leaves the device until :meth:`ForceMonitor.pack`, which returns one flat float64 tensor
 per logging event (the thing a sharded run all-reduces); :meth:`ForceMonitor.summarize` turns the
 host copy into metric rows.  Aggregates are sums first, ratios last (docs/budget.md).
 """
@@ -24,12 +26,16 @@ import torch
 
 from .aggregates import ParamInfo, aggregate_masks
 from .budget import BUDGET_TERMS, squared_norms
-from .rows import Rows, index_tensor
+from .rows import Pending, Rows, index_tensor
 
-__all__ = ["BUDGET_MODES", "OFFSET_RULES", "FORCE_KEYS", "ForceMonitor", "Packed", "ParamInfo", "Rows", "aggregate_masks",
-           "summarize_sums"]
+__all__ = ["BUDGET_MODES", "OFFSET_RULES", "FORCE_KEYS", "PENDING_STEPS", "ForceMonitor", "Packed", "ParamInfo", "Pending",
+           "Rows", "aggregate_masks", "summarize_sums"]
 
 _NT = len(BUDGET_TERMS)  # align, inject, decay, rest, delta, rounding, decay_nominal, align_post
+
+#: Pending steps kept at most before they are computed (:meth:`ForceMonitor.flush`): a long logging
+#: interval is computed in pieces, so their inputs never take more than this many steps' memory.
+PENDING_STEPS = 64
 
 #: Which step stands for each block of the sparse-recording integral (the callback's ``offset_rule``).
 OFFSET_RULES: tuple[str, ...] = ("right", "left")
@@ -75,6 +81,7 @@ class ForceMonitor:
         self.var = torch.zeros(n, 2, dtype=torch.float64, device=self.device)  # sampled observed mode
         #: which computation produced the rows (:data:`BUDGET_MODES`), set by the callback
         self.budget_mode: str | None = None
+        self._pending: list[tuple[Pending, bool]] = []  # (step, sampled), computed at the next flush
 
     def __len__(self) -> int:
         return len(self.infos)
@@ -90,34 +97,58 @@ class ForceMonitor:
         else:
             self.norm2[index_tensor(indices, self.device)] = norms
 
-    def add(self, rows: Sequence[Rows], step_id: int | None = None) -> None:
+    def add(self, rows: Sequence[Rows | Pending], step_id: int | None = None) -> None:
         """The one way a budget comes in: one optimizer step, as the :class:`~.rows.Rows` of the
         tensors it updated (none: a budget step with nothing to add; several: tensors on several
-        devices, or budgets made several ways).  A non-finite row is left out of the sums and
-        counted; the rows' squared norms become the current observation; at the sampled steps of
-        the sparse-recording integral N·(A + I + D) is added too.  No host synchronisation."""
+        devices, or budgets made several ways), or as a :class:`~.rows.Pending` step whose terms
+        are computed at the next :meth:`flush` with the other pending steps of its source.  A
+        non-finite row is left out of the sums and counted; the rows' squared norms become the
+        current observation at once; at the sampled steps of the sparse-recording integral
+        N·(A + I + D) is added too.  No host synchronisation."""
         self.steps += 1
         sampled = bool(self.sample_every) and step_id is not None and step_id % self.sample_every == self.sample_at
         for row in rows:
             if not len(row.index):
                 continue
             idx = row.index if isinstance(row.index, torch.Tensor) else index_tensor(row.index, self.device)
-            terms = row.terms.to(self.device)
-            finite = torch.isfinite(terms).all(dim=1)
-            terms = torch.where(finite[:, None], terms, 0.0)
-            self.sums.index_add_(0, idx, terms)
-            if sampled:
-                self.sampled.index_add_(0, idx, terms[:, :3].sum(dim=1) * self.sample_every)
-            self.nonfinite.index_add_(0, idx, (~finite).to(torch.float64))
+            self.norm2.index_copy_(0, idx, row.norm2.to(self.device))
+            if isinstance(row, Pending):
+                self._pending.append((row, sampled))
+                continue
+            self._accumulate(idx, row.terms.to(self.device)[None], [0] if sampled else [])
             if row.var is not None:
                 var = row.var.to(self.device)
                 self.var.index_add_(0, idx, torch.where(torch.isfinite(var), var, 0.0))
-            self.norm2.index_copy_(0, idx, row.norm2.to(self.device))
+        if len(self._pending) >= PENDING_STEPS:
+            self.flush()
+
+    def flush(self) -> None:
+        """The terms of the pending steps, computed and added: consecutive steps of one source
+        together (one ``evaluate`` over their stacked inputs).  :meth:`pack` flushes first."""
+        pending, self._pending = self._pending, []
+        while pending:
+            first = pending[0][0]
+            n = next((k for k, (row, _) in enumerate(pending) if row.evaluate != first.evaluate
+                      or row.index is not first.index), len(pending))
+            batch, pending = pending[:n], pending[n:]
+            terms = first.evaluate(*(torch.stack(xs) for xs in zip(*(row.inputs for row, _ in batch))))
+            self._accumulate(first.index, terms, [k for k, (_, sampled) in enumerate(batch) if sampled])
+
+    def _accumulate(self, idx: torch.Tensor, terms: torch.Tensor, sampled: list[int]) -> None:
+        """Terms [S, k, len(BUDGET_TERMS)] of S steps added at ``idx``; ``sampled``: which of the S
+        are sampled steps of the integral.  A non-finite row of a step is zeroed and counted."""
+        finite = torch.isfinite(terms).all(dim=-1)
+        terms = torch.where(finite[..., None], terms, 0.0)
+        self.sums.index_add_(0, idx, terms.sum(0))
+        self.nonfinite.index_add_(0, idx, (~finite).sum(0, dtype=torch.float64))
+        for s in sampled:
+            self.sampled.index_add_(0, idx, terms[s, :, :3].sum(dim=1) * self.sample_every)
 
     # ------------------------------------------------------------------ reporting
     def pack(self) -> torch.Tensor:
         """One flat float64 tensor: sums [P*len(BUDGET_TERMS)], non-finite counts [P], squared norms [P],
         sampled integral [P]."""
+        self.flush()
         return torch.cat((self.sums.reshape(-1), self.nonfinite, self.norm2, self.sampled, self.var.reshape(-1)))
 
     @property
@@ -131,6 +162,7 @@ class ForceMonitor:
                       rest[3 * n : 5 * n].reshape(n, 2))
 
     def reset(self) -> None:
+        self._pending.clear()  # a new interval (pack, which flushes, came first)
         self.sums.zero_()
         self.nonfinite.zero_()
         self.sampled.zero_()

@@ -4,16 +4,19 @@ hyper-parameters (learning rates, weight decays, betas, ε, decay factors) and t
 the bias corrections are computed from the counters inside the pass (docs/budget.md, section 9).
 
 :class:`StepPlan` holds, for a fixed list of tensors on one device, the index tensors into the
-monitor and into the step vector, and the pass itself.  One :meth:`StepPlan.run` returns every tensor's
-budget row (:data:`~.budget.BUDGET_TERMS`) and new squared norm as one :class:`~.rows.Rows` for the
-monitor, with the tensors the step did not update (counter not moved: no gradient, a GradScaler skip
-inside a fused kernel) masked out on the device: no Python work per tensor, no host
-synchronisation, no host-to-device copy of a Python list.
+monitor and into the step vector, and the pass itself.  One :meth:`StepPlan.run` gives every tensor's
+budget row (:data:`~.budget.BUDGET_TERMS`) and new squared norm for the monitor, with the tensors the
+step did not update (counter not moved: no gradient, a GradScaler skip inside a fused kernel) masked
+out on the device: no Python work per tensor, no host synchronisation, no host-to-device copy of a
+Python list.
 
 The pass (``kernel``):
 
 * ``exact``: :class:`~.kernels.BlockPass`, planned at the first run (small tensors packed, big ones
-  read chunk by chunk in place, six operations per chunk), then the budget;
+  read chunk by chunk in place, six operations per chunk) with ε' per tensor from the counters; the
+  step is a :class:`~.rows.Pending` one: its budget (:meth:`StepPlan.terms`, about sixty
+  operations on P-vectors) is computed at the log event for all the steps since the last one
+  together, on [steps, P] tensors, so a step's own operations are the pass's and a few more;
 * ``compiled`` (opt-in): :func:`_chunk_pass` through ``torch.compile``, in process: the three sums
   of every tensor and the budget in one compiled call per :data:`CHUNK` tensors,
   equal to the eager pass within 1e-6 of each sum (``tests/test_plan.py``); the first run waits
@@ -32,7 +35,7 @@ import torch
 
 from .budget import budget_from_dots, decay_factor
 from .kernels import BlockPass, block_pass, to_device
-from .rows import Rows
+from .rows import Pending, Rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +51,12 @@ HYPER_ROWS = ("lr", "weight_decay", "beta1", "beta2", "eps", "factor_fl32", "fac
 
 
 def per_tensor(hv: torch.Tensor, gidx: torch.Tensor, float64: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor:
-    """[5, P] float64, per tensor: lr, weight decay, decay factor, s = sqrt(1 - β2^t) / (1 - β1^t)
-    and ε' = ε sqrt(1 - β2^t), from the step vector ``hv`` [7G], each tensor's group ``gidx``,
+    """[5, ..., P] float64, per tensor: lr, weight decay, decay factor, s = sqrt(1 - β2^t) / (1 - β1^t)
+    and ε' = ε sqrt(1 - β2^t), from the step vector ``hv`` [..., 7G], each tensor's group ``gidx``,
     whether it is stored in float64 (its decay factor is exact, not float32-rounded) and its step
-    counter after the step.  A handful of operations on P-vectors (inside the compiled pass too)."""
-    lr, wd, b1, b2, eps, f32, f64 = hv.view(len(HYPER_ROWS), -1)[:, gidx].unbind(0)
+    counter after the step ``t_after`` [..., P] (a leading dimension: several steps at once).  A
+    handful of operations on P-vectors (inside the compiled pass too)."""
+    lr, wd, b1, b2, eps, f32, f64 = hv.unflatten(-1, (len(HYPER_ROWS), -1))[..., gidx].unbind(-2)
     bc1, bc2 = (1.0 - torch.stack((b1, b2)) ** t_after.to(torch.float64)).unbind(0)  # 1 - β^t
     bc2 = bc2.sqrt()
     return torch.stack((lr, wd, torch.where(float64, f64, f32), bc2 / bc1, eps * bc2))
@@ -64,24 +68,23 @@ def planned_terms(
     t_before: torch.Tensor,
     hyper: torch.Tensor,
     norm2_before: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(terms [k, len(BUDGET_TERMS)], new squared norm [k]) from the three sums and
-    :func:`per_tensor`'s rows.
+) -> torch.Tensor:
+    """The terms [..., k, len(BUDGET_TERMS)] from the three sums [..., k, 3] and :func:`per_tensor`'s
+    rows (any leading dimensions: one step or several).
 
     A tensor whose step counter did not move (``t_after <= t_before``) was not updated: its row
-    is zero, its norm stays (a non-finite row of an updated tensor is the monitor's to count).
-    Float64 vectors throughout."""
+    is zero (a non-finite row of an updated tensor is the monitor's to count).  Float64 vectors
+    throughout."""
     lr, wd, factor, s, _ = hyper.unbind(0)
     terms = budget_from_dots(dots, lr, wd, s, norm2_before, factor)
-    keep = t_after > t_before
-    return torch.where(keep[:, None], terms, 0.0), torch.where(keep, dots[:, 0], norm2_before)
+    return torch.where((t_after > t_before)[..., None], terms, 0.0)
 
 
 def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, norm2_before):
     """One chunk of tensors, written for inductor to fuse: the per-tensor hyper-parameters
     (:func:`per_tensor` of ``hyper`` = (step vector, groups, float64 flags, counters)), per tensor one
     read of w', m, v (exact float64 squares for ||w'||², ũ in float32, its products summed in
-    float64, as the eager pass), then the chunk's :func:`planned_terms`.  Each tensor's three sums
+    float64, as the eager pass), then the chunk's :func:`planned_terms` and ||w'||².  Each tensor's three sums
     are one row made by ``cat`` of 1-element sums: inductor then computes them in one loop over the
     tensor (one read of w', m, v) and allocates no scalar buffer per sum (a compiled call pays for
     every buffer it allocates).  Measured against the other ways of writing it (three 0-d sums
@@ -97,7 +100,8 @@ def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, norm2_before):
         u = (m / (torch.sqrt(v) + e[k])).to(torch.float64)
         rows.append(torch.cat(((w64 * w64).sum(0, keepdim=True), (w64 * u).sum(0, keepdim=True),
                                (u * u).sum(0, keepdim=True))))
-    return planned_terms(torch.stack(rows), t_after, t_before, hyper, norm2_before)
+    dots = torch.stack(rows)
+    return planned_terms(dots, t_after, t_before, hyper, norm2_before), dots[:, 0]
 
 
 _COMPILE_FAILED = False
@@ -145,15 +149,15 @@ class StepPlan:
         self.index = vec(indices, torch.long)
         self.gidx = vec(groups, torch.long)  # each tensor's group: its column of the step vector
         self.f64 = vec(float64, torch.bool)  # stored in float64: the exact decay factor
+        # each tensor's β2 and ε in the step vector (rows 3 and 4 of HYPER_ROWS): ε' for the pass
+        self._b2_eps = vec([3 * n_groups + g for g in groups] + [4 * n_groups + g for g in groups], torch.long)
         # contiguous chunks of at most CHUNK tensors, their slices of every per-tensor vector
         self.chunks = []
         for a in range(0, n, CHUNK):
             sl = slice(a, min(a + CHUNK, n))
             self.chunks.append((sl, self.gidx[sl], self.f64[sl], self.index[sl]))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
-        # step_vector on CPU: its two buffers (tensor, writable memoryview of it), the last
-        # hyper-parameters, learning rates and vector, the groups' weight decays and fixed rows
-        self._hv_bufs: list | None = None
+        # step_vector on CPU: the last hyper-parameters, learning rates and vector, the groups' weight decays and fixed rows
         self._hv_hypers: list | None = None
         self._hv_lrs: list | None = None
         self._hv: torch.Tensor | None = None
@@ -172,24 +176,21 @@ class StepPlan:
         group, not per tensor: the bias corrections come from the counters inside the pass.  Host
         lrs: computed in Python and sent as one tensor (pinned, non-blocking on an accelerator);
         an lr tensor on the accelerator: computed there, no host synchronisation.  On CPU with float
-        lrs the vector is one of two buffers the plan owns, filled in place (making a tensor from a
-        list costs more than the rest of the step's bookkeeping right after a training step): valid
-        until the second call after; while no hyper-parameter moved, the last one is handed out
-        again."""
+        lrs the vector wraps a plain buffer (no torch operation: making a tensor from a list costs
+        more than the rest of the step's bookkeeping right after a training step), and while no
+        hyper-parameter moved the last one is handed out again.  A vector is never written after it
+        is handed out (a pending step keeps it until the log event)."""
         if self.device.type == "cpu" and all(type(x) is float for x in lrs):
             if hypers != self._hv_hypers:  # (rare) a schedule moved a decay, a beta or ε: the fixed rows again
                 self._hv_hypers, self._hv_lrs = list(hypers), None
                 self._hv_wd = [float(h[0]) for h in hypers]
                 self._hv_fixed = [float(h[j]) for j in range(4) for h in hypers]  # weight decay, β1, β2, ε
-                self._hv_bufs = [(t, memoryview(t.numpy())) for t in (torch.empty(7 * len(hypers), dtype=torch.float64),
-                                                                       torch.empty(7 * len(hypers), dtype=torch.float64))]
             if lrs != self._hv_lrs:
-                self._hv_bufs.reverse()  # the other buffer: the last vector stays whole one more step
-                tensor, memory = self._hv_bufs[0]
                 exact = [1.0 - x * w for x, w in zip(lrs, self._hv_wd)]  # decay_factor's, all groups at once
-                # plain buffers, no numpy call: right after a training step each call into numpy costs ~10 µs
-                memory[:] = array("d", [*lrs, *self._hv_fixed, *array("f", exact), *exact])  # "f": rounded to float32
-                self._hv_lrs, self._hv = list(lrs), tensor
+                # a plain buffer the tensor keeps, no numpy call: right after a training step each call
+                # into numpy costs ~10 µs
+                values = array("d", [*lrs, *self._hv_fixed, *array("f", exact), *exact])  # "f": rounded to float32
+                self._hv_lrs, self._hv = list(lrs), torch.frombuffer(values, dtype=torch.float64)
             return self._hv
         hypers = [tuple(float(x) for x in h) for h in hypers]
         columns = list(zip(*hypers))  # weight decay, β1, β2, ε: G each
@@ -214,13 +215,16 @@ class StepPlan:
         t_before: torch.Tensor,
         hv: torch.Tensor,
         norm2: torch.Tensor,
-    ) -> Rows:
-        """The step's budget rows of the planned tensors; ``norm2`` [N] is the monitor's vector of
+    ) -> Rows | Pending:
+        """The step's budget of the planned tensors; ``norm2`` [N] is the monitor's vector of
         squared norms observed before the step (on the plan's device).
 
         ``weights``, ``exp_avgs``, ``second_moments`` are flat, in the planned order;
         ``t_after`` and ``t_before`` the tensors' step counters stacked after and before the step
-        (on the device), ``hv`` the :meth:`step_vector`."""
+        (on the device), ``hv`` the :meth:`step_vector`.  The eager pass returns a
+        :class:`~.rows.Pending` step: its three sums now, its terms (:meth:`terms`) with the
+        interval's other steps at the monitor's flush; the compiled pass, whose budget comes out
+        of the same fused call, returns the :class:`~.rows.Rows`."""
         if self.kernel == "compiled" and not _COMPILE_FAILED:
             try:
                 if self._fns is None:  # compiled here, at this first call (the step waits)
@@ -230,7 +234,20 @@ class StepPlan:
                                                     hv, norm2))
             except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
                 _compile_failed(exc)
-        return Rows(self.index, *self._run_eager(weights, exp_avgs, second_moments, t_after, t_before, hv, norm2))
+        dots = self.dots(weights, exp_avgs, second_moments, self.eps_now(hv, t_after))
+        return Pending(self.index, dots[:, 0], (dots, t_after, t_before, hv, norm2[self.index]), self.terms)
+
+    def eps_now(self, hv: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor:
+        """ε' = ε sqrt(1 - β2^t) per tensor [P] (what the pass needs of the step vector), as
+        :func:`per_tensor` computes it."""
+        b2, eps = hv.index_select(0, self._b2_eps).view(2, -1)
+        return eps * (1.0 - b2 ** t_after.to(torch.float64)).sqrt()
+
+    def terms(self, dots: torch.Tensor, t_after: torch.Tensor, t_before: torch.Tensor, hv: torch.Tensor,
+              norm2_before: torch.Tensor) -> torch.Tensor:
+        """The terms [S, P, len(BUDGET_TERMS)] of S steps of the eager pass at once (each argument
+        a :meth:`run` input stacked over the steps): :func:`planned_terms` of :func:`per_tensor`."""
+        return planned_terms(dots, t_after, t_before, per_tensor(hv, self.gidx, self.f64, t_after), norm2_before)
 
     def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2) -> list[tuple]:
         """Each chunk's arguments of :func:`_chunk_pass`."""
@@ -253,11 +270,6 @@ class StepPlan:
         if self._block is None or self._block_of is not weights:  # the first budget step's pass, where it read these
             self._block, self._block_of = block_pass(weights, exp_avgs, second_moments), weights
         return self._block.run(eps)
-
-    def _run_eager(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2):
-        hyper = per_tensor(hv, self.gidx, self.f64, t_after)
-        dots = self.dots(weights, exp_avgs, second_moments, hyper[4])
-        return planned_terms(dots, t_after, t_before, hyper, norm2[self.index])
 
 
 def _compile_failed(exc: Exception) -> None:

@@ -7,7 +7,8 @@ budget, the sampling variances of A and I).  Each budget source makes them its o
 (integrations/optimizers.py chooses the source once at train start):
 
 * AdamW's moments read after the step: :meth:`.plan.StepPlan.run` (planned once, every tensor in
-  one pass) or :func:`moment_rows` (per tensor: sharded backends, super weights);
+  one pass; its terms are a :class:`Pending` step, computed with the other steps of the interval)
+  or :func:`moment_rows` (per tensor: sharded backends, super weights);
 * an update staged before the step (low-precision weights, bitsandbytes Adam, Lion):
   :class:`Staged`, whose :meth:`Staged.rows` adds the observed Δ and ``rounding`` after it;
 * the observed update: core/observed.py's budgets, wrapped in a :class:`Rows` by the source.
@@ -34,7 +35,7 @@ from .budget import (
 )
 from .kernels import to_device
 
-__all__ = ["Rows", "Staged", "index_tensor", "moment_rows", "tensor_rows"]
+__all__ = ["Pending", "Rows", "Staged", "index_tensor", "moment_rows", "tensor_rows"]
 
 
 class Rows(NamedTuple):
@@ -44,6 +45,26 @@ class Rows(NamedTuple):
     terms: torch.Tensor  # [k, len(BUDGET_TERMS)]; a non-finite row is counted and left out by the monitor
     norm2: torch.Tensor  # [k] the squared norms observed after the step
     var: torch.Tensor | None = None  # [k, 2] sampling variances of A and I (a sampled budget)
+
+
+class Pending(NamedTuple):
+    """One step's budget whose terms are not computed yet: the few tensors the source needs
+    (``inputs``), which ``evaluate`` turns into terms [S, k, len(BUDGET_TERMS)] for S such steps
+    at once, each input stacked along a new first dimension.  The monitor keeps a step's inputs
+    until its next flush (a log event), then computes every kept step of the source together: a
+    fixed number of operations per interval instead of per step.  ``norm2`` (the squared norms
+    observed after the step) is taken at once.  The same arithmetic as computing each step alone,
+    element by element."""
+
+    index: torch.Tensor  # positions in the monitor (an index tensor on its device)
+    norm2: torch.Tensor  # [k] the squared norms observed after the step
+    inputs: tuple[torch.Tensor, ...]  # this step's tensors, on the monitor's device
+    evaluate: Callable[..., torch.Tensor]  # stacked inputs -> terms [S, k, len(BUDGET_TERMS)]
+
+    @property
+    def terms(self) -> torch.Tensor:
+        """This step's terms alone [k, len(BUDGET_TERMS)] (the monitor computes steps together)."""
+        return self.evaluate(*(x.unsqueeze(0) for x in self.inputs))[0]
 
 
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
