@@ -328,7 +328,7 @@ def test_pending_steps_are_the_same_sums_as_rows(monkeypatch):
 
 
 def test_squared_norms_of_chunked_tensors_against_float64():
-    """||w||² per tensor from chunks of at most CHUNK_CPU elements (a tensor of three chunks beside small
+    """||w||² per tensor from pieces of at most NORM_PIECE_CPU elements (a tensor of 25 pieces beside small
     ones): exact float64 squares summed in float64 (Higham: (n + 3)·2^-53 relative), again on a second
     call (the chunks' index kept, the values read anew)."""
     from hf_weightforces.core.kernels import CHUNK_CPU, squared_norms

@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_weightforces.core import kernels
-from hf_weightforces.core.kernels import CHUNK_ACCEL, CHUNK_CPU, ROW, SMALL, BlockPass, _pieces
+from hf_weightforces.core.kernels import CHUNK_ACCEL, CHUNK_CPU, NORM_PIECE_CPU, ROW, SMALL, BlockPass, _pieces
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from op_count import INTERVAL, OpCounter, big_tensors, count_step, per_step, pythia_shapes  # noqa: E402
@@ -84,7 +84,8 @@ class Allocations(TorchDispatchMode):
 def test_temporary_memory_is_the_planned_scratch():
     """Memory: one float32 scratch buffer of one chunk, made at planning; a step allocates nothing
     larger than a few values per row (rows of up to 1024 elements; here the big tensor has 3 about
-    equal chunks, the last in rows of 256)."""
+    equal chunks, the last in rows of 256), and the float64 norm reads pieces of at most
+    NORM_PIECE_CPU elements (ATen widens each to float64 in a temporary of its own: 2 MiB)."""
     n = 2 * CHUNK_CPU + 12_345 * 256 - 2**20
     ws, ms, vs = ([torch.randn(n) * 1e-3] for _ in range(3))
     vs = [v.abs() for v in vs]
@@ -94,6 +95,7 @@ def test_temporary_memory_is_the_planned_scratch():
     assert len(scratch) == 1
     longest = max(step[3].numel() for step in block._steps)
     assert longest <= CHUNK_CPU and block._steps[0][3].untyped_storage().nbytes() == 4 * longest
+    assert max(w.numel() for w in block._w) <= NORM_PIECE_CPU and sum(w.numel() for w in block._w) == n
     eps = torch.full((1,), 1e-8, dtype=torch.float64)
     block.run(eps)
     with Allocations() as seen:

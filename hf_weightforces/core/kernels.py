@@ -31,7 +31,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KERNELS", "SMALL", "BlockPass", "PackedSmall", "block_pass", "chunk_size", "choose_kernel",
+__all__ = ["KERNELS", "SMALL", "BlockPass", "PackedSmall", "block_pass", "chunk_size", "choose_kernel", "norm_piece",
            "squared_norms", "step_dots", "to_device"]
 
 #: Tensors below this many elements go through one packed float64 pass (per-tensor work, not
@@ -51,8 +51,22 @@ CHUNK_ACCEL = 1 << 24
 ROW = 1024
 
 
+#: Elements per piece of the float64 norms (||w||², one multi-tensor norm over the pieces): ATen
+#: widens each float32 piece to float64 in a temporary of its own before reducing it.  On a CPU a
+#: piece of 2^18 elements makes a 2 MiB temporary, in cache and reused from piece to piece; a
+#: chunk-sized one (24 MiB) came back from the operating system at each step's first norm, right
+#: after a training step had freed its memory: 26,000 page faults a step at the Pythia-160M layout,
+#: three times the norm's own time (docs/budget.md, section 9).
+NORM_PIECE_CPU = 1 << 18
+
+
 def chunk_size(device: torch.device | str) -> int:
     return CHUNK_CPU if torch.device(device).type == "cpu" else CHUNK_ACCEL
+
+
+def norm_piece(device: torch.device | str) -> int:
+    """Elements per piece of the float64 norms (:data:`NORM_PIECE_CPU` on a CPU, a chunk elsewhere)."""
+    return NORM_PIECE_CPU if torch.device(device).type == "cpu" else CHUNK_ACCEL
 
 
 def _chunk(device: torch.device) -> int:
@@ -210,7 +224,11 @@ class BlockPass:
             return
         s = torch.empty(max(b - a for _, a, b, _ in pieces), dtype=torch.float32, device=dev)
         rows = [(b - a) // r for _, a, b, r in pieces]
-        self._w = [ws[k][a:b] for k, a, b, _ in pieces]  # ||w'||²: one multi-tensor float64 norm of all chunks
+        # ||w'||²: one multi-tensor float64 norm over pieces of the chunks (norm_piece), each piece's tensor
+        piece = norm_piece(dev)
+        norm_pieces = [(k, i, min(b, i + piece)) for k, a, b, _ in pieces for i in range(a, b, piece)]
+        self._w = [ws[k][i:j] for k, i, j in norm_pieces]
+        self._w_of = to_device(torch.tensor([k for k, _, _ in norm_pieces]), dev)
         self._rows_wu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row sums of w' ũ
         self._rows_uu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row norms of ũ
         self.eps = torch.zeros(self.size, dtype=torch.float32, device=dev)  # ε' per tensor, set per call
@@ -221,7 +239,6 @@ class BlockPass:
                                 self._rows_uu[r0 : r0 + n], self.eps[k], vs[k].dtype != torch.float32))
             r0 += n
         owner = torch.tensor([k for k, *_ in pieces])
-        self._chunk_of = to_device(owner, dev)  # each chunk's tensor
         self._row_of = to_device(torch.repeat_interleave(owner, torch.tensor(rows)), dev)  # each row's tensor
 
     def run(self, eps: torch.Tensor) -> torch.Tensor:
@@ -246,7 +263,7 @@ class BlockPass:
                 torch.linalg.vector_norm(s, dim=1, out=rows_uu)
                 torch.mul(w, s, out=s)  # w' ũ over ũ: its norms are taken
                 torch.sum(s, 1, out=rows_wu)
-        out[:, 0].index_add_(0, self._chunk_of, torch.stack(norm_w).square())
+        out[:, 0].index_add_(0, self._w_of, torch.stack(norm_w).square())
         out[:, 1].index_add_(0, self._row_of, self._rows_wu.to(torch.float64))
         out[:, 2].index_add_(0, self._row_of, self._rows_uu.to(torch.float64).square())
         return out
@@ -263,14 +280,14 @@ def _eps_vector(eps_terms, n: int, device: torch.device) -> torch.Tensor:
 
 def squared_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """||w||² per tensor, float64 [P]: exact squares, float64 sums, one multi-tensor norm over
-    chunks of at most :func:`chunk_size` elements (bounded temporary memory).
+    pieces of at most :func:`norm_piece` elements (bounded temporary memory).
 
     The same arithmetic as the ``||w'||²`` column of :class:`BlockPass`, so the norm observed
     before a step and the one after it are compared like with like."""
     if not weights:
         return torch.zeros(0, dtype=torch.float64)
     dev = weights[0].device
-    chunk = chunk_size(dev)
+    chunk = norm_piece(dev)
     blocks, owner = [], []
     for k, w in enumerate(weights):
         flat = w.detach().reshape(-1)

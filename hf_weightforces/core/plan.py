@@ -157,7 +157,8 @@ class StepPlan:
             sl = slice(a, min(a + CHUNK, n))
             self.chunks.append((sl, self.gidx[sl], self.f64[sl], self.index[sl]))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
-        # step_vector on CPU: the last hyper-parameters, learning rates and vector, the groups' weight decays and fixed rows
+        # step_vector on CPU: the last hyper-parameters, learning rates and vector, the groups' weight
+        # decays and fixed rows
         self._hv_hypers: list | None = None
         self._hv_lrs: list | None = None
         self._hv: torch.Tensor | None = None
