@@ -35,6 +35,7 @@ import torch
 from conftest import train_tiny
 
 from hf_weightforces import WeightForcesCallback
+from hf_weightforces.core import monitor as monitor_module
 from hf_weightforces.core import plan as plan_module
 from hf_weightforces.core.budget import (
     BUDGET_TERMS,
@@ -373,8 +374,12 @@ def _compare_rows(planned: list[dict], per_tensor: list[dict]) -> int:
     return n
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_trainer_planned_path_equals_the_per_tensor_path(tmp_path, wf_rows, monkeypatch, every):
+@pytest.mark.parametrize(("every", "logging_steps", "kept"), [(1, 1, None), (3, 1, None), (1, 5, 2)])
+def test_trainer_planned_path_equals_the_per_tensor_path(tmp_path, wf_rows, monkeypatch, every, logging_steps, kept):
+    """The planned pass (its steps pending until the log event: one step a flush, several, and more
+    than the monitor keeps, ``kept``) gives the per-tensor path's rows."""
+    if kept is not None:
+        monkeypatch.setattr(monitor_module, "PENDING_STEPS", kept)
     calls, pending = [], []  # the steps whose rows came from the planned pass
     rows, add = PlannedStep.rows, ForceMonitor.add
 
@@ -393,7 +398,7 @@ def test_trainer_planned_path_equals_the_per_tensor_path(tmp_path, wf_rows, monk
 
     def train(folder):
         cb = WeightForcesCallback(every=every, kernel="exact", per_matrix=True, quiet=True)
-        train_tiny(tmp_path / folder, [cb], max_steps=12, logging_steps=1)
+        train_tiny(tmp_path / folder, [cb], max_steps=12, logging_steps=logging_steps)
         return wf_rows(tmp_path / folder)
 
     planned = train("planned")
@@ -402,10 +407,10 @@ def test_trainer_planned_path_equals_the_per_tensor_path(tmp_path, wf_rows, monk
     monkeypatch.setattr(ShardContext, "planned_step", lambda self, *args, **kwargs: None)
     per_tensor = train("per_tensor")
     assert len(calls) == len(budget_steps) - 1  # the per-tensor run never took the planned path
-    assert [r["step"] for r in planned] == list(range(1, 13))
+    assert [r["step"] for r in planned] == sorted({*range(logging_steps, 13, logging_steps), 12})
     # not vacuous: forces were recorded (the first step runs at lr 0 in warmup)
     with_budget = [r for r in planned if r["step"] in budget_steps[1:]]
-    assert len(with_budget) == len(budget_steps) - 1
+    assert with_budget and sum(r["weightforces/steps"] for r in planned) == len(budget_steps)  # each step once
     assert all(r["weightforces/total/align"] != 0 and r["weightforces/total/decay"] < 0 for r in with_budget)
     assert _compare_rows(planned, per_tensor) > 1000
 
