@@ -27,7 +27,9 @@ Tolerances (stated, and why):
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -309,6 +311,24 @@ def test_nonfinite_row_is_flagged_and_left_out(kernel):
     assert float(bad[1].sum()) == len(broken)
     if kernel != "exact":
         check_compiled_really_ran(plan)
+
+
+def test_a_pending_step_keeps_its_vectors_not_its_plan():
+    """The monitor keeps a pending step's few vectors until the log event, not the plan that made it
+    (a new plan after a state reload must not keep the old one's scratch and tensors alive); the step
+    is still computed at the flush."""
+    run = AdamWRun()
+    plan, acc = run.plan("exact"), run.accumulators()
+    t_before, t_after, w_before = run.step()
+    terms = run.run(plan, t_before, t_after, acc)
+    gone = weakref.ref(plan)
+    del plan
+    gc.collect()
+    assert gone() is None
+    run.flush()
+    torch.testing.assert_close(acc[0], terms, rtol=0, atol=0)
+    assert_rows_match_reference(acc[0].numpy(), np.stack([run.reference(i, w_before[i]) for i in range(run.n)]),
+                                acc[2].numpy())
 
 
 # ---------------------------------------------------------------------------------- 4. chunks

@@ -14,7 +14,7 @@ The pass (``kernel``):
 
 * ``exact``: :class:`~.kernels.BlockPass`, planned at the first run (small tensors packed, big ones
   read chunk by chunk in place, six operations per chunk) with ε' per tensor from the counters; the
-  step is a :class:`~.rows.Pending` one: its budget (:meth:`StepPlan.terms`, about sixty
+  step is a :class:`~.rows.Pending` one: its budget (:func:`step_terms`, about sixty
   operations on P-vectors) is computed at the log event for all the steps since the last one
   together, on [steps, P] tensors, so a step's own operations are the pass's and a few more;
 * ``compiled`` (opt-in): :func:`_chunk_pass` through ``torch.compile``, in process: the three sums
@@ -25,6 +25,7 @@ The pass (``kernel``):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import types
@@ -39,7 +40,7 @@ from .rows import Pending, Rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK", "HYPER_ROWS", "StepPlan", "per_tensor", "planned_terms"]
+__all__ = ["CHUNK", "HYPER_ROWS", "StepPlan", "per_tensor", "planned_terms", "step_terms"]
 
 #: Tensors per compiled call: one graph for a whole small or mid-sized model; a large model is cut
 #: into a few graphs so that each compilation stays bounded.
@@ -78,6 +79,14 @@ def planned_terms(
     lr, wd, factor, s, _ = hyper.unbind(0)
     terms = budget_from_dots(dots, lr, wd, s, norm2_before, factor)
     return torch.where((t_after > t_before)[..., None], terms, 0.0)
+
+
+def step_terms(gidx: torch.Tensor, float64: torch.Tensor, dots: torch.Tensor, t_after: torch.Tensor,
+               t_before: torch.Tensor, hv: torch.Tensor, norm2_before: torch.Tensor) -> torch.Tensor:
+    """The terms [S, P, len(BUDGET_TERMS)] of S steps of a plan's eager pass at once (``gidx`` and
+    ``float64`` the plan's; the others :meth:`StepPlan.run`'s inputs stacked over the steps):
+    :func:`planned_terms` of :func:`per_tensor`."""
+    return planned_terms(dots, t_after, t_before, per_tensor(hv, gidx, float64, t_after), norm2_before)
 
 
 def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, norm2_before):
@@ -149,6 +158,9 @@ class StepPlan:
         self.index = vec(indices, torch.long)
         self.gidx = vec(groups, torch.long)  # each tensor's group: its column of the step vector
         self.f64 = vec(float64, torch.bool)  # stored in float64: the exact decay factor
+        #: a pending step's terms (:func:`step_terms` of this plan): what a step the monitor keeps holds
+        #: of the plan (not the plan, its pass and the tensors it reads, which a new plan may replace)
+        self.terms = functools.partial(step_terms, self.gidx, self.f64)
         # each tensor's β2 and ε in the step vector (rows 3 and 4 of HYPER_ROWS): ε' for the pass
         self._b2_eps = vec([3 * n_groups + g for g in groups] + [4 * n_groups + g for g in groups], torch.long)
         # contiguous chunks of at most CHUNK tensors, their slices of every per-tensor vector
@@ -223,7 +235,7 @@ class StepPlan:
         ``weights``, ``exp_avgs``, ``second_moments`` are flat, in the planned order;
         ``t_after`` and ``t_before`` the tensors' step counters stacked after and before the step
         (on the device), ``hv`` the :meth:`step_vector`.  The eager pass returns a
-        :class:`~.rows.Pending` step: its three sums now, its terms (:meth:`terms`) with the
+        :class:`~.rows.Pending` step: its three sums now, its terms (:func:`step_terms`) with the
         interval's other steps at the monitor's flush; the compiled pass, whose budget comes out
         of the same fused call, returns the :class:`~.rows.Rows`."""
         if self.kernel == "compiled" and not _COMPILE_FAILED:
@@ -243,12 +255,6 @@ class StepPlan:
         :func:`per_tensor` computes it."""
         b2, eps = hv.index_select(0, self._b2_eps).view(2, -1)
         return eps * (1.0 - b2 ** t_after.to(torch.float64)).sqrt()
-
-    def terms(self, dots: torch.Tensor, t_after: torch.Tensor, t_before: torch.Tensor, hv: torch.Tensor,
-              norm2_before: torch.Tensor) -> torch.Tensor:
-        """The terms [S, P, len(BUDGET_TERMS)] of S steps of the eager pass at once (each argument
-        a :meth:`run` input stacked over the steps): :func:`planned_terms` of :func:`per_tensor`."""
-        return planned_terms(dots, t_after, t_before, per_tensor(hv, self.gidx, self.f64, t_after), norm2_before)
 
     def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2) -> list[tuple]:
         """Each chunk's arguments of :func:`_chunk_pass`."""
