@@ -224,11 +224,10 @@ class BlockPass:
             return
         s = torch.empty(max(b - a for _, a, b, _ in pieces), dtype=torch.float32, device=dev)
         rows = [(b - a) // r for _, a, b, r in pieces]
-        # ||w'||²: one multi-tensor float64 norm over pieces of the chunks (norm_piece), each piece's tensor
-        piece = norm_piece(dev)
-        norm_pieces = [(k, i, min(b, i + piece)) for k, a, b, _ in pieces for i in range(a, b, piece)]
-        self._w = [ws[k][i:j] for k, i, j in norm_pieces]
-        self._w_of = to_device(torch.tensor([k for k, _, _ in norm_pieces]), dev)
+        # ||w'||²: one multi-tensor float64 norm over the big tensors' pieces, as squared_norms cuts them
+        big = [k for k, n in enumerate(numels) if n >= SMALL]
+        self._w, owner = _norm_pieces([ws[k] for k in big], dev)
+        self._w_of = to_device(torch.tensor([big[j] for j in owner]), dev)  # each piece's tensor
         self._rows_wu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row sums of w' ũ
         self._rows_uu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row norms of ũ
         self.eps = torch.zeros(self.size, dtype=torch.float32, device=dev)  # ε' per tensor, set per call
@@ -278,6 +277,19 @@ def _eps_vector(eps_terms, n: int, device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor([float(e) for e in eps_terms], dtype=torch.float64), device)
 
 
+def _norm_pieces(flats: Sequence[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
+    """Views of at most :func:`norm_piece` elements covering each flat tensor (an empty tensor: one
+    empty view), and each view's position in ``flats``: the pieces of every float64 norm, so the
+    norm observed before a step and the pass's after it are cut, and summed, alike."""
+    piece = norm_piece(device)
+    views, owner = [], []
+    for k, x in enumerate(flats):
+        for i in range(0, max(x.numel(), 1), piece):
+            views.append(x[i : i + piece])
+            owner.append(k)
+    return views, owner
+
+
 def squared_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """||w||² per tensor, float64 [P]: exact squares, float64 sums, one multi-tensor norm over
     pieces of at most :func:`norm_piece` elements (bounded temporary memory).
@@ -287,13 +299,7 @@ def squared_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     if not weights:
         return torch.zeros(0, dtype=torch.float64)
     dev = weights[0].device
-    chunk = norm_piece(dev)
-    blocks, owner = [], []
-    for k, w in enumerate(weights):
-        flat = w.detach().reshape(-1)
-        for i in range(0, max(flat.numel(), 1), chunk):
-            blocks.append(flat[i : i + chunk])
-            owner.append(k)
+    blocks, owner = _norm_pieces([w.detach().reshape(-1) for w in weights], dev)
     with one_thread(dev):
         norms = torch.stack(torch._foreach_norm(blocks, 2, dtype=torch.float64)).square()
     if len(blocks) == len(weights):

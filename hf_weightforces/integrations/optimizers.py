@@ -26,10 +26,11 @@ import logging
 import torch
 
 from ..core.budget import intended_dots
+from ..core.kernels import to_device
 from ..core.monitor import ForceMonitor
 from ..core.observed import budget_from_observed, observed_dots, signed_bucket_sums, sketch_buckets, sketched_budget
 from ..core.optim import OptimizerPlan, adafactor_lr, observed_factor
-from ..core.rows import Rows, Staged, moment_rows
+from ..core.rows import Rows, Staged, index_tensor, moment_rows
 from ..distributed import ParamEntry, ShardContext
 
 __all__ = ["OBSERVED_MODES", "ObservedUpdate", "StagedMoments"]
@@ -196,21 +197,21 @@ class ObservedUpdate:
         if whole:
             hyper = [self._hyper(optimizer, i, lrs, weights[i].numel()) for i in whole]
             dots = observed_dots([pre[i][1] for i in whole], [weights[i] for i in whole], [h[2] for h in hyper]).to(dev)
-            lr, wd, c = (torch.tensor([h[k] for h in hyper], dtype=torch.float64, device=dev) for k in range(3))
-            idx = torch.tensor(whole, device=dev)
+            lr, wd, c = (to_device(torch.tensor([h[k] for h in hyper], dtype=torch.float64), dev) for k in range(3))
+            idx = index_tensor(whole, dev)
             terms = budget_from_observed(dots, lr, wd, c, norm2[idx])
-            rows.append(Rows(whole, terms, dots[:, 3]))
+            rows.append(Rows(idx, terms, dots[:, 3]))
         if parts:
             after = [weights[i].detach().reshape(-1) for i in parts]
             sums = torch.stack([signed_bucket_sums(a, self.buckets, pre[i][0], with_norm=True).to(dev)
                                 for a, i in zip(after, parts)])
             post, n2_after = sums[:, :-1], sums[:, -1]
             hyper = [self._hyper(optimizer, i, lrs, after[k].numel()) for k, i in enumerate(parts)]
-            lr, wd, c = (torch.tensor([h[k] for h in hyper], dtype=torch.float64, device=dev) for k in range(3))
+            lr, wd, c = (to_device(torch.tensor([h[k] for h in hyper], dtype=torch.float64), dev) for k in range(3))
             prev = torch.stack([pre[i][1] for i in parts]).to(dev)
-            idx = torch.tensor(parts, device=dev)
+            idx = index_tensor(parts, dev)
             terms, var = sketched_budget(prev, post, c, lr, wd, norm2[idx], n2_after)
-            rows.append(Rows(parts, terms, n2_after, var))
+            rows.append(Rows(idx, terms, n2_after, var))
         self.monitor.add(rows, step_id)
 
     def close(self) -> None:
