@@ -19,10 +19,12 @@ from hf_weightforces.core.budget import (
     force_budget,
     step_dots,
 )
-from hf_weightforces.core.kernels import ROW, BlockPass
+from hf_weightforces.core.kernels import ROW, SMALL, BlockPass
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.optim import UnsupportedOptimizerError, check_supported
 from hf_weightforces.core.rows import Pending, Rows, tensor_rows
+
+SMALL_TEST = SMALL + 1000  # a big tensor: read chunk by chunk
 
 
 def hand_adamw(w, g, m, v, t, lr, wd, b1, b2, eps):
@@ -69,19 +71,21 @@ def test_closure_catches_a_wrong_lr():
     assert abs(wrong.closure) > 1e-2 * scale
 
 
-@pytest.mark.parametrize("chunk", [None, 4096])
-def test_step_dots_against_float64_reference(chunk):
-    """Packed small tensors (back to back and padded), big ones in one chunk or several (``chunk``
-    4096: about equal chunks), in rows of 1024, of an odd divisor (771) and a prime size's tail."""
+@pytest.mark.parametrize(("chunk", "shared"), [(None, False), (4096, False), (None, True)])
+def test_step_dots_against_float64_reference(chunk, shared):
+    """Packed small tensors (whole rows and padded), big ones in one chunk or several (``chunk``
+    4096: about equal chunks), in rows of 1024, of an odd divisor (771) and a prime size's tail;
+    ε' as host numbers (one per tensor, or one ``shared`` by all: added as one number) or as a
+    tensor."""
     gen = torch.Generator().manual_seed(2)
-    # (64, 32) is packed back to back, (128,) too, (7, 5, 3) and (1,) padded; the rest take the chunked (big)
+    # (64, 32) and (128,) are packed in whole rows, (7, 5, 3) and (1,) padded; the rest take the chunked (big)
     # path: 300 x 300 in rows of 1024 (of 400 with 4096-element chunks), 129 x 257 in rows of 771, 32771
     # (a prime) as 32768 in rows of 1024 and a 3-element tail
     shapes = [(64, 32), (128,), (7, 5, 3), (1,), (300, 300), (129, 257), (32771,)]
     ws = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
     ms = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
     vs = [torch.rand(s, generator=gen) * 1e-6 for s in shapes]
-    eps = [1e-8 * 0.3, 1e-8, 0.0, 1e-6, 1e-8, 1e-8, 2e-8]
+    eps = [1e-8] * len(shapes) if shared else [1e-8 * 0.3, 1e-8, 0.0, 1e-6, 1e-8, 1e-8, 2e-8]
     if chunk is None:
         got = step_dots(ws, ms, vs, eps)
     else:
@@ -109,6 +113,29 @@ def test_step_dots_against_float64_reference(chunk):
     ref_a = torch.stack([(w.double() ** 2).sum() for w in ws])
     for w, g, r in zip(ws, got[:, 0].tolist(), ref_a.tolist()):
         assert g == pytest.approx(r, rel=sum_tol(w.numel(), 1.0, ulps_per_term=3), abs=0)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_pass_takes_eps_as_numbers_or_as_a_tensor_alike(shared):
+    """ε' as host numbers (the planned pass on a CPU, the per-tensor path) and as a float64 tensor (an
+    accelerator's counters) give the same sums, bit for bit: one number added to a float32 buffer is
+    rounded to float32 as the tensor is.  Small tensors in float32, in float64 (their own pack) and in
+    bfloat16 (widened by the packing copy), and a big one."""
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float32]
+    shapes = [(96,), (40, 3), (200,), (7,), (SMALL_TEST,)]
+    ws = [(torch.randn(s, generator=gen) * 0.05).to(d) for s, d in zip(shapes, dtypes)]
+    ms = [(torch.randn(s, generator=gen) * 1e-3).to(torch.float64 if d == torch.float64 else torch.float32)
+          for s, d in zip(shapes, dtypes)]
+    # sqrt(v) about ε': a change of ε' in its last bits moves ũ in float32
+    vs = [(torch.rand(s, generator=gen) * 1e-16).to(m.dtype) for s, m in zip(shapes, ms)]
+    eps = [3.3e-9] * len(shapes) if shared else [3.3e-9, 1e-8 / 3, 0.0, 7e-7, 2e-8 / 7]
+    block = BlockPass(ws, ms, vs)
+    assert len(block._small) == 2 and block._steps  # a float32 pack, a float64 one, a big tensor
+    as_numbers = block.run(eps)
+    as_tensor = block.run(torch.tensor(eps, dtype=torch.float64))
+    assert torch.equal(as_numbers, as_tensor)
+    assert torch.equal(as_numbers, step_dots(ws, ms, vs, eps))
 
 
 def test_budget_from_dots_equals_reference_budget():

@@ -42,6 +42,7 @@ from hf_weightforces.core import plan as plan_module
 from hf_weightforces.core.budget import (
     BUDGET_TERMS,
     adamw_direction,
+    bias_scales,
     decay_factor,
     force_budget,
 )
@@ -458,6 +459,24 @@ def test_step_vector_fast_path_equals_the_general_one():
         if last is not None and last[0].numel() == fast.numel() and last[0] is not fast:
             assert torch.equal(last[0], last[1]), "the previous vector was overwritten"
         last, last_lrs = (fast, fast.clone()), lrs
+
+
+def test_host_eps_is_the_per_tensor_paths_and_the_step_vectors():
+    """ε' of the planned pass on a CPU (host numbers from the step vector and the counters) is
+    :func:`bias_scales`'s, as the per-tensor path computes it, bit for bit, and within two ulps
+    of the device formula (:func:`per_tensor`'s row 4, what an accelerator's counters take), for
+    two groups and counters that differ per tensor (one that has not moved)."""
+    run = AdamWRun()
+    plan = run.plan("exact")
+    hypers = run.hypers()
+    hv = plan.step_vector(run.lrs(), hypers)
+    t = torch.tensor([3.0, 3.0, 1.0, 250.0, 3.0])
+    host = plan.eps_now(hv, t)
+    assert isinstance(host, list) and len(host) == run.n
+    want = [bias_scales(float(tk), hypers[g][1], hypers[g][2], hypers[g][3])[1] for tk, g in zip(t, run.group_of)]
+    assert host == want
+    device = plan_module.per_tensor(hv, plan.gidx, plan.f64, t)[4]
+    assert torch.allclose(torch.tensor(host, dtype=torch.float64), device, rtol=4 * 2.0**-53, atol=0)
 
 
 # ---------------------------------------------------------------------------------- 6. re-plan

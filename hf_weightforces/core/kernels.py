@@ -4,8 +4,8 @@ section 9).
 :class:`BlockPass` returns (||w'||², <w', ũ>, ||ũ||²) per tensor, :func:`squared_norms` ||w||²,
 both float64, on the tensors' device, with no host synchronisation.  One design on every device:
 
-* tensors below :data:`SMALL` elements are packed into buffers made once (:class:`PackedSmall`):
-  about fifteen flat operations for all of them, however many;
+* tensors below :data:`SMALL` elements are packed into a buffer made once (:class:`PackedSmall`):
+  eleven flat operations for all of them, however many;
 * larger tensors are cut, once, into about equal chunks of at most :func:`chunk_size` elements
   (cache-sized on a CPU, large on an accelerator), each viewed as rows; a step is one multi-tensor
   float64 norm of every chunk's w' (||w'||²: exact squares, float64 sums) and six operations per
@@ -128,53 +128,74 @@ SMALL_ROW = 64
 
 class PackedSmall:
     """The pass over many small tensors at once, the big tensors' design on one packed buffer:
-    each tensor copied into rows of :data:`SMALL_ROW` elements of buffers made once, so a step is
-    about fifteen operations however many tensors, and every sum is a row reduction summed per
-    tensor at the end.  Tensors whose size is a multiple of the row (most: hidden sizes are) are
-    packed back to back by one ``cat`` per input; the others follow, each starting a row, its last
-    row padded (w' = 0, m = 0, v = 1: ũ = 0 there), copied by one multi-tensor copy per input.
+    w', m and v copied by one ``cat`` into rows of :data:`SMALL_ROW` elements of a buffer made
+    once, each tensor starting a row, its last row padded (w' = 0, m = 0, v = 1: ũ = 0 there), so a
+    step is eleven operations however many tensors, and every sum is a row reduction summed per tensor
+    at the end.
 
-    ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, products and squares
-    of ũ summed in float32 rows then in float64; ||w'||² as float64 row norms of exact squares),
+    ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, <w', ũ> as float32
+    row sums and ||ũ|| as float32 row norms, squared and summed in float64; ||w'||² as float64 row
+    norms of exact squares),
     float64 for tensors stored in float64 (nothing rounded).  ``members``: the tensors' positions
     in the caller's list, ``ws``, ``ms``, ``vs`` the flat tensors (the pack keeps them: their values
-    are read at each :meth:`dots`)."""
+    are read at each :meth:`dots`).  Memory: 3 x the members' size in ``dtype`` (w', m, v) and a
+    few values per row."""
 
     def __init__(self, members: list[int], ws: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
                  device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-        order = sorted(range(len(members)), key=lambda k: ws[k].numel() % SMALL_ROW != 0)  # stable: aligned first
-        self.members = [members[k] for k in order]
-        ws, ms, vs = ([xs[k] for k in order] for xs in (ws, ms, vs))
-        self.dtype = dtype
+        self.members, self.dtype = list(members), dtype
         numels = [w.numel() for w in ws]
         rows = [max(1, -(-n // SMALL_ROW)) for n in numels]
-        size = sum(rows) * SMALL_ROW
-        self.w, self.m = (torch.zeros(size, dtype=dtype, device=device) for _ in range(2))
-        self.u = torch.ones(size, dtype=dtype, device=device)  # v's padding: 1 (ũ = 0 / (1 + ε') = 0)
-        starts = [SMALL_ROW * r for r in itertools.accumulate([0, *rows[:-1]])]
-        aligned = sum(1 for n in numels if n % SMALL_ROW == 0)
-        end = starts[aligned] if aligned < len(numels) else size  # the back-to-back part
-        self.cat = [(xs[:aligned], b[:end]) for xs, b in ((ws, self.w), (ms, self.m), (vs, self.u))] if aligned else []
-        self.copy = [([b[a : a + n] for a, n in zip(starts[aligned:], numels[aligned:])], xs[aligned:])
-                     for xs, b in ((ws, self.w), (ms, self.m), (vs, self.u))] if aligned < len(numels) else []
-        self.rows = [b.view(-1, SMALL_ROW) for b in (self.w, self.m, self.u)]
-        # each row's tensor, as a position in the caller's list
+        n_rows = sum(rows)
+        pads: dict[tuple[int, float], torch.Tensor] = {}  # one padding tensor per length and value, made once
+        self.sources: list[torch.Tensor] = []  # what the cat copies: w', m, v, padded to whole rows
+        for xs, fill in ((ws, 0.0), (ms, 0.0), (vs, 1.0)):
+            for x, n, r in zip(xs, numels, rows):
+                self.sources.append(x)
+                if r * SMALL_ROW > n:
+                    key = (r * SMALL_ROW - n, fill)
+                    if key not in pads:
+                        pads[key] = torch.full((key[0],), fill, dtype=dtype, device=device)
+                    self.sources.append(pads[key])
+        buf = torch.empty(3, n_rows, SMALL_ROW, dtype=dtype, device=device)
+        self.packed = buf.view(-1)  # the cat's output: w', m, v
+        self.w, self.m, self.v = buf.unbind(0)
+        # per row, float64: ||w'||², <w', ũ>, ||ũ||² (the last two summed in the pack's dtype first,
+        # ||ũ|| as a norm, squared with ||w'|| by one operation on rows 0 and 2)
+        self.row_sums = torch.empty(3, n_rows, dtype=torch.float64, device=device)
+        self.w2, self.wu_uu, self.squared = self.row_sums[0], self.row_sums[1:], self.row_sums[::2]
+        self.sums = self.wu_uu if dtype == torch.float64 else torch.empty(2, n_rows, dtype=dtype, device=device)
+        self.wu, self.uu = self.sums.unbind(0)
+        self.by_row = self.row_sums.t()  # [rows, 3], added into the caller's rows
+        # each row's tensor, as a position in the caller's list (and as a column, for ε' per row)
         self.row_of = to_device(torch.repeat_interleave(torch.tensor(self.members), torch.tensor(rows)), device)
+        self.row_col = self.row_of[:, None]
 
-    def dots(self, eps: torch.Tensor, out: torch.Tensor) -> None:
+    def dots(self, eps: torch.Tensor | Sequence[float], out: torch.Tensor) -> None:
         """(||w'||², <w', ũ>, ||ũ||²) of the members added to their rows of ``out`` [P, 3] float64
-        (the caller's list); ``eps`` one float64 ε' per tensor of the caller's list, on the device."""
-        for xs, buf in self.cat:
-            torch.cat(xs, out=buf)
-        for views, xs in self.copy:
-            torch._foreach_copy_(views, xs)
-        w, m, u = self.rows
-        u.sqrt_().add_(eps.index_select(0, self.row_of).to(self.dtype)[:, None])
-        m.div_(u)  # ũ = m / (sqrt(v) + ε'), in m's buffer
-        uu = torch.linalg.vector_norm(m, dim=1).to(torch.float64).square()
-        rows = torch.stack((torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).square(),
-                            m.mul_(w).sum(1, dtype=self.dtype).to(torch.float64), uu), dim=1)  # w' ũ over ũ
-        out.index_add_(0, self.row_of, rows)
+        (the caller's list); ``eps`` one ε' per tensor of the caller's list: host numbers, or a
+        tensor on the device in the pack's dtype."""
+        torch.cat(self.sources, out=self.packed)
+        self.v.sqrt_().add_(self._eps_rows(eps))
+        self.m.div_(self.v)  # ũ = m / (sqrt(v) + ε'), in m's slot
+        torch.linalg.vector_norm(self.m, dim=1, out=self.uu)
+        torch.mul(self.w, self.m, out=self.v)  # w' ũ, over v
+        torch.sum(self.v, 1, out=self.wu)
+        if self.sums is not self.wu_uu:
+            self.wu_uu.copy_(self.sums)
+        torch.linalg.vector_norm(self.w, dim=1, dtype=torch.float64, out=self.w2)  # exact squares, float64 sums
+        self.squared.square_()
+        out.index_add_(0, self.row_of, self.by_row)
+
+    def _eps_rows(self, eps: torch.Tensor | Sequence[float]) -> torch.Tensor | float:
+        """ε' to add to every row: one number where the members share it (host values: the usual
+        case, one counter and one group), else a column of one value per row."""
+        if isinstance(eps, torch.Tensor):
+            return torch.take(eps, self.row_col)
+        values = {eps[k] for k in self.members}
+        if len(values) == 1:
+            return values.pop()
+        return torch.take(to_device(torch.tensor(list(eps), dtype=self.dtype), self.w.device), self.row_col)
 
 
 def _pieces(n: int, chunk: int) -> list[tuple[int, int, int]]:
@@ -220,6 +241,8 @@ class BlockPass:
         chunk = chunk or chunk_size(dev)
         pieces = [(k, *p) for k, n in enumerate(numels) if n >= SMALL for p in _pieces(n, chunk)]
         self._steps: list[tuple] = []
+        #: ε' per tensor in float32, when it comes as a tensor (what the float32 arithmetic adds)
+        self.eps = torch.zeros(self.size, dtype=torch.float32, device=dev)
         if not pieces:
             return
         s = torch.empty(max(b - a for _, a, b, _ in pieces), dtype=torch.float32, device=dev)
@@ -230,34 +253,35 @@ class BlockPass:
         self._w_of = to_device(torch.tensor([big[j] for j in owner]), dev)  # each piece's tensor
         self._rows_wu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row sums of w' ũ
         self._rows_uu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row norms of ũ
-        self.eps = torch.zeros(self.size, dtype=torch.float32, device=dev)  # ε' per tensor, set per call
         r0 = 0
         for (k, a, b, r), n in zip(pieces, rows):
             w, m, v = (x[a:b].view(n, r) for x in (ws[k], ms[k], vs[k]))
             self._steps.append((w, m, v, s[: b - a].view(n, r), self._rows_wu[r0 : r0 + n],
-                                self._rows_uu[r0 : r0 + n], self.eps[k], vs[k].dtype != torch.float32))
+                                self._rows_uu[r0 : r0 + n], k, self.eps[k], vs[k].dtype != torch.float32))
             r0 += n
         owner = torch.tensor([k for k, *_ in pieces])
         self._row_of = to_device(torch.repeat_interleave(owner, torch.tensor(rows)), dev)  # each row's tensor
 
-    def run(self, eps: torch.Tensor) -> torch.Tensor:
-        """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t) (float64 [P],
-        on the device)."""
+    def run(self, eps: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t), as host
+        numbers (counters on the host: no operation for it) or a float64 [P] tensor on the device."""
         out = torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
+        host = not isinstance(eps, torch.Tensor)
+        if not host:
+            self.eps.copy_(eps)  # the float32 arithmetic's ε' (rounded as a number added to a float32 tensor is)
         for pack in self._small:
-            pack.dots(eps, out)
+            pack.dots(eps if host or pack.dtype == torch.float64 else self.eps, out)
         if not self._steps:
             return out
-        self.eps.copy_(eps)  # the chunks read their tensor's ε' from here (float32, as ũ)
         with one_thread(self.device):
             norm_w = torch._foreach_norm(self._w, 2, dtype=torch.float64)  # exact squares, float64 sums
-            for w, m, v, s, rows_wu, rows_uu, e, widen in self._steps:
+            for w, m, v, s, rows_wu, rows_uu, k, e, widen in self._steps:
                 if widen:  # v in bfloat16/float16 (or float64): its square root taken in float32, not in v's dtype
                     s.copy_(v)
                     s.sqrt_()
                 else:
                     torch.sqrt(v, out=s)
-                s.add_(e)
+                s.add_(eps[k] if host else e)
                 torch.div(m, s, out=s)  # ũ = m / (sqrt(v) + ε'), float32, in the one scratch buffer
                 torch.linalg.vector_norm(s, dim=1, out=rows_uu)
                 torch.mul(w, s, out=s)  # w' ũ over ũ: its norms are taken
@@ -268,13 +292,14 @@ class BlockPass:
         return out
 
 
-def _eps_vector(eps_terms, n: int, device: torch.device) -> torch.Tensor:
-    """One float64 ε' per tensor on ``device`` from numbers, 0-d tensors or a vector."""
+def _eps_values(eps_terms, n: int, device: torch.device) -> torch.Tensor | list[float]:
+    """One ε' per tensor for :meth:`BlockPass.run`: numbers stay host numbers; 0-d tensors or a
+    vector become one float64 vector on ``device``."""
     if isinstance(eps_terms, torch.Tensor):
         return eps_terms.to(device=device, dtype=torch.float64).reshape(n)
     if all(isinstance(e, torch.Tensor) for e in eps_terms):
         return torch.stack([e.reshape(()).to(device, torch.float64) for e in eps_terms])
-    return to_device(torch.tensor([float(e) for e in eps_terms], dtype=torch.float64), device)
+    return [float(e) for e in eps_terms]
 
 
 def _norm_pieces(flats: Sequence[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
@@ -352,7 +377,7 @@ def step_dots(
     if not weights:
         return torch.zeros(0, 3, dtype=torch.float64)
     block = block_pass(weights, exp_avgs, second_moments)
-    return block.run(_eps_vector(eps_terms, len(weights), block.device))
+    return block.run(_eps_values(eps_terms, len(weights), block.device))
 
 
 #: The passes :func:`block_pass` keeps, by the memory they read (a pass holds views, so the memory

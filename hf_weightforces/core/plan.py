@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import types
 from array import array
 from collections.abc import Sequence
@@ -156,6 +157,7 @@ class StepPlan:
         n = len(indices)
         vec = lambda xs, dtype=torch.float64: to_device(torch.tensor(list(xs), dtype=dtype), dev)  # noqa: E731
         self.index = vec(indices, torch.long)
+        self._groups = [int(g) for g in groups]
         self.gidx = vec(groups, torch.long)  # each tensor's group: its column of the step vector
         self.f64 = vec(float64, torch.bool)  # stored in float64: the exact decay factor
         #: a pending step's terms (:func:`step_terms` of this plan): what a step the monitor keeps holds
@@ -248,13 +250,25 @@ class StepPlan:
             except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
                 _compile_failed(exc)
         dots = self.dots(weights, exp_avgs, second_moments, self.eps_now(hv, t_after))
-        return Pending(self.index, dots[:, 0], (dots, t_after, t_before, hv, norm2[self.index]), self.terms)
+        return Pending(self.index, dots[:, 0], (dots, t_after, t_before, hv, norm2.index_select(0, self.index)),
+                       self.terms)
 
-    def eps_now(self, hv: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor:
-        """ε' = ε sqrt(1 - β2^t) per tensor [P] (what the pass needs of the step vector), as
-        :func:`per_tensor` computes it."""
+    def eps_now(self, hv: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor | list[float]:
+        """ε' = ε sqrt(1 - β2^t) per tensor (what the pass needs of the step vector), where the
+        step vector and the counters are: on the host, host numbers, as the per-tensor path computes
+        them (:func:`~.budget.bias_scales`; one value per group and counter, no torch operation: right
+        after a training step each kind of operation costs 8-20 µs the first time, docs/budget.md);
+        on a device, a float64 [P] vector, as :func:`per_tensor`."""
+        if hv.device.type == "cpu" and t_after.device.type == "cpu":
+            h, g_rows, memo, eps = hv.tolist(), self.n_groups, {}, []
+            for g, t in zip(self._groups, t_after.tolist()):
+                e = memo.get((g, t))
+                if e is None:
+                    e = memo[g, t] = h[4 * g_rows + g] * math.sqrt(1.0 - h[3 * g_rows + g] ** t)
+                eps.append(e)
+            return eps
         b2, eps = hv.index_select(0, self._b2_eps).view(2, -1)
-        return eps * (1.0 - b2 ** t_after.to(torch.float64)).sqrt()
+        return eps * (1.0 - b2**t_after).sqrt()  # float64: the counters are promoted
 
     def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2) -> list[tuple]:
         """Each chunk's arguments of :func:`_chunk_pass`."""
@@ -271,9 +285,9 @@ class StepPlan:
         terms, norm2 = zip(*(fn(*a) for fn, a in zip(fns, args)))
         return torch.cat(terms), torch.cat(norm2)
 
-    def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor) -> torch.Tensor:
+    def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor | list[float]) -> torch.Tensor:
         """The eager pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64; ``eps`` the
-        tensors' ε' (float64 [P]).  Planned at the first call, again only when handed other lists."""
+        tensors' ε' (:meth:`eps_now`).  Planned at the first call, again only when handed other lists."""
         if self._block is None or self._block_of is not weights:  # the first budget step's pass, where it read these
             self._block, self._block_of = block_pass(weights, exp_avgs, second_moments), weights
         return self._block.run(eps)
