@@ -1,11 +1,12 @@
 """Device operations of one planned budget step, counted at the dispatcher, for Pythia layouts.
 
-    python benchmarks/op_count.py                  # 160m, 410m and 1.4b on the meta device
+    python benchmarks/op_count.py                  # 160m, 410m and 1.4b
 
-No device and no memory: the model's parameters and AdamW moments are meta tensors laid out as the
+No accelerator and no memory: the model's parameters and AdamW moments are meta tensors laid out as the
 Pythia model's (GPT-NeoX, vocab 50304, untied embeddings, biases on); the pass is the one a run on
-an accelerator plans (:data:`~hf_weightforces.core.kernels.CHUNK_ACCEL` elements a chunk) and the
-one a CPU plans (:data:`~hf_weightforces.core.kernels.CHUNK_CPU`).  Every
+an accelerator plans (:data:`~hf_weightforces.core.kernels.CHUNK_ACCEL` elements a chunk), and on a
+CPU the one a CPU runs (its chunks, ε' from host counters, its square root), over zeros: pages the
+pass only reads stay the one zero page, so no memory is taken however large the layout.  Every
 ATen operation the step dispatches counts once (views included): on a GPU each non-view one is a
 kernel launch.  A step's budget terms are computed at the log event, for all the steps since the last
 one together (the monitor's flush): the figures per step share that flush among the interval's steps.
@@ -22,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_weightforces.core import kernels
-from hf_weightforces.core.kernels import CHUNK_CPU, SMALL
+from hf_weightforces.core.kernels import SMALL
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.plan import StepPlan
 
@@ -66,16 +67,15 @@ def big_tensors(shapes) -> int:
 def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int | None = None,
                flush_after: int = 0) -> OpCounter:
     """The operations of the second planned step (the first plans the pass) over ``shapes``;
-    ``chunk``: the pass's chunk size (default: the device's; :data:`CHUNK_CPU` counts a CPU's pass
-    on the meta device).  With ``flush_after`` k, the operations of the log event's flush after k
+    ``chunk``: the pass's chunk size (default: the device's).  With ``flush_after`` k, the operations of the log event's flush after k
     such steps instead (the budget of the k pending steps computed together, then accumulated)."""
     if chunk is not None:
         with mock.patch.object(kernels, "chunk_size", lambda device: chunk):
             return count_step(shapes, device, kernel, flush_after=flush_after)
     dev = torch.device(device)
-    ws = [torch.empty(s, device=dev).view(-1) for s in shapes]
-    ms = [torch.empty(s, device=dev).view(-1) for s in shapes]
-    vs = [torch.empty(s, device=dev).view(-1) for s in shapes]
+    # on a CPU zeros: pages the pass only reads stay the one zero page (no memory, however large)
+    make = torch.empty if dev.type == "meta" else torch.zeros
+    ws, ms, vs = ([make(s, device=dev).view(-1) for s in shapes] for _ in range(3))
     n = len(shapes)
     plan = StepPlan(list(range(n)), [0] * n, 1, [False] * n, [w.numel() for w in ws], dev, kernel)
     monitor = ForceMonitor([ParamInfo(f"p{i}", "other", None, w.numel()) for i, w in enumerate(ws)], dev)
@@ -98,10 +98,11 @@ def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int |
 INTERVAL = 10
 
 
-def per_step(shapes, chunk: int | None = None) -> float:
+def per_step(shapes, device: str = "meta", chunk: int | None = None) -> float:
     """Operations per budget step over a logging interval of :data:`INTERVAL` steps: a step's own
     and the interval's flush shared among its steps."""
-    return count_step(shapes, chunk=chunk).total + count_step(shapes, chunk=chunk, flush_after=INTERVAL).total / INTERVAL
+    return (count_step(shapes, device, chunk=chunk).total
+            + count_step(shapes, device, chunk=chunk, flush_after=INTERVAL).total / INTERVAL)
 
 
 def main() -> None:
@@ -109,14 +110,14 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["160m", "410m", "1.4b"], choices=sorted(PYTHIA))
     args = ap.parse_args()
     print(f"| layout | tensors | of them >= 32768 elements | a step (accelerator chunks) | the log event's flush "
-          f"| per step, logging every {INTERVAL} | (CPU chunks) | bound 10 x big + 50 |")
+          f"| per step, logging every {INTERVAL} | (on a CPU) | bound 10 x big + 50 |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         shapes = pythia_shapes(size)
         big = big_tensors(shapes)
         print(f"| Pythia-{size} | {len(shapes)} | {big} | {count_step(shapes).total} "
               f"| {count_step(shapes, flush_after=INTERVAL).total} | {per_step(shapes):.0f} "
-              f"| {per_step(shapes, chunk=CHUNK_CPU):.0f} | {10 * big + 50} |")
+              f"| {per_step(shapes, 'cpu'):.0f} | {10 * big + 50} |")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ section 9).
 both float64, on the tensors' device, with no host synchronisation.  One design on every device:
 
 * tensors below :data:`SMALL` elements are packed into a buffer made once (:class:`PackedSmall`):
-  eleven flat operations for all of them, however many;
+  about a dozen flat operations for all of them, however many;
 * larger tensors are cut, once, into about equal chunks of at most :func:`chunk_size` elements
   (cache-sized on a CPU, large on an accelerator), each viewed as rows; a step is one multi-tensor
   float64 norm of every chunk's w' (||w'||²: exact squares, float64 sums) and six operations per
-  chunk in one scratch buffer made once: ũ = m / (sqrt(v) + ε') in float32, ||ũ||² as float32 row
-  norms, then <w', ũ> as float32 row sums of products, the rows summed in float64 at the end (1e-6
-  relative on the last two: stated and tested).
+  chunk (seven on a CPU, whose square root is two: :func:`root`) in one scratch buffer made once:
+  ũ = m / (sqrt(v) + ε') in float32, ||ũ||² as float32 row norms, then <w', ũ> as float32 row sums
+  of products, the rows summed in float64 at the end (1e-6 relative on the last two: stated and
+  tested).
 
 On a CPU the chunk operations run on one intra-op thread: a parallel region per operation is what
 made the previous pass collapse when torch's threads outnumber the free cores (docs/budget.md).
@@ -32,18 +33,18 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["KERNELS", "SMALL", "BlockPass", "PackedSmall", "block_pass", "chunk_size", "choose_kernel", "norm_piece",
-           "squared_norms", "step_dots", "to_device"]
+           "root", "squared_norms", "step_dots", "to_device"]
 
 #: Tensors below this many elements go through one packed float64 pass (per-tensor work, not
 #: arithmetic, is what small tensors cost); larger ones are read in place, chunk by chunk.
 SMALL = 1 << 15
 
 #: Elements per chunk (tensors are cut into about equal chunks up to this size): on a CPU the chunk's
-#: float32 scratch buffer (12 MiB) stays in the last-level cache between the six operations
+#: float32 scratch buffer (16 MiB) stays in the last-level cache between the seven operations
 #: (measured at a Pythia-160M layout: 3.1x the floor at 1 Mi elements, 3.5x at 3 Mi, 6.9x from
-#: 6 Mi; 3 Mi keeps the operations within ten per big tensor, docs/budget.md); an accelerator
-#: takes large chunks (fewer launches; 64 MiB of scratch).
-CHUNK_CPU = 3 << 20
+#: 6 Mi; in a Trainer run 4 Mi and 3 Mi cost the same, and 4 Mi keeps the operations within ten per
+#: big tensor, docs/budget.md); an accelerator takes large chunks (fewer launches; 64 MiB of scratch).
+CHUNK_CPU = 4 << 20
 CHUNK_ACCEL = 1 << 24
 
 #: Longest row of the float32 partial sums (pairwise within a row, rows summed in float64):
@@ -121,6 +122,20 @@ def _row_length(n: int) -> int:
     return r
 
 
+def root(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sqrt(v) written into ``out`` (``v`` itself, or a buffer of v's shape).  On a CPU it is
+    1 / rsqrt(v): ATen's CPU square root (MKL's vector maths) takes five times longer on zeros and
+    thirty times longer on denormals than on other values, and AdamW's second moments hold zeros
+    wherever a gradient never reached (the embedding rows of tokens a fine-tune never sees: 38.6M
+    of the Pythia-160M layout's 162M, which made the root half of the pass's time); rsqrt does not.
+    Within 2.5 float32 rounding errors of the root (2.1 measured), where torch.sqrt is within 1.5;
+    0 gives 0, inf inf.  On accelerators ``torch.sqrt`` (one kernel)."""
+    if out.device.type != "cpu":
+        return torch.sqrt(v, out=out)
+    torch.rsqrt(v, out=out)
+    return out.reciprocal_()
+
+
 #: Row length of the packed small tensors: each tensor starts a row and its last row is padded (w' = 0,
 #: m = 0, v = 1: ũ = 0 there), so a row never straddles two tensors.
 SMALL_ROW = 64
@@ -130,8 +145,8 @@ class PackedSmall:
     """The pass over many small tensors at once, the big tensors' design on one packed buffer:
     w', m and v copied by one ``cat`` into rows of :data:`SMALL_ROW` elements of a buffer made
     once, each tensor starting a row, its last row padded (w' = 0, m = 0, v = 1: ũ = 0 there), so a
-    step is eleven operations however many tensors, and every sum is a row reduction summed per tensor
-    at the end.
+    step is eleven operations however many tensors (twelve on a CPU: :func:`root`), and every sum is
+    a row reduction summed per tensor at the end.
 
     ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, <w', ũ> as float32
     row sums and ||ũ|| as float32 row norms, squared and summed in float64; ||w'||² as float64 row
@@ -176,7 +191,7 @@ class PackedSmall:
         (the caller's list); ``eps`` one ε' per tensor of the caller's list: host numbers, or a
         tensor on the device in the pack's dtype."""
         torch.cat(self.sources, out=self.packed)
-        self.v.sqrt_().add_(self._eps_rows(eps))
+        root(self.v, self.v).add_(self._eps_rows(eps))
         self.m.div_(self.v)  # ũ = m / (sqrt(v) + ε'), in m's slot
         torch.linalg.vector_norm(self.m, dim=1, out=self.uu)
         torch.mul(self.w, self.m, out=self.v)  # w' ũ, over v
@@ -223,7 +238,7 @@ class BlockPass:
     ``weights``, ``exp_avgs``, ``second_moments``: the tensors (any float dtype; flattened here),
     on one device; the pass keeps views of them, so it stays valid while their storage does.  Per
     call only ε' (one value per tensor) changes.  Memory: one float32 scratch buffer of one chunk,
-    the packed small tensors (4 x their size in float32), and a few floats per row of 1024."""
+    the packed small tensors (3 x their size in float32), and a few floats per row of 1024."""
 
     def __init__(self, weights: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                  second_moments: Sequence[torch.Tensor], chunk: int | None = None) -> None:
@@ -278,10 +293,8 @@ class BlockPass:
             for w, m, v, s, rows_wu, rows_uu, k, e, widen in self._steps:
                 if widen:  # v in bfloat16/float16 (or float64): its square root taken in float32, not in v's dtype
                     s.copy_(v)
-                    s.sqrt_()
-                else:
-                    torch.sqrt(v, out=s)
-                s.add_(eps[k] if host else e)
+                    v = s
+                root(v, s).add_(eps[k] if host else e)
                 torch.div(m, s, out=s)  # ũ = m / (sqrt(v) + ε'), float32, in the one scratch buffer
                 torch.linalg.vector_norm(s, dim=1, out=rows_uu)
                 torch.mul(w, s, out=s)  # w' ũ over ũ: its norms are taken

@@ -13,7 +13,7 @@ Python list.
 The pass (``kernel``):
 
 * ``exact``: :class:`~.kernels.BlockPass`, planned at the first run (small tensors packed, big ones
-  read chunk by chunk in place, six operations per chunk) with ε' per tensor from the counters; the
+  read chunk by chunk in place, six or seven operations per chunk) with ε' per tensor from the counters; the
   step is a :class:`~.rows.Pending` one: its budget (:func:`step_terms`, about sixty
   operations on P-vectors) is computed at the log event for all the steps since the last one
   together, on [steps, P] tensors, so a step's own operations are the pass's and a few more;
