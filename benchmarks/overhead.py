@@ -26,7 +26,10 @@ hook method of the callback and the optimizer pre-hook it registers; every hook 
 registers; the loop's hook), over the steps after ``--warmup``, divided by the thread CPU time of
 the rest of the same steps (the plain step, measured beside the hooks: on a shared machine the
 speed of whole steps drifts by 10-40% between runs a minute apart, which would hide a few percent
-against another run's plain step).  End-to-end times (median wall and thread CPU time per step)
+against another run's plain step); beside it, the median step's time inside the hooks and its ratio
+to the floor's (a step whose first touch of memory the allocator gave back to the operating system
+pays for faulting it in again, whoever touches it: on a virtual machine that can be seconds, once in
+a while).  End-to-end times (median wall and thread CPU time per step)
 and the peak memory (resident set size on a CPU, max allocated on CUDA, during the run) are
 printed beside.
 Prints a Markdown table for the README.
@@ -182,7 +185,7 @@ class Meter(TrainerCallback):
 
     def __init__(self, warmup: int, stop: int, cuda: bool) -> None:
         self.warmup, self.stop, self.cuda = warmup, stop, cuda
-        self.wall, self.cpu, self.peak = [], [], 0
+        self.wall, self.cpu, self.hooks, self.peak = [], [], [], 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.cuda:
@@ -191,6 +194,7 @@ class Meter(TrainerCallback):
         if CLOCK.on:
             self.wall.append(time.perf_counter())
             self.cpu.append(time.thread_time())
+            self.hooks.append(CLOCK.seconds)
         self._memory()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -203,6 +207,7 @@ class Meter(TrainerCallback):
             torch.cuda.synchronize()
         self.wall.append(time.perf_counter())
         self.cpu.append(time.thread_time())
+        self.hooks.append(CLOCK.seconds)
         CLOCK.on = False
 
     def _memory(self) -> None:
@@ -262,6 +267,9 @@ def run(config: str, size: str, args, data, cuda: bool) -> dict:
     hook_ms = CLOCK.seconds * 1e3 / steps
     return {
         "hook_ms": hook_ms,
+        # the median step's: robust to a step whose first touch of freed memory faults it back in
+        # from the operating system (docs/budget.md, section 10)
+        "hook_median_ms": statistics.median(b - a for a, b in zip(meter.hooks, meter.hooks[1:])) * 1e3,
         "ops": CLOCK.ops / steps,
         # the hooks over the rest of the same steps: drift on a shared machine moves both alike
         "overhead": hook_ms / ((meter.cpu[-1] - meter.cpu[0]) * 1e3 / steps - hook_ms),
@@ -296,9 +304,9 @@ def main() -> None:
     memory = "max allocated" if cuda else "peak RSS"
     print(f"device: {device}, threads: {torch.get_num_threads()}, batch {args.batch} x {args.block} tokens, "
           f"{args.steps} steps ({args.warmup} warm-up, two budget steps at least) x {args.repeats} repeats\n")
-    print(f"| model | params | watcher | in hooks, ms/step | x floor | overhead | operations/step "
-          f"| step wall ms (median) | step CPU ms (median) | {memory} MiB (vs none) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| model | params | watcher | in hooks, ms/step | x floor | median step, ms | x floor | overhead "
+          f"| operations/step | step wall ms (median) | step CPU ms (median) | {memory} MiB (vs none) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         n_params = sum(p.numel() for p in GPTNeoXForCausalLM(make_config(size)).parameters())
         results: dict[str, list[dict]] = {c: [] for c in args.configs}
@@ -306,16 +314,20 @@ def main() -> None:
             for config in args.configs:
                 results[config].append(run(config, size, args, data, cuda))
         base_mem = max(r["peak_mib"] for r in results["none"])
-        floor = statistics.median(r["hook_ms"] for r in results["floor"]) if "floor" in results else float("nan")
+        floors = [statistics.median(r[k] for r in results["floor"]) if "floor" in results else float("nan")
+                  for k in ("hook_ms", "hook_median_ms")]
         for config, rs in results.items():
             hook = statistics.median(r["hook_ms"] for r in rs)
+            step = statistics.median(r["hook_median_ms"] for r in rs)
             wall = statistics.median(r["wall_ms"] for r in rs)
             cpu = statistics.median(r["cpu_ms"] for r in rs)
             mem = max(r["peak_mib"] for r in rs)
             over = "-" if config == "none" else f"{100 * statistics.median(r['overhead'] for r in rs):.1f}%"
             ops = statistics.median(r["ops"] for r in rs)
-            ratio = hook / floor if config not in ("none", "floor") and floor > 0 else float("nan")
-            print(f"| {size} | {n_params / 1e6:.2f}M | {config} | {hook:.2f} | {ratio:.1f} | {over} | {ops:.0f} "
+            ratio, step_ratio = (x / f if config not in ("none", "floor") and f > 0 else float("nan")
+                                 for x, f in zip((hook, step), floors))
+            print(f"| {size} | {n_params / 1e6:.2f}M | {config} | {hook:.2f} | {ratio:.1f} | {step:.2f} | {step_ratio:.1f} "
+                  f"| {over} | {ops:.0f} "
                   f"| {wall:.1f} | {cpu:.1f} "
                   f"| {mem:.0f} ({mem - base_mem:+.0f}) |", flush=True)
 

@@ -23,9 +23,11 @@ def test_overhead_benchmark_prints_its_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| tiny")]
     assert [r[2].strip() for r in rows] == configs
-    floor = float(rows[1][3])
-    for r in rows[1:]:  # in-hook time, its ratio to the floor's, its share of the rest of the step, end-to-end times
-        hook, share, wall, cpu = float(r[3]), float(r[5].strip().rstrip("%")), float(r[7]), float(r[8])
-        assert hook > 0 and share > 0 and wall > 0 and cpu > 0, r
+    floor, floor_step = float(rows[1][3]), float(rows[1][5])
+    for r in rows[1:]:  # in-hook time and its median step, their ratios to the floor's, the share of the rest
+        # of the step, end-to-end times
+        hook, step, share, wall, cpu = float(r[3]), float(r[5]), float(r[7].strip().rstrip("%")), float(r[9]), float(r[10])
+        assert hook > 0 and step > 0 and share > 0 and wall > 0 and cpu > 0, r
         if r[2].strip() != "floor":
             assert float(r[4]) == pytest.approx(hook / floor, rel=0.06, abs=0.06), r  # printed to one decimal
+            assert float(r[6]) == pytest.approx(step / floor_step, rel=0.06, abs=0.06), r

@@ -24,7 +24,6 @@ sums fused by ``torch.compile``, in process: :mod:`.plan`) and ``auto`` (= ``exa
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from collections.abc import Iterator, Sequence
 
