@@ -212,9 +212,13 @@ def budget_from_dots(
 
 
 def bias_scales(step: float, beta1: float, beta2: float, eps: float) -> tuple[float, float]:
-    """(s, ε') for one tensor: s = sqrt(1-β2^t)/(1-β1^t), ε' = ε sqrt(1-β2^t)."""
-    bc2_sqrt = math.sqrt(1.0 - beta2**step)
-    return bc2_sqrt / (1.0 - beta1**step), eps * bc2_sqrt
+    """(s, ε') for one tensor: s = sqrt(1-β2^t)/(1-β1^t), ε' = ε sqrt(1-β2^t) (:func:`eps_scale`)."""
+    return math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step), eps_scale(step, beta2, eps)
+
+
+def eps_scale(step: float, beta2: float, eps: float) -> float:
+    """ε' = ε sqrt(1-β2^t): what the pass adds to sqrt(v) (host numbers)."""
+    return eps * math.sqrt(1.0 - beta2**step)
 
 
 # ------------------------------------------------------------------ the intended update (pre-step)

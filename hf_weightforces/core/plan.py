@@ -28,14 +28,13 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 import types
 from array import array
 from collections.abc import Sequence
 
 import torch
 
-from .budget import budget_from_dots, decay_factor
+from .budget import budget_from_dots, decay_factor, eps_scale
 from .kernels import BlockPass, block_pass, to_device
 from .rows import Pending, Rows
 
@@ -256,7 +255,7 @@ class StepPlan:
     def eps_now(self, hv: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor | list[float]:
         """ε' = ε sqrt(1 - β2^t) per tensor (what the pass needs of the step vector), where the
         step vector and the counters are: on the host, host numbers, as the per-tensor path computes
-        them (:func:`~.budget.bias_scales`; one value per group and counter, no torch operation: right
+        them (:func:`~.budget.eps_scale`; one value per group and counter, no torch operation: right
         after a training step each kind of operation costs 8-20 µs the first time, docs/budget.md);
         on a device, a float64 [P] vector, as :func:`per_tensor`."""
         if hv.device.type == "cpu" and t_after.device.type == "cpu":
@@ -264,7 +263,7 @@ class StepPlan:
             for g, t in zip(self._groups, t_after.tolist()):
                 e = memo.get((g, t))
                 if e is None:
-                    e = memo[g, t] = h[4 * g_rows + g] * math.sqrt(1.0 - h[3 * g_rows + g] ** t)
+                    e = memo[g, t] = eps_scale(t, h[3 * g_rows + g], h[4 * g_rows + g])
                 eps.append(e)
             return eps
         b2, eps = hv.index_select(0, self._b2_eps).view(2, -1)
