@@ -243,13 +243,24 @@ def test_histogram_counts_bucket_rules() -> None:
     assert h.counts.tolist() == counts[:-2].tolist()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_cpu_counts_equal_device_path(dtype: torch.dtype) -> None:
-    """The CPU sort path of histogram_counts and the bucketize path used on accelerators agree,
-    also for values exactly on an edge or one ulp away from it."""
-    from hf_weightforces.core.weibull import _bucketize_counts
+EDGE_SETS = {
+    "default": lambda: MagnitudeHistogram().edges_tensor(),  # log-spaced: the CPU's logarithm path
+    "4096 over 4 decades": lambda: MagnitudeHistogram.log_spaced(1e-5, 0.1, 4096).edges_tensor(),
+    # not log-spaced: the CPU's sort path
+    "irregular": lambda: torch.from_numpy(np.sort(np.random.default_rng(0).uniform(1e-6, 0.1, 10_001))),
+}
 
-    edges = MagnitudeHistogram().edges_tensor()
+
+@pytest.mark.parametrize("edge_set", sorted(EDGE_SETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpu_counts_equal_device_path(dtype: torch.dtype, edge_set: str) -> None:
+    """The CPU paths of histogram_counts (by logarithm for log-spaced edges, else by sorting) and
+    the bucketize path used on accelerators agree, also for values exactly on an edge or one ulp
+    away from it."""
+    from hf_weightforces.core.weibull import _bucketize_counts, _log_spacing
+
+    edges = EDGE_SETS[edge_set]()
+    assert (_log_spacing(edges.numpy()) is None) == (edge_set == "irregular")
     t = (torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
     on_edge = edges[3000:9000:11].to(dtype)
     m = on_edge.numel()

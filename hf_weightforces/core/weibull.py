@@ -34,8 +34,9 @@ Three ways to run it, each labelled in :attr:`WeibullFit.method`:
 
 Cost on 10^7 float32 values, 2-core CPU (median of 7): exact 0.14-0.20 s (numpy sort, the window
 regression and an exact KS that evaluates F only in blocks where the maximum can be); histogram
-0.06 s (on CPU :func:`histogram_counts` sorts with numpy and binary-searches the edges; the
-``torch.bucketize`` path used on accelerators takes 1.1 s on this CPU); fit from counts 0.2 ms;
+0.13 s (:func:`histogram_counts` on CPU places each value by its logarithm; sorting with numpy
+instead took 0.42 s in the same run; the ``torch.bucketize`` path used on accelerators takes
+1.1 s on this CPU); fit from counts 0.2 ms;
 ``torch.sort`` alone 1.06 s; scipy MLE about 2 s per 10^6 values.
 
 Gaussian anchors: for i.i.d. N(0, σ²) weights (|w| half-normal) the protocol converges to
@@ -393,17 +394,90 @@ def histogram_counts(
     of this tensor).
 
     On accelerators: ``torch.bucketize`` in chunks, |x| compared in ``edges.dtype`` (pass float64
-    edges, as :meth:`MagnitudeHistogram.edges_tensor` does).  On CPU the same counts come from a
-    numpy sort and a binary search of the edges (about 10x faster than ``torch.bucketize`` there),
-    with |x| compared exactly against the float64 edges.
+    edges, as :meth:`MagnitudeHistogram.edges_tensor` does).  On CPU the same counts, |x|
+    compared exactly against the float64 edges: for log-spaced edges (every
+    :class:`MagnitudeHistogram`'s) from each value's logarithm, in one pass and no sort
+    (:func:`_log_counts`: 2-3x faster than sorting on 10^5 to 10^7 values); for other edges from a
+    numpy sort and a binary search of the edges (about 10x faster than ``torch.bucketize`` there).
     """
     if tensor.device.type == "cpu":
+        e = edges.detach().to(torch.float64).numpy()
+        spacing = _log_spacing(e)
+        if spacing is not None:
+            return torch.from_numpy(_log_counts(tensor, e, spacing, with_dropped))
         xs, n_bad = sorted_magnitudes(tensor)
-        counts = _sorted_counts(xs, edges.detach().to(torch.float64).numpy())
+        counts = _sorted_counts(xs, e)
         if with_dropped:
             counts = np.concatenate([counts, [tensor.numel() - n_bad - xs.size, n_bad]])
         return torch.from_numpy(counts)
     return _bucketize_counts(tensor, edges, with_dropped=with_dropped)
+
+
+#: Half-width, in bins, of the band around each edge where :func:`_log_counts` places a value by an
+#: exact comparison instead of by its logarithm: the logarithm's position is off by at most about
+#: 5e-3 bins (float32 log10 within a few ulp, then a subtraction and a product in float32, at up to
+#: 2^14 bins), ten times less.
+_EDGE_BAND = 0.05
+_LOG_CHUNK = 1 << 16
+_LOG_SPACINGS: dict[tuple, tuple[float, float] | None] = {}
+
+
+def _log_spacing(edges: np.ndarray) -> tuple[float, float] | None:
+    """(log10 of the first edge, bins per unit of log10) when ``edges`` are log-spaced to within a
+    hundredth of a bin (every edge of :class:`MagnitudeHistogram` is), else None; kept per edge set."""
+    key = (edges.size, edges.tobytes()) if edges.size < 64 else (edges.size, hash(edges.tobytes()))
+    if key not in _LOG_SPACINGS:
+        if len(_LOG_SPACINGS) >= 16:
+            _LOG_SPACINGS.clear()
+        spacing = None
+        if edges.size >= 2 and edges[0] > 0 and np.all(np.isfinite(edges)) and np.all(np.diff(edges) > 0):
+            logs = np.log10(edges)
+            lo, per = float(logs[0]), (edges.size - 1) / float(logs[-1] - logs[0])
+            if np.abs((logs - lo) * per - np.arange(edges.size)).max() < 0.01 and edges.size <= 1 << 16:
+                spacing = (lo, per)
+        _LOG_SPACINGS[key] = spacing
+    return _LOG_SPACINGS[key]
+
+
+def _log_counts(tensor: torch.Tensor, edges: np.ndarray, spacing: tuple[float, float], with_dropped: bool) -> np.ndarray:
+    """:func:`histogram_counts` on a CPU for log-spaced ``edges``, in one pass over the values and no
+    sort: each |x| goes to bucket ceil((log10|x| - log10 e[0]) x bins per decade), except the few
+    within :data:`_EDGE_BAND` of an edge, which are placed by an exact binary search of the edges
+    (float32 values against the largest float32 at or below each edge, as :func:`_sorted_counts`).
+    Chunks of :data:`_LOG_CHUNK` values keep the temporaries in cache."""
+    lo, per = spacing
+    x = tensor.detach().reshape(-1)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)  # bf16/fp16 -> float32 is exact
+    x = x.numpy()
+    if x.dtype == np.float32:
+        e = edges.astype(np.float32)
+        above = e.astype(np.float64) > edges  # a <= edge iff a <= (the largest float32 <= edge)
+        e[above] = np.nextafter(e[above], np.float32(-np.inf))
+    else:
+        e = edges
+    n_buckets = edges.size + 1  # underflow, the bins, overflow
+    counts = np.zeros(n_buckets + 1, dtype=np.int64)  # + one for the dropped values (zeros, non-finite)
+    zeros = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for start in range(0, x.size, _LOG_CHUNK):
+            a = np.abs(x[start : start + _LOG_CHUNK])
+            t = np.log10(a)
+            t -= t.dtype.type(lo)
+            t *= t.dtype.type(per)  # the position among the edges, in bins: -inf for 0, NaN for NaN
+            np.clip(t, -1, n_buckets, out=t)
+            near = np.abs(t - np.rint(t)) < _EDGE_BAND
+            j = np.ceil(t, out=t).astype(np.intp)
+            np.clip(j, 0, n_buckets - 1, out=j)
+            exact = np.flatnonzero(near)
+            j[exact] = np.searchsorted(e, a[exact], side="left")  # e[j-1] < a <= e[j]
+            dropped = ~(a > 0)  # zeros and NaN
+            dropped |= a == np.inf
+            zeros += int(np.count_nonzero(a == 0))
+            j[dropped] = n_buckets
+            counts += np.bincount(j, minlength=n_buckets + 1)
+    n_bad = int(counts[-1]) - zeros
+    return np.concatenate([counts[:-1], [zeros, n_bad]]) if with_dropped else counts[:-1]
 
 
 def _bucketize_counts(tensor: torch.Tensor, edges: torch.Tensor, *, with_dropped: bool) -> torch.Tensor:
