@@ -419,13 +419,14 @@ def histogram_counts(
 #: 2^14 bins), ten times less.
 _EDGE_BAND = 0.05
 _LOG_CHUNK = 1 << 16
-_LOG_SPACINGS: dict[tuple, tuple[float, float] | None] = {}
+_LOG_SPACINGS: dict[tuple, tuple[float, float, np.ndarray] | None] = {}
 
 
-def _log_spacing(edges: np.ndarray) -> tuple[float, float] | None:
-    """(log10 of the first edge, bins per unit of log10) when ``edges`` are log-spaced to within a
-    hundredth of a bin (every edge of :class:`MagnitudeHistogram` is), else None; kept per edge set."""
-    key = (edges.size, edges.tobytes()) if edges.size < 64 else (edges.size, hash(edges.tobytes()))
+def _log_spacing(edges: np.ndarray) -> tuple[float, float, np.ndarray] | None:
+    """(log10 of the first edge, bins per unit of log10, the edges as float32 comparisons: the
+    largest float32 at or below each) when ``edges`` are log-spaced to within a hundredth of a bin
+    (every edge set of :class:`MagnitudeHistogram` is), else None; kept per edge set."""
+    key = (edges.size, hash(edges.tobytes()))
     if key not in _LOG_SPACINGS:
         if len(_LOG_SPACINGS) >= 16:
             _LOG_SPACINGS.clear()
@@ -434,30 +435,29 @@ def _log_spacing(edges: np.ndarray) -> tuple[float, float] | None:
             logs = np.log10(edges)
             lo, per = float(logs[0]), (edges.size - 1) / float(logs[-1] - logs[0])
             if np.abs((logs - lo) * per - np.arange(edges.size)).max() < 0.01 and edges.size <= 1 << 16:
-                spacing = (lo, per)
+                e32 = edges.astype(np.float32)
+                above = e32.astype(np.float64) > edges  # a <= edge iff a <= (the largest float32 <= edge)
+                e32[above] = np.nextafter(e32[above], np.float32(-np.inf))
+                spacing = (lo, per, e32)
         _LOG_SPACINGS[key] = spacing
     return _LOG_SPACINGS[key]
 
 
-def _log_counts(tensor: torch.Tensor, edges: np.ndarray, spacing: tuple[float, float], with_dropped: bool) -> np.ndarray:
+def _log_counts(tensor: torch.Tensor, edges: np.ndarray, spacing: tuple[float, float, np.ndarray],
+                with_dropped: bool) -> np.ndarray:
     """:func:`histogram_counts` on a CPU for log-spaced ``edges``, in one pass over the values and no
     sort: each |x| goes to bucket ceil((log10|x| - log10 e[0]) x bins per decade), except the few
     within :data:`_EDGE_BAND` of an edge, which are placed by an exact binary search of the edges
     (float32 values against the largest float32 at or below each edge, as :func:`_sorted_counts`).
     Chunks of :data:`_LOG_CHUNK` values keep the temporaries in cache."""
-    lo, per = spacing
+    lo, per, e32 = spacing
     x = tensor.detach().reshape(-1)
     if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)  # bf16/fp16 -> float32 is exact
     x = x.numpy()
-    if x.dtype == np.float32:
-        e = edges.astype(np.float32)
-        above = e.astype(np.float64) > edges  # a <= edge iff a <= (the largest float32 <= edge)
-        e[above] = np.nextafter(e[above], np.float32(-np.inf))
-    else:
-        e = edges
+    e = e32 if x.dtype == np.float32 else edges
     n_buckets = edges.size + 1  # underflow, the bins, overflow
-    counts = np.zeros(n_buckets + 1, dtype=np.int64)  # + one for the dropped values (zeros, non-finite)
+    counts = None  # per bucket, and one more for the dropped values (zeros, non-finite)
     zeros = 0
     with np.errstate(divide="ignore", invalid="ignore"):
         for start in range(0, x.size, _LOG_CHUNK):
@@ -475,7 +475,10 @@ def _log_counts(tensor: torch.Tensor, edges: np.ndarray, spacing: tuple[float, f
             dropped |= a == np.inf
             zeros += int(np.count_nonzero(a == 0))
             j[dropped] = n_buckets
-            counts += np.bincount(j, minlength=n_buckets + 1)
+            chunk = np.bincount(j, minlength=n_buckets + 1)
+            counts = chunk if counts is None else counts + chunk
+    if counts is None:  # no values
+        counts = np.zeros(n_buckets + 1, dtype=np.int64)
     n_bad = int(counts[-1]) - zeros
     return np.concatenate([counts[:-1], [zeros, n_bad]]) if with_dropped else counts[:-1]
 
