@@ -81,16 +81,16 @@ def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int |
     monitor = ForceMonitor([ParamInfo(f"p{i}", "other", None, w.numel()) for i, w in enumerate(ws)], dev)
     t_before, t_after = torch.zeros(n, device=dev), torch.ones(n, device=dev)
     hv = plan.step_vector([1e-4], [(0.01, 0.9, 0.999, 1e-8)])
-    monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.norm2)])
+    monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.before(plan.index))])
     monitor.flush()
     if flush_after:
         for _ in range(flush_after):
-            monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.norm2)])
+            monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.before(plan.index))])
         with OpCounter() as counter:
             monitor.flush()
         return counter
     with OpCounter() as counter:  # the pass and what the monitor does with it at once
-        monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.norm2)])
+        monitor.add([plan.run(ws, ms, vs, t_after, t_before, hv, monitor.before(plan.index))])
     return counter
 
 

@@ -48,7 +48,7 @@ from hf_weightforces.core.budget import (
 )
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.plan import StepPlan
-from hf_weightforces.core.rows import moment_rows
+from hf_weightforces.core.rows import Rows, moment_rows
 from hf_weightforces.distributed import Backend, ShardContext
 from hf_weightforces.distributed.steps import PlannedStep
 
@@ -76,6 +76,17 @@ def exact_norm2(tensors) -> torch.Tensor:
     return torch.stack([(t.detach().double() ** 2).sum() for t in tensors])
 
 
+class Accumulators:
+    """(sums, nonfinite, norm2) of a monitor, read when indexed: ``[2]`` is its norm2 as a reader sees
+    it (the last pending step's norms written first)."""
+
+    def __init__(self, mon: ForceMonitor) -> None:
+        self.mon = mon
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return (self.mon.sums, self.mon.nonfinite, self.mon.norm2)[i]
+
+
 class AdamWRun:
     """Real AdamW steps on a fixed set of tensors, the inputs a StepPlan takes, and the reference."""
 
@@ -99,13 +110,13 @@ class AdamWRun:
     def hypers(self):
         return [(g["weight_decay"], *g["betas"], g["eps"]) for g in self.opt.param_groups]
 
-    def accumulators(self):
+    def accumulators(self) -> Accumulators:
         """(sums, nonfinite, norm2) of a fresh monitor (the very tensors it accumulates into), norm2
         observed now."""
         mon = ForceMonitor([ParamInfo(f"p{i}", "other", None, p.numel()) for i, p in enumerate(self.params)])
         mon.observe_norms([p.detach() for p in self.params])
         self.monitors[id(mon.sums)] = mon
-        return mon.sums, mon.nonfinite, mon.norm2
+        return Accumulators(mon)
 
     def counters(self) -> torch.Tensor:
         return torch.stack([self.opt.state.get(p, {}).get("step", torch.tensor(0.0)) for p in self.params])
@@ -143,7 +154,7 @@ class AdamWRun:
         hv = plan.step_vector(self.lrs(), self.hypers())
         ws, ms, vs = inputs if inputs is not None else self.inputs()
         mon = self.monitors[id(acc[0])]
-        rows = plan.run(ws, ms, vs, t_after, t_before, hv, mon.norm2)
+        rows = plan.run(ws, ms, vs, t_after, t_before, hv, mon.before(plan.index))
         mon.add([rows])
         return rows.terms
 
@@ -212,7 +223,7 @@ def test_plan_matches_the_float64_reference(kernel):
         run.decay_lrs()
     run.flush()  # the eager pass's six steps computed together, the same as each alone
     for k in plans:
-        sums, nonfinite, norm2 = acc[k]
+        sums, nonfinite, norm2 = acc[k][0], acc[k][1], acc[k][2]
         assert torch.all(nonfinite == 0)
         assert_rows_match_reference(sums.numpy(), ref_sum, norm2.numpy())
         # the accumulators are the sums of what each run returned
@@ -241,18 +252,20 @@ def test_plan_matches_the_float64_reference(kernel):
 def test_tensor_without_gradient_is_masked(kernel):
     run = AdamWRun()
     plan = run.plan(kernel)
-    sums, nonfinite, norm2 = acc = run.accumulators()
+    acc = run.accumulators()
+    sums, nonfinite = acc[0], acc[1]
     # step -> tensors with no gradient: a packed small one and a big one, then the float64 one
     skips = {2: {0, 4}, 3: {FLOAT64}, 4: {1}}
     returned = torch.zeros_like(sums)
     for step in range(6):
         skip = skips.get(step, set())
-        norm2_before = norm2.clone()
+        norm2_before = acc[2].clone()
         w_prev = [p.detach().clone() for p in run.params]
         t_before, t_after, w_before = run.step(no_grad=skip)
         terms = run.run(plan, t_before, t_after, acc)
         returned += terms
         exact = exact_norm2(run.params)
+        norm2 = acc[2]
         for i in range(run.n):
             if i in skip:
                 # AdamW left it alone: counter and weights; the plan adds nothing and its norm stays
@@ -312,6 +325,47 @@ def test_nonfinite_row_is_flagged_and_left_out(kernel):
     assert float(bad[1].sum()) == len(broken)
     if kernel != "exact":
         check_compiled_really_ran(plan)
+
+
+def test_consecutive_planned_steps_hand_their_norms_on_without_operations():
+    """A planned step's squared norms are the next planned step's "before" as they are: the monitor
+    writes them into norm2 only when something else reads it (no index_select, no index_copy_ between
+    consecutive steps of one plan), and the sums and norms are bit for bit those of a monitor whose
+    norm2 is read after every step; a step of another source in between reads the written norms."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    run = AdamWRun()
+    plan = run.plan("exact")
+    chained, read = run.accumulators(), run.accumulators()
+    mon = chained.mon
+    for step in range(7):
+        t_before, t_after, _ = run.step()
+        hv, (ws, ms, vs) = plan.step_vector(run.lrs(), run.hypers()), run.inputs()
+        with Ops() as ops:
+            mon.add([plan.run(ws, ms, vs, t_after, t_before, hv, mon.before(plan.index))])
+        index_ops = [n for n in ops.names if n.startswith(("index_select", "index_copy"))]
+        if step:  # (the first step plans the pass)
+            assert index_ops == (["index_select.default"] if step == 4 else []), (step, index_ops)
+        run.run(plan, t_before, t_after, read)
+        read[2]  # noqa: B018  (read after every step: written at once)
+        if step == 3:  # another source's row in between: the next step reads what it wrote
+            for m in (mon, read.mon):
+                m.add([Rows([0], torch.zeros(1, NT, dtype=torch.float64), torch.tensor([123.0], dtype=torch.float64))])
+            assert torch.equal(mon.norm2, read[2]) and mon.norm2[0] == 123.0
+    assert mon._owed is not None  # the last step's norms are still owed until read
+    for a, b in zip(mon.unpack(mon.pack().numpy()), read.mon.unpack(read.mon.pack().numpy())):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    torch.testing.assert_close(chained[2], exact_norm2(run.params), rtol=1e-12, atol=0)
 
 
 def test_a_pending_step_keeps_its_vectors_not_its_plan():
@@ -509,7 +563,7 @@ def _context_run(action_at: int | None = None, action=None, steps: int = 8, kern
             step_in = ctx.planned_step(run.opt, index_of, kernel) if planned else None
             pattern.append(step_in is not None)
             if step_in is not None:
-                mon.add([step_in.rows(mon.norm2)], step)
+                mon.add([step_in.rows(mon)], step)
             else:
                 mon.add(moment_rows(ctx.views(run.opt, index_of), mon.norm2), step)
             assert mon.steps == 1
@@ -552,7 +606,7 @@ def test_counters_before_a_step_after_steps_the_budget_skipped():
                 mon.reset()
                 continue
             norm0 = mon.norm2[0].item()
-            mon.add([planned.rows(mon.norm2)], step)
+            mon.add([planned.rows(mon)], step)
             ref = np.stack([run.reference(i, w_before[i]) for i in range(run.n)])
             rows = slice(1 if no_grad else 0, None)
             if no_grad:  # tensor 0 was not updated by this step (at step 5: it was by step 4)

@@ -177,38 +177,54 @@ def _forces(ww, wu, uu, eta, factor, weight_decay):
     return align, inject, decay, rest, decay_nominal
 
 
+#: A torch tensor or a numpy array: the budget's arithmetic on P-vectors runs on either
+#: (:func:`namespace`), one formula for the device and for the host.
+Array = torch.Tensor | np.ndarray
+
+
+def namespace(x: Array):
+    """The module whose functions act on ``x``: numpy for a numpy array, else torch."""
+    return np if isinstance(x, np.ndarray) else torch
+
+
+def unbind(x: Array, dim: int) -> tuple[Array, ...]:
+    """The slices of ``x`` along ``dim`` (views; one operation on a tensor)."""
+    return x.unbind(dim) if isinstance(x, torch.Tensor) else tuple(np.moveaxis(x, dim, 0))
+
+
 def budget_from_dots(
-    dots: torch.Tensor,
-    lr: torch.Tensor,
-    weight_decay: torch.Tensor,
-    u_scale: torch.Tensor,
-    norm2_before: torch.Tensor,
-    factor: torch.Tensor | None = None,
-) -> torch.Tensor:
+    dots: Array,
+    lr: Array,
+    weight_decay: Array,
+    u_scale: Array,
+    norm2_before: Array,
+    factor: Array | None = None,
+) -> Array:
     """Per-tensor budget [..., P, len(BUDGET_TERMS)] from :func:`step_dots` output [..., P, 3]
     (post-step weights; any leading dimensions, e.g. several steps).
 
     ``lr``, ``weight_decay``, ``u_scale`` (s = sqrt(1-β2^t)/(1-β1^t)), ``norm2_before`` (the
     squared norm observed before the step) and ``factor`` (the decay factor c the optimizer
     applied, :func:`decay_factor`; default the nominal 1 - ηλ) are float64 tensors [..., P]
-    on one device.  w_t = (w' + η u) / c is rebuilt; the observation enters only through Δ.
+    on one device (or numpy arrays: :func:`namespace`).  w_t = (w' + η u) / c is rebuilt; the observation enters only through Δ.
     """
-    a, b, c = dots.unbind(-1)
+    xp = namespace(dots)
+    a, b, c = unbind(dots, -1)
     eta, s = lr, u_scale
     cf = 1.0 - eta * weight_decay if factor is None else factor
     # the forces of :func:`_forces` from the reconstruction above, written with few operations (the
     # planned pass runs this on P-vectors every step: its cost is the number of operations)
-    inv, d, m2 = cf.reciprocal(), 1.0 - cf, -2.0 * eta
+    inv, d, m2 = xp.reciprocal(cf), 1.0 - cf, -2.0 * eta
     e1 = eta * s
     e1c = e1 * c
     wu = (b + e1c) * (s * inv)  # <w_t, u_t>
-    ww = (a + e1 * (b + b + e1c)) * inv.square()  # ||w_t||² (reconstructed)
+    ww = (a + e1 * (b + b + e1c)) * xp.square(inv)  # ||w_t||² (reconstructed)
     align = m2 * wu
     dww = d * ww
     rest = d * (dww - align)  # d² ||w||² + 2ηd <w, u>
-    return torch.stack((align, e1 * e1c,  # inject = η² s² ||ũ||²
-                        -2.0 * dww, rest, a - norm2_before, torch.zeros_like(a), (m2 * weight_decay) * ww,
-                        m2 * s * b), dim=-1)  # align_post = -2η<w_{t+1}, u_t>: the research code's convention
+    return xp.stack((align, e1 * e1c,  # inject = η² s² ||ũ||²
+                     -2.0 * dww, rest, a - norm2_before, xp.zeros_like(a), (m2 * weight_decay) * ww,
+                     m2 * s * b), -1)  # align_post = -2η<w_{t+1}, u_t>: the research code's convention
 
 
 def bias_scales(step: float, beta1: float, beta2: float, eps: float) -> tuple[float, float]:

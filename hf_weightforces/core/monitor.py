@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .aggregates import ParamInfo, aggregate_masks
-from .budget import BUDGET_TERMS, squared_norms
+from .budget import BUDGET_TERMS, namespace, squared_norms
 from .rows import Pending, Rows, index_tensor
 
 __all__ = ["BUDGET_MODES", "OFFSET_RULES", "FORCE_KEYS", "PENDING_STEPS", "ForceMonitor", "Packed", "ParamInfo", "Pending",
@@ -74,7 +74,11 @@ class ForceMonitor:
         n = len(self.infos)
         self.sums = torch.zeros(n, _NT, dtype=torch.float64, device=self.device)
         self.nonfinite = torch.zeros(n, dtype=torch.float64, device=self.device)
-        self.norm2 = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self._norm2 = torch.zeros(n, dtype=torch.float64, device=self.device)
+        #: (index, squared norms) of the last pending step, not written into norm2 yet: the next step
+        #: of the same source reads them as its "before" as they are (no operation); any other reader
+        #: of :attr:`norm2` writes them first
+        self._owed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sampled = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.steps = 0  # budget steps in the current interval (host-side count, no sync)
         self._aggregates: dict[tuple[bool, bool], dict[str, np.ndarray]] = {}  # masks, made once per choice
@@ -86,6 +90,24 @@ class ForceMonitor:
     def __len__(self) -> int:
         return len(self.infos)
 
+    @property
+    def norm2(self) -> torch.Tensor:
+        """The latest observed squared norm per tensor [P], float64 on the device."""
+        if self._owed is not None:
+            idx, after = self._owed
+            self._owed = None
+            self._norm2.index_copy_(0, idx, after)
+        return self._norm2
+
+    def before(self, index: torch.Tensor) -> torch.Tensor:
+        """The squared norms observed before this step of the tensors at ``index`` (an index tensor
+        on the device, the same object step after step): the last pending step's after-norms as
+        they are when that step had this index (consecutive steps of one plan: no operation), else
+        read from :attr:`norm2`."""
+        if self._owed is not None and self._owed[0] is index:
+            return self._owed[1]
+        return self.norm2.index_select(0, index)
+
     # ------------------------------------------------------------------ observing
     def observe_norms(self, weights: Sequence[torch.Tensor], indices: Sequence[int] | None = None) -> None:
         """Record ||w||² (float64 accumulation) of local tensors as the current observation."""
@@ -93,7 +115,8 @@ class ForceMonitor:
             return
         norms = squared_norms(weights).to(self.device)
         if indices is None:
-            self.norm2.copy_(norms)
+            self._owed = None  # every norm is replaced
+            self._norm2.copy_(norms)
         else:
             self.norm2[index_tensor(indices, self.device)] = norms
 
@@ -111,10 +134,13 @@ class ForceMonitor:
             if not len(row.index):
                 continue
             idx = row.index if isinstance(row.index, torch.Tensor) else index_tensor(row.index, self.device)
-            self.norm2.index_copy_(0, idx, row.norm2.to(self.device))
-            if isinstance(row, Pending):
+            if isinstance(row, Pending):  # its norms are written when read (the next step of its source: not at all)
+                if self._owed is not None and self._owed[0] is not idx:
+                    self.norm2  # noqa: B018  (writes the owed norms of another source)
+                self._owed = (idx, row.norm2.to(self.device))
                 self._pending.append((row, sampled))
                 continue
+            self.norm2.index_copy_(0, idx, row.norm2.to(self.device))
             self._accumulate(idx, row.terms.to(self.device)[None], [0] if sampled else [])
             if row.var is not None:
                 var = row.var.to(self.device)
@@ -124,25 +150,32 @@ class ForceMonitor:
 
     def flush(self) -> None:
         """The terms of the pending steps, computed and added: consecutive steps of one source
-        together (one ``evaluate`` over their stacked inputs).  :meth:`pack` flushes first."""
+        together (one ``evaluate`` over their stacked inputs).  :meth:`pack` flushes first.  On a
+        CPU the inputs are stacked and evaluated as numpy arrays (the same float64 arithmetic:
+        :func:`~.budget.namespace`): sixty-odd operations on small vectors cost a tenth of
+        torch's there, right after a training step."""
         pending, self._pending = self._pending, []
+        host = self.device.type == "cpu"
         while pending:
             first = pending[0][0]
             n = next((k for k, (row, _) in enumerate(pending) if row.evaluate != first.evaluate
                       or row.index is not first.index), len(pending))
             batch, pending = pending[:n], pending[n:]
-            terms = first.evaluate(*(torch.stack(xs) for xs in zip(*(row.inputs for row, _ in batch))))
-            self._accumulate(first.index, terms, [k for k, (_, sampled) in enumerate(batch) if sampled])
+            inputs = zip(*(row.inputs for row, _ in batch))
+            stacked = [torch.stack(xs).numpy() if host else torch.stack(xs) for xs in inputs]
+            self._accumulate(first.index, first.evaluate(*stacked), [k for k, (_, sampled) in enumerate(batch) if sampled])
 
-    def _accumulate(self, idx: torch.Tensor, terms: torch.Tensor, sampled: list[int]) -> None:
-        """Terms [S, k, len(BUDGET_TERMS)] of S steps added at ``idx``; ``sampled``: which of the S
-        are sampled steps of the integral.  A non-finite row of a step is zeroed and counted."""
-        finite = torch.isfinite(terms).all(dim=-1)
-        terms = torch.where(finite[..., None], terms, 0.0)
-        self.sums.index_add_(0, idx, terms.sum(0))
-        self.nonfinite.index_add_(0, idx, (~finite).sum(0, dtype=torch.float64))
-        for s in sampled:
-            self.sampled.index_add_(0, idx, terms[s, :, :3].sum(dim=1) * self.sample_every)
+    def _accumulate(self, idx: torch.Tensor, terms: torch.Tensor | np.ndarray, sampled: list[int]) -> None:
+        """Terms [S, k, len(BUDGET_TERMS)] of S steps (a tensor on the device, or a numpy array on a
+        CPU) added at ``idx``; ``sampled``: which of the S are sampled steps of the integral.  A
+        non-finite row of a step is zeroed and counted."""
+        xp = namespace(terms)
+        finite = xp.isfinite(terms).all(-1)
+        terms = xp.where(finite[..., None], terms, 0.0)
+        adds = [(self.sums, terms.sum(0)), (self.nonfinite, (~finite).sum(0, dtype=xp.float64))]
+        adds += [(self.sampled, terms[s, :, :3].sum(1) * self.sample_every) for s in sampled]
+        for into, rows in adds:
+            into.index_add_(0, idx, torch.from_numpy(rows) if xp is np else rows)
 
     # ------------------------------------------------------------------ reporting
     def pack(self) -> torch.Tensor:

@@ -32,9 +32,10 @@ import types
 from array import array
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from .budget import budget_from_dots, decay_factor, eps_scale
+from .budget import Array, budget_from_dots, decay_factor, eps_scale, namespace, unbind
 from .kernels import BlockPass, block_pass, to_device
 from .rows import Pending, Rows
 
@@ -51,41 +52,41 @@ CHUNK = 64
 HYPER_ROWS = ("lr", "weight_decay", "beta1", "beta2", "eps", "factor_fl32", "factor_exact")
 
 
-def per_tensor(hv: torch.Tensor, gidx: torch.Tensor, float64: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor:
+def per_tensor(hv: Array, gidx: Array, float64: Array, t_after: Array) -> Array:
     """[5, ..., P] float64, per tensor: lr, weight decay, decay factor, s = sqrt(1 - β2^t) / (1 - β1^t)
     and ε' = ε sqrt(1 - β2^t), from the step vector ``hv`` [..., 7G], each tensor's group ``gidx``,
     whether it is stored in float64 (its decay factor is exact, not float32-rounded) and its step
     counter after the step ``t_after`` [..., P] (a leading dimension: several steps at once).  A
-    handful of operations on P-vectors (inside the compiled pass too)."""
-    lr, wd, b1, b2, eps, f32, f64 = hv.unflatten(-1, (len(HYPER_ROWS), -1))[..., gidx].unbind(-2)
-    bc1, bc2 = (1.0 - torch.stack((b1, b2)) ** t_after.to(torch.float64)).unbind(0)  # 1 - β^t
-    bc2 = bc2.sqrt()
-    return torch.stack((lr, wd, torch.where(float64, f64, f32), bc2 / bc1, eps * bc2))
+    handful of operations on P-vectors (inside the compiled pass too); torch tensors or, on the
+    host, numpy arrays (:func:`step_terms`)."""
+    xp = namespace(hv)
+    lr, wd, b1, b2, eps, f32, f64 = unbind(hv.reshape(*hv.shape[:-1], len(HYPER_ROWS), -1)[..., gidx], -2)
+    bc1, bc2 = 1.0 - xp.stack((b1, b2)) ** t_after  # 1 - β^t, float64 (the float32 counters promoted)
+    bc2 = xp.sqrt(bc2)
+    return xp.stack((lr, wd, xp.where(float64, f64, f32), bc2 / bc1, eps * bc2))
 
 
-def planned_terms(
-    dots: torch.Tensor,
-    t_after: torch.Tensor,
-    t_before: torch.Tensor,
-    hyper: torch.Tensor,
-    norm2_before: torch.Tensor,
-) -> torch.Tensor:
+def planned_terms(dots: Array, t_after: Array, t_before: Array, hyper: Array, norm2_before: Array) -> Array:
     """The terms [..., k, len(BUDGET_TERMS)] from the three sums [..., k, 3] and :func:`per_tensor`'s
     rows (any leading dimensions: one step or several).
 
     A tensor whose step counter did not move (``t_after <= t_before``) was not updated: its row
     is zero (a non-finite row of an updated tensor is the monitor's to count).  Float64 vectors
     throughout."""
-    lr, wd, factor, s, _ = hyper.unbind(0)
+    lr, wd, factor, s, _ = hyper
     terms = budget_from_dots(dots, lr, wd, s, norm2_before, factor)
-    return torch.where((t_after > t_before)[..., None], terms, 0.0)
+    return namespace(terms).where((t_after > t_before)[..., None], terms, 0.0)
 
 
-def step_terms(gidx: torch.Tensor, float64: torch.Tensor, dots: torch.Tensor, t_after: torch.Tensor,
-               t_before: torch.Tensor, hv: torch.Tensor, norm2_before: torch.Tensor) -> torch.Tensor:
+def step_terms(gidx: Array, float64: Array, dots: Array, t_after: Array, t_before: Array, hv: Array,
+               norm2_before: Array) -> Array:
     """The terms [S, P, len(BUDGET_TERMS)] of S steps of a plan's eager pass at once (``gidx`` and
     ``float64`` the plan's; the others :meth:`StepPlan.run`'s inputs stacked over the steps):
-    :func:`planned_terms` of :func:`per_tensor`."""
+    :func:`planned_terms` of :func:`per_tensor`.  Torch tensors, or numpy arrays of host tensors
+    (the monitor's flush on a CPU: the same float64 arithmetic, IEEE-rounded alike but for the
+    power's last bit, at a fraction of torch's cost per operation)."""
+    if isinstance(dots, np.ndarray) and isinstance(gidx, torch.Tensor):
+        gidx, float64 = gidx.numpy(), float64.numpy()
     return planned_terms(dots, t_after, t_before, per_tensor(hv, gidx, float64, t_after), norm2_before)
 
 
@@ -228,10 +229,11 @@ class StepPlan:
         t_after: torch.Tensor,
         t_before: torch.Tensor,
         hv: torch.Tensor,
-        norm2: torch.Tensor,
+        norm2_before: torch.Tensor,
     ) -> Rows | Pending:
-        """The step's budget of the planned tensors; ``norm2`` [N] is the monitor's vector of
-        squared norms observed before the step (on the plan's device).
+        """The step's budget of the planned tensors; ``norm2_before`` [P] are their squared norms
+        observed before the step, in the planned order, on the plan's device (the monitor's
+        :meth:`~.monitor.ForceMonitor.before` of :attr:`index`).
 
         ``weights``, ``exp_avgs``, ``second_moments`` are flat, in the planned order;
         ``t_after`` and ``t_before`` the tensors' step counters stacked after and before the step
@@ -245,12 +247,11 @@ class StepPlan:
                     tag = next(_PLANS)
                     self._fns = [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
                 return Rows(self.index, *self._call(self._fns, weights, exp_avgs, second_moments, t_after, t_before,
-                                                    hv, norm2))
+                                                    hv, norm2_before))
             except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
                 _compile_failed(exc)
         dots = self.dots(weights, exp_avgs, second_moments, self.eps_now(hv, t_after))
-        return Pending(self.index, dots[:, 0], (dots, t_after, t_before, hv, norm2.index_select(0, self.index)),
-                       self.terms)
+        return Pending(self.index, dots[:, 0], (dots, t_after, t_before, hv, norm2_before), self.terms)
 
     def eps_now(self, hv: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor | list[float]:
         """ε' = ε sqrt(1 - β2^t) per tensor (what the pass needs of the step vector), where the
@@ -269,13 +270,13 @@ class StepPlan:
         b2, eps = hv.index_select(0, self._b2_eps).view(2, -1)
         return eps * (1.0 - b2**t_after).sqrt()  # float64: the counters are promoted
 
-    def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2) -> list[tuple]:
+    def _chunk_args(self, weights, exp_avgs, second_moments, t_after, t_before, hv, norm2_before) -> list[tuple]:
         """Each chunk's arguments of :func:`_chunk_pass`."""
         if len(self.chunks) == 1:
             return [(weights, exp_avgs, second_moments, t_after, t_before, (hv, self.gidx, self.f64, t_after),
-                     norm2[self.index])]
+                     norm2_before)]
         return [(weights[sl], exp_avgs[sl], second_moments[sl], t_after[sl], t_before[sl], (hv, g, f, t_after[sl]),
-                 norm2[idx]) for sl, g, f, idx in self.chunks]
+                 norm2_before[sl]) for sl, g, f, _ in self.chunks]
 
     def _call(self, fns, *step) -> tuple[torch.Tensor, torch.Tensor]:
         args = self._chunk_args(*step)

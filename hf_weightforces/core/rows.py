@@ -63,7 +63,10 @@ class Pending(NamedTuple):
 
     @property
     def terms(self) -> torch.Tensor:
-        """This step's terms alone [k, len(BUDGET_TERMS)] (the monitor computes steps together)."""
+        """This step's terms alone [k, len(BUDGET_TERMS)] (the monitor computes steps together, as
+        numpy arrays on a CPU: so here, bit for bit the same)."""
+        if all(x.device.type == "cpu" for x in self.inputs):
+            return torch.from_numpy(self.evaluate(*(x.numpy()[None] for x in self.inputs))[0])
         return self.evaluate(*(x.unsqueeze(0) for x in self.inputs))[0]
 
 

@@ -8,9 +8,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..core.monitor import ForceMonitor
 from ..core.optim import AdamHyper, group_hyper
 from ..core.plan import StepPlan
-from ..core.rows import Rows
+from ..core.rows import Pending, Rows
 from .common import _is_host
 
 
@@ -99,10 +100,10 @@ class PlannedStep(NamedTuple):
     t_before: torch.Tensor
     hyper_now: torch.Tensor  # StepPlan.step_vector: the groups' hyper-parameters and decay factors
 
-    def rows(self, norm2: torch.Tensor) -> Rows:
-        """The step's budget rows (``norm2``: the monitor's squared norms observed before it)."""
+    def rows(self, monitor: ForceMonitor) -> Rows | Pending:
+        """The step's budget rows, for ``monitor`` (whose squared norms observed before the step it reads)."""
         return self.plan.run(self.weights, self.exp_avgs, self.second_moments, self.t_after, self.t_before,
-                             self.hyper_now, norm2)
+                             self.hyper_now, monitor.before(self.plan.index))
 
 
 def _group_key(group: dict) -> tuple:

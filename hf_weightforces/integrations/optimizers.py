@@ -238,7 +238,7 @@ class AdamWMoments:
         if self.super_weights is None and staged is None:
             planned = self.ctx.planned_step(optimizer, self.index_of, self.kernel)
             if planned is not None and planned.plan.device == self.monitor.device:  # planned at an earlier step
-                self.monitor.add([planned.rows(self.monitor.norm2)], step_id)
+                self.monitor.add([planned.rows(self.monitor)], step_id)
                 return
         views = self.ctx.views(optimizer, self.index_of)
         rows = []
