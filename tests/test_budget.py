@@ -286,6 +286,23 @@ def test_nonfinite_is_reported_not_summed():
     assert math.isfinite(rows["weightforces/other/align"]) and rows["weightforces/other/nonfinite_steps"] == 0
 
 
+def test_an_aggregate_never_sees_the_values_of_tensors_outside_it():
+    """Aggregates are summed all at once over masks: a tensor's non-finite norm or sums stay in
+    the aggregates that hold it (total, its class, its layer), never leak into the others as 0 x NaN."""
+    infos = [ParamInfo("a", "transmission", 0, 4), ParamInfo("b", "other", 1, 9), ParamInfo("c", "transmission", 1, 4)]
+    mon = ForceMonitor(infos)
+    flat = mon.pack().numpy().copy()
+    packed = mon.unpack(flat)
+    packed.norm2[:] = [float("nan"), 2.0, 3.0]
+    packed.sums[:, :] = np.array([[math.inf], [1.0], [2.0]])
+    rows = mon.summarize(flat, 1)
+    for name in ("transmission", "total", "layer_00"):
+        assert math.isnan(rows[f"weightforces/{name}/norm2"]) and math.isinf(rows[f"weightforces/{name}/inject"])
+    assert rows["weightforces/other/norm2"] == 2.0 and rows["weightforces/other/inject"] == 1.0
+    assert rows["weightforces/layer_01/norm2"] == 5.0 and rows["weightforces/layer_01/inject"] == 3.0
+    assert rows["weightforces/layer_01/numel"] == 13.0 and rows["weightforces/total/numel"] == 17.0
+
+
 def test_unsupported_optimizers_are_refused_with_the_supported_list():
     p = [torch.nn.Parameter(torch.zeros(3))]
     for opt in (torch.optim.SGD(p, lr=0.1), torch.optim.Adam(p, lr=0.1, weight_decay=0.01)):

@@ -51,8 +51,9 @@ class RunIntegral:
 
     def add(self, interval_forces: np.ndarray, interval_sampled: np.ndarray, every: int) -> None:
         """Add one logging interval: per-parameter Σ(A+I+D) over its budget steps, and the sampled sum."""
-        self.dense += np.nan_to_num(interval_forces, nan=0.0) * every
-        self.sampled += np.nan_to_num(interval_sampled, nan=0.0)
+        for into, x, scale in ((self.dense, interval_forces, every), (self.sampled, interval_sampled, 1)):
+            x = np.asarray(x, dtype=np.float64)
+            into += (x if np.isfinite(x).all() else np.nan_to_num(x, nan=0.0)) * scale  # (nan_to_num: slow)
 
     def to_dict(self) -> dict:
         return {

@@ -81,7 +81,8 @@ class ForceMonitor:
         self._owed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sampled = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.steps = 0  # budget steps in the current interval (host-side count, no sync)
-        self._aggregates: dict[tuple[bool, bool], dict[str, np.ndarray]] = {}  # masks, made once per choice
+        self._aggregates: dict[tuple, object] = {}  # masks, made once per choice
+        self._numel = np.array([i.numel for i in self.infos], dtype=np.float64)
         self.var = torch.zeros(n, 2, dtype=torch.float64, device=self.device)  # sampled observed mode
         #: which computation produced the rows (:data:`BUDGET_MODES`), set by the callback
         self.budget_mode: str | None = None
@@ -216,22 +217,35 @@ class ForceMonitor:
         self, flat: np.ndarray, steps: int, *, per_layer: bool = True, per_matrix: bool = False, prefix: str = "weightforces"
     ) -> dict[str, float]:
         packed = self.unpack(flat)
-        sums, nonfinite, norm2 = packed.sums, packed.nonfinite, packed.norm2
-        numel = np.array([i.numel for i in self.infos], dtype=np.float64)
+        names, masks = self._mask_matrix(per_layer, per_matrix)
+        # every aggregate at once: [aggregates, tensors] masks over the per-tensor columns, the
+        # tensors summed in order (what is outside an aggregate, NaN included, is a zero there)
+        inside = masks.T[:, :, None]  # [P, A, 1]
+        sums = np.where(inside, packed.sums[:, None, :], 0.0).sum(0)  # [A, len(BUDGET_TERMS)]
+        norm2, numel = (np.where(inside[..., 0], x[:, None], 0.0).sum(0) for x in (packed.norm2, self._numel))
+        # steps, not tensor-steps: the most any one tensor of the aggregate had (exact when the
+        # non-finite steps hit its tensors together, as an overflow does; never more than the steps)
+        worst = np.where(inside[..., 0], packed.nonfinite[:, None], 0.0).max(0, initial=0.0)
+        sampled = self.budget_mode == "observed_sampled" and steps > 0
+        var = np.where(inside, packed.var[:, None, :], 0.0).sum(0) if sampled else None
         metrics: dict[str, float] = {f"{prefix}/steps": float(steps)}
         if self.budget_mode is not None:
             metrics[f"{prefix}/budget_mode"] = float(BUDGET_MODES[self.budget_mode])
-        sampled = self.budget_mode == "observed_sampled"
-        for name, mask in self.aggregates(per_layer, per_matrix).items():
-            # steps, not tensor-steps: the most any one tensor of the aggregate had (exact when the
-            # non-finite steps hit its tensors together, as an overflow does; never more than the steps)
-            worst = float(nonfinite[mask].max()) if mask.any() else 0.0
-            row = summarize_sums(sums[mask].sum(0), worst, float(norm2[mask].sum()), float(numel[mask].sum()), steps)
-            if sampled and steps > 0:  # standard errors of the logged per-step means (independent draws per step)
-                var = packed.var[mask].sum(0)
-                row["align_se"], row["inject_se"] = (math.sqrt(max(float(v), 0.0)) / steps for v in var)
-            metrics.update({f"{prefix}/{name}/{k}": v for k, v in row.items()})
+        for k, name in enumerate(names):
+            row = summarize_sums(sums[k], float(worst[k]), float(norm2[k]), float(numel[k]), steps)
+            if var is not None:  # standard errors of the logged per-step means (independent draws per step)
+                row["align_se"], row["inject_se"] = (math.sqrt(max(float(v), 0.0)) / steps for v in var[k])
+            metrics.update({f"{prefix}/{name}/{key}": v for key, v in row.items()})
         return metrics
+
+    def _mask_matrix(self, per_layer: bool, per_matrix: bool) -> tuple[list[str], np.ndarray]:
+        """The aggregates' names and their masks stacked [A, P] (made once per choice)."""
+        key = ("matrix", per_layer, per_matrix)
+        if key not in self._aggregates:
+            masks = self.aggregates(per_layer, per_matrix)
+            self._aggregates[key] = (list(masks), np.stack(list(masks.values())) if masks else
+                                     np.zeros((0, len(self.infos)), dtype=bool))
+        return self._aggregates[key]
 
 
 #: Keys of one aggregate's force row, in the order :func:`summarize_sums` writes them.

@@ -168,8 +168,10 @@ class ConsoleSink:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         steps = int(metrics.get("weightforces/steps", 0) or 0)
         for key in metrics:
+            if not key.endswith("/align"):  # (most keys: no split)
+                continue
             parts = key.split("/")
-            if len(parts) == 3 and parts[2] == "align" and not parts[1].startswith("layer_"):
+            if len(parts) == 3 and not parts[1].startswith("layer_"):
                 self.totals.setdefault(parts[1], _Totals()).add(metrics, f"weightforces/{parts[1]}", steps)
         self.steps.append(int(step))
         if self.lines:
