@@ -19,6 +19,7 @@ import argparse
 from collections import Counter
 from unittest import mock
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -73,8 +74,9 @@ def count_step(shapes, device: str = "meta", kernel: str = "exact", chunk: int |
         with mock.patch.object(kernels, "chunk_size", lambda device: chunk):
             return count_step(shapes, device, kernel, flush_after=flush_after)
     dev = torch.device(device)
-    # on a CPU zeros: pages the pass only reads stay the one zero page (no memory, however large)
-    make = torch.empty if dev.type == "meta" else torch.zeros
+    # on a CPU zeros from calloc (numpy's; torch.zeros writes them): pages the pass only reads stay the
+    # one zero page (no memory, however large)
+    make = torch.empty if dev.type == "meta" else lambda s, device: torch.from_numpy(np.zeros(s, dtype=np.float32))
     ws, ms, vs = ([make(s, device=dev).view(-1) for s in shapes] for _ in range(3))
     n = len(shapes)
     plan = StepPlan(list(range(n)), [0] * n, 1, [False] * n, [w.numel() for w in ws], dev, kernel)

@@ -183,11 +183,12 @@ class PackedSmall:
         # each row's tensor, as a position in the caller's list (and as a column, for ε' per row)
         self.row_of = to_device(torch.repeat_interleave(torch.tensor(self.members), torch.tensor(rows)), device)
         self.row_col = self.row_of[:, None]
+        self._zeros = torch.zeros(max(self.members) + 1, 3, dtype=torch.float64, device=device)  # never written
 
-    def dots(self, eps: torch.Tensor | Sequence[float], out: torch.Tensor) -> None:
+    def dots(self, eps: torch.Tensor | Sequence[float], out: torch.Tensor | None) -> torch.Tensor:
         """(||w'||², <w', ũ>, ||ũ||²) of the members added to their rows of ``out`` [P, 3] float64
-        (the caller's list); ``eps`` one ε' per tensor of the caller's list: host numbers, or a
-        tensor on the device in the pack's dtype."""
+        (the caller's list; None: a new one, zero but for them) and returned; ``eps`` one ε' per
+        tensor of the caller's list: host numbers, or a tensor on the device in the pack's dtype."""
         torch.cat(self.sources, out=self.packed)
         root(self.v, self.v).add_(self._eps_rows(eps))
         self.m.div_(self.v)  # ũ = m / (sqrt(v) + ε'), in m's slot
@@ -198,7 +199,14 @@ class PackedSmall:
             self.wu_uu.copy_(self.sums)
         torch.linalg.vector_norm(self.w, dim=1, dtype=torch.float64, out=self.w2)  # exact squares, float64 sums
         self.squared.square_()
-        out.index_add_(0, self.row_of, self.by_row)
+        if out is None:  # out of place over zeros made once: one operation for the new tensor and the sums
+            return torch.index_add(self._zeros, 0, self.row_of, self.by_row)
+        return out.index_add_(0, self.row_of, self.by_row)
+
+    def covers(self, size: int) -> bool:
+        """Whether the out-of-place sums of :meth:`dots` have ``size`` rows (its last member is the
+        list's last tensor)."""
+        return self._zeros.shape[0] == size
 
     def _eps_rows(self, eps: torch.Tensor | Sequence[float]) -> torch.Tensor | float:
         """ε' to add to every row: one number where the members share it (host values: the usual
@@ -278,12 +286,13 @@ class BlockPass:
     def run(self, eps: torch.Tensor | Sequence[float]) -> torch.Tensor:
         """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t), as host
         numbers (counters on the host: no operation for it) or a float64 [P] tensor on the device."""
-        out = torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
+        out = None if self._small and self._small[0].covers(self.size) else \
+            torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
         host = not isinstance(eps, torch.Tensor)
         if not host:
             self.eps.copy_(eps)  # the float32 arithmetic's ε' (rounded as a number added to a float32 tensor is)
         for pack in self._small:
-            pack.dots(eps if host or pack.dtype == torch.float64 else self.eps, out)
+            out = pack.dots(eps if host or pack.dtype == torch.float64 else self.eps, out)
         if not self._steps:
             return out
         with one_thread(self.device):
