@@ -94,11 +94,15 @@ class ForceMonitor:
     @property
     def norm2(self) -> torch.Tensor:
         """The latest observed squared norm per tensor [P], float64 on the device."""
+        self._write_owed()
+        return self._norm2
+
+    def _write_owed(self) -> None:
+        """The last pending step's squared norms written into :attr:`norm2` (when owed)."""
         if self._owed is not None:
             idx, after = self._owed
             self._owed = None
             self._norm2.index_copy_(0, idx, after)
-        return self._norm2
 
     def before(self, index: torch.Tensor) -> torch.Tensor:
         """The squared norms observed before this step of the tensors at ``index`` (an index tensor
@@ -136,8 +140,8 @@ class ForceMonitor:
                 continue
             idx = row.index if isinstance(row.index, torch.Tensor) else index_tensor(row.index, self.device)
             if isinstance(row, Pending):  # its norms are written when read (the next step of its source: not at all)
-                if self._owed is not None and self._owed[0] is not idx:
-                    self.norm2  # noqa: B018  (writes the owed norms of another source)
+                if self._owed is not None and self._owed[0] is not idx:  # another source's
+                    self._write_owed()
                 self._owed = (idx, row.norm2.to(self.device))
                 self._pending.append((row, sampled))
                 continue
@@ -153,7 +157,7 @@ class ForceMonitor:
         """The terms of the pending steps, computed and added: consecutive steps of one source
         together (one ``evaluate`` over their stacked inputs).  :meth:`pack` flushes first.  On a
         CPU the inputs are stacked and evaluated as numpy arrays (the same float64 arithmetic:
-        :func:`~.budget.namespace`): sixty-odd operations on small vectors cost a tenth of
+        :func:`~.budget.namespace`): sixty-odd operations on small vectors cost about half of
         torch's there, right after a training step."""
         pending, self._pending = self._pending, []
         host = self.device.type == "cpu"
