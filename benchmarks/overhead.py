@@ -22,7 +22,7 @@ hits all of them.  Configurations:
   transfer per tensor (how research code measures, e.g. the paper's ``three_force_spline.py``).
 
 The verdict is the thread CPU time spent inside the hooks, timed from outside each of them (every
-hook method of the callback and the optimizer pre-hook it registers; every hook ``wandb.watch``
+hook method the callback defines and the optimizer pre-hook it registers; every hook ``wandb.watch``
 registers; the loop's hook), over the steps after ``--warmup``, divided by the thread CPU time of
 the rest of the same steps (the plain step, measured beside the hooks: on a shared machine the
 speed of whole steps drifts by 10-40% between runs a minute apart, which would hide a few percent
@@ -95,13 +95,15 @@ _StepRecorder._record = CLOCK.wrap(_StepRecorder._record)
 
 
 class TimedWeightForces(WeightForcesCallback):
-    """The real callback, every hook method timed from outside."""
+    """The real callback, every hook method it defines timed from outside (the ones it inherits from
+    ``TrainerCallback`` do nothing: timing them would time the clock)."""
 
 
 for _name in ("on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_pre_optimizer_step",
               "on_optimizer_step", "on_substep_end", "on_step_end", "on_log", "on_save", "on_epoch_end",
               "on_train_end"):
-    setattr(TimedWeightForces, _name, CLOCK.wrap(getattr(WeightForcesCallback, _name)))
+    if getattr(WeightForcesCallback, _name) is not getattr(TrainerCallback, _name):
+        setattr(TimedWeightForces, _name, CLOCK.wrap(getattr(WeightForcesCallback, _name)))
 
 
 class PerTensorLoop(TrainerCallback):
