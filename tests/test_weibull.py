@@ -246,6 +246,7 @@ def test_histogram_counts_bucket_rules() -> None:
 EDGE_SETS = {
     "default": lambda: MagnitudeHistogram().edges_tensor(),  # log-spaced: the CPU's logarithm path
     "4096 over 4 decades": lambda: MagnitudeHistogram.log_spaced(1e-5, 0.1, 4096).edges_tensor(),
+    "15,000 over a third of a decade": lambda: MagnitudeHistogram.log_spaced(0.01, 0.02, 15_000).edges_tensor(),
     # not log-spaced: the CPU's sort path
     "irregular": lambda: torch.from_numpy(np.sort(np.random.default_rng(0).uniform(1e-6, 0.1, 10_001))),
 }
