@@ -35,7 +35,7 @@ Three ways to run it, each labelled in :attr:`WeibullFit.method`:
 Cost on 10^7 float32 values, 2-core CPU (median of 7): exact 0.14-0.20 s (numpy sort, the window
 regression and an exact KS that evaluates F only in blocks where the maximum can be); histogram
 0.13 s (:func:`histogram_counts` on CPU places each value by its logarithm; sorting with numpy
-instead took 0.42 s in the same run; the ``torch.bucketize`` path used on accelerators takes
+instead took 0.49 s in the same run; the ``torch.bucketize`` path used on accelerators takes
 1.1 s on this CPU); fit from counts 0.2 ms;
 ``torch.sort`` alone 1.06 s; scipy MLE about 2 s per 10^6 values.
 
