@@ -51,9 +51,8 @@ class RunIntegral:
 
     def add(self, interval_forces: np.ndarray, interval_sampled: np.ndarray, every: int) -> None:
         """Add one logging interval: per-parameter Σ(A+I+D) over its budget steps, and the sampled sum."""
-        for into, x, scale in ((self.dense, interval_forces, every), (self.sampled, interval_sampled, 1)):
-            x = np.asarray(x, dtype=np.float64)
-            into += (x if np.isfinite(x).all() else np.nan_to_num(x, nan=0.0)) * scale  # (nan_to_num: slow)
+        self.dense += _nan_to_zero(interval_forces) * every
+        self.sampled += _nan_to_zero(interval_sampled)
 
     def to_dict(self) -> dict:
         return {
@@ -160,3 +159,10 @@ def weibull_row(
     row["offset_integration_sampled"] = sampled_parts["offset_integration"]
     row["offset_total_klock_sampled"] = sampled_parts["offset_total_klock"]
     return row
+
+
+def _nan_to_zero(x: np.ndarray) -> np.ndarray:
+    """``np.nan_to_num(x, nan=0.0)``, called only when ``x`` holds a non-finite value (it costs
+    ~40 µs a call, most of a log event's integral)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x if np.isfinite(x).all() else np.nan_to_num(x, nan=0.0)

@@ -151,11 +151,11 @@ class PackedSmall:
     row sums and ||ũ|| as float32 row norms, squared and summed in float64; ||w'||² as float64 row
     norms of exact squares), float64 for tensors stored in float64 (nothing rounded).  ``members``:
     the tensors' positions in the caller's list, ``ws``, ``ms``, ``vs`` the flat tensors (the pack
-    keeps them: their values are read at each :meth:`dots`).  Memory: 3 x the members' size in
-    ``dtype`` (w', m, v) and a few values per row."""
+    keeps them: their values are read at each :meth:`dots`), ``size`` the caller's list's length.
+    Memory: 3 x the members' size in ``dtype`` (w', m, v) and a few values per row."""
 
     def __init__(self, members: list[int], ws: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
-                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device, dtype: torch.dtype, size: int) -> None:
         self.members, self.dtype = list(members), dtype
         numels = [w.numel() for w in ws]
         rows = [max(1, -(-n // SMALL_ROW)) for n in numels]
@@ -183,7 +183,7 @@ class PackedSmall:
         # each row's tensor, as a position in the caller's list (and as a column, for ε' per row)
         self.row_of = to_device(torch.repeat_interleave(torch.tensor(self.members), torch.tensor(rows)), device)
         self.row_col = self.row_of[:, None]
-        self._zeros = torch.zeros(max(self.members) + 1, 3, dtype=torch.float64, device=device)  # never written
+        self._zeros = torch.zeros(size, 3, dtype=torch.float64, device=device)  # the caller's rows; never written
 
     def dots(self, eps: torch.Tensor | Sequence[float], out: torch.Tensor | None) -> torch.Tensor:
         """(||w'||², <w', ũ>, ||ũ||²) of the members added to their rows of ``out`` [P, 3] float64
@@ -202,11 +202,6 @@ class PackedSmall:
         if out is None:  # out of place over zeros made once: one operation for the new tensor and the sums
             return torch.index_add(self._zeros, 0, self.row_of, self.by_row)
         return out.index_add_(0, self.row_of, self.by_row)
-
-    def covers(self, size: int) -> bool:
-        """Whether the out-of-place sums of :meth:`dots` have ``size`` rows (its last member is the
-        list's last tensor)."""
-        return self._zeros.shape[0] == size
 
     def _eps_rows(self, eps: torch.Tensor | Sequence[float]) -> torch.Tensor | float:
         """ε' to add to every row: one number where the members share it (host values: the usual
@@ -258,7 +253,7 @@ class BlockPass:
             small = [k for k, n in enumerate(numels) if n < SMALL and (ws[k].dtype == torch.float64) == wide]
             if small:
                 self._small.append(PackedSmall(small, *([xs[k] for k in small] for xs in (ws, ms, vs)), dev,
-                                               torch.float64 if wide else torch.float32))
+                                               torch.float64 if wide else torch.float32, len(ws)))
         chunk = chunk or chunk_size(dev)
         pieces = [(k, *p) for k, n in enumerate(numels) if n >= SMALL for p in _pieces(n, chunk)]
         self._steps: list[tuple] = []
@@ -286,8 +281,7 @@ class BlockPass:
     def run(self, eps: torch.Tensor | Sequence[float]) -> torch.Tensor:
         """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t), as host
         numbers (counters on the host: no operation for it) or a float64 [P] tensor on the device."""
-        out = None if self._small and self._small[0].covers(self.size) else \
-            torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
+        out = None if self._small else torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
         host = not isinstance(eps, torch.Tensor)
         if not host:
             self.eps.copy_(eps)  # the float32 arithmetic's ε' (rounded as a number added to a float32 tensor is)

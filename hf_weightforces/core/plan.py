@@ -169,7 +169,7 @@ class StepPlan:
         self.chunks = []
         for a in range(0, n, CHUNK):
             sl = slice(a, min(a + CHUNK, n))
-            self.chunks.append((sl, self.gidx[sl], self.f64[sl], self.index[sl]))
+            self.chunks.append((sl, self.gidx[sl], self.f64[sl]))
         self._fns: list | None = None  # the compiled chunks, made at the first compiled step
         # step_vector on CPU: the last hyper-parameters, learning rates and vector, the groups' weight
         # decays and fixed rows
@@ -276,7 +276,7 @@ class StepPlan:
             return [(weights, exp_avgs, second_moments, t_after, t_before, (hv, self.gidx, self.f64, t_after),
                      norm2_before)]
         return [(weights[sl], exp_avgs[sl], second_moments[sl], t_after[sl], t_before[sl], (hv, g, f, t_after[sl]),
-                 norm2_before[sl]) for sl, g, f, _ in self.chunks]
+                 norm2_before[sl]) for sl, g, f in self.chunks]
 
     def _call(self, fns, *step) -> tuple[torch.Tensor, torch.Tensor]:
         args = self._chunk_args(*step)
