@@ -156,6 +156,8 @@ def test_pass_takes_eps_as_numbers_or_as_a_tensor_alike(shared):
     as_numbers = block.run(eps)
     as_tensor = block.run(torch.tensor(eps, dtype=torch.float64))
     assert torch.equal(as_numbers, as_tensor)
+    if shared:  # one number for every tensor (the planned pass's usual step)
+        assert torch.equal(block.run(eps[0]), as_numbers)
     assert torch.equal(as_numbers, step_dots(ws, ms, vs, eps))
 
 

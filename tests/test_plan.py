@@ -531,6 +531,16 @@ def test_host_eps_is_the_per_tensor_paths_and_the_step_vectors():
     assert host == want
     device = plan_module.per_tensor(hv, plan.gidx, plan.f64, t)[4]
     assert torch.allclose(torch.tensor(host, dtype=torch.float64), device, rtol=4 * 2.0**-53, atol=0)
+    # one counter, and both groups with the same β2 and ε: one number, the same
+    same = [(h[0], h[1], hypers[0][2], hypers[0][3]) for h in hypers]
+    for t_all in (3.0, 250.0):
+        hv = plan.step_vector(run.lrs(), same)
+        one = plan.eps_now(hv, torch.full((run.n,), t_all))
+        assert type(one) is float and one == bias_scales(t_all, *same[0][1:])[1]
+        # a counter or a group's ε apart: one number per tensor again
+        assert isinstance(plan.eps_now(hv, torch.tensor([t_all] * (run.n - 1) + [t_all + 1])), list)
+        other = [same[0], (*same[1][:3], same[1][3] * 2)]
+        assert isinstance(plan.eps_now(plan.step_vector(run.lrs(), other), torch.full((run.n,), t_all)), list)
 
 
 # ---------------------------------------------------------------------------------- 6. re-plan
@@ -627,6 +637,8 @@ REPLACEMENTS = {
     "rewind": lambda run, saved: run.opt.load_state_dict(saved),  # counters go back from 4 to 2
     "new_moment": lambda run, saved: run.opt.state[run.params[1]].__setitem__(
         "exp_avg", run.opt.state[run.params[1]]["exp_avg"].clone()),
+    "new_second_moment": lambda run, saved: run.opt.state[run.params[2]].__setitem__(
+        "exp_avg_sq", run.opt.state[run.params[2]]["exp_avg_sq"].clone()),
     "new_counter": lambda run, saved: run.opt.state[run.params[4]].__setitem__(
         "step", run.opt.state[run.params[4]]["step"].clone()),
     "new_weight": lambda run, saved: setattr(run.params[3], "data", run.params[3].data.clone()),

@@ -249,7 +249,12 @@ EDGE_SETS = {
     "15,000 over a third of a decade": lambda: MagnitudeHistogram.log_spaced(0.01, 0.02, 15_000).edges_tensor(),
     # not log-spaced: the CPU's sort path
     "irregular": lambda: torch.from_numpy(np.sort(np.random.default_rng(0).uniform(1e-6, 0.1, 10_001))),
+    # log-spaced but for edges moved by a thousandth of a bin (the values on them are tested): the sort path
+    "nudged": lambda: MagnitudeHistogram().edges_tensor() * torch.where(
+        torch.arange(10_241) % 7 == 3, 10.0 ** (1e-3 / 1024), 1.0).double(),
 }
+#: the edge sets the logarithm path refuses
+NOT_LOG_SPACED = {"irregular", "nudged"}
 
 
 @pytest.mark.parametrize("edge_set", sorted(EDGE_SETS))
@@ -261,7 +266,7 @@ def test_cpu_counts_equal_device_path(dtype: torch.dtype, edge_set: str) -> None
     from hf_weightforces.core.weibull import _bucketize_counts, _log_spacing
 
     edges = EDGE_SETS[edge_set]()
-    assert (_log_spacing(edges.numpy()) is None) == (edge_set == "irregular")
+    assert (_log_spacing(edges.numpy()) is None) == (edge_set in NOT_LOG_SPACED)
     t = (torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
     on_edge = edges[3000:9000:11].to(dtype)
     m = on_edge.numel()
@@ -338,3 +343,52 @@ def test_degenerate_inputs_fail_softly(name: str, fitter: str) -> None:
 def test_exclude_everything_fails_softly() -> None:
     fit = fit_weibull(gaussian(50), exclude_top=45)
     assert not fit.success and fit.n == 5
+
+
+@pytest.mark.parametrize("edge_set", ["default", "irregular"])
+def test_pooled_counts_are_each_pools_tensors_counts(edge_set: str) -> None:
+    """Counting many tensors together (chunks across tensors, each value's pool and bucket in one
+    bincount) gives, per pool, the sum of each tensor's own :func:`histogram_counts`: tensors
+    smaller and larger than a chunk, one of exactly a chunk, an empty one, bfloat16 and float64
+    (chunks of their own), values on the edges, zeros and non-finite values (left out)."""
+    from hf_weightforces.core.weibull import _LOG_CHUNK, pooled_counts
+
+    edges = EDGE_SETS[edge_set]()
+    gen = torch.Generator().manual_seed(3)
+    sizes = [64, 5000, _LOG_CHUNK, 3 * _LOG_CHUNK + 17, 0, 40_000, 1, 70_000, 12]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32, torch.float64,
+              torch.float32, torch.float16, torch.float64]
+    tensors = [(torch.randn(n, generator=gen) * 0.02).to(d) for n, d in zip(sizes, dtypes)]
+    tensors[3][:200] = edges[4000:4200].to(torch.float32)
+    tensors[5][:3] = torch.tensor([0.0, math.nan, math.inf], dtype=torch.float64)
+    pools = [2, 0, 1, 0, 2, 1, 0, 2, 2]
+    got = pooled_counts(tensors, pools, 4, edges)
+    want = torch.zeros(4, edges.numel() + 1, dtype=torch.int64)
+    for t, r in zip(tensors, pools):
+        if t.numel():
+            want[r] += histogram_counts(t, edges)
+    assert torch.equal(got, want)
+    assert got[3].sum() == 0 and got.sum() == sum(sizes) - 3
+
+
+def test_weibull_pools_count_each_aggregates_tensors() -> None:
+    """WeibullPools.counts (pools counted together, then added into the rows they feed) equals the
+    per-tensor sum into every aggregate a tensor belongs to, with and without per-matrix rows."""
+    from hf_weightforces.core.aggregates import ParamInfo
+    from hf_weightforces.core.pools import WeibullPools
+
+    gen = torch.Generator().manual_seed(4)
+    groups = ["embedding", "transmission", "other", "selection", "transmission", "value", "other"]
+    sizes = [9000, 4096, 64, 20_000, 70_000, 3000, 128]
+    infos = [ParamInfo(f"p{i}", g, None if g == "embedding" else i // 2, n) for i, (g, n) in enumerate(zip(groups, sizes))]
+    weights = [torch.randn(n, generator=gen) * (0.01 * (i + 1)) for i, n in enumerate(sizes)]
+    for per_matrix in (False, True):
+        pools = WeibullPools(infos, per_matrix=per_matrix)
+        want = torch.zeros(len(pools.names), pools.bins, dtype=torch.float64)
+        for rows_of, w in zip(pools.rows, weights):
+            for r in rows_of:
+                want[r] += histogram_counts(w, pools.edges).double()
+        got = pools.counts(weights)
+        assert torch.equal(got, want.reshape(-1)), per_matrix
+        assert got.reshape(len(pools.names), -1)[pools.names.index("matrices")].sum() == sum(
+            n for g, n in zip(groups, sizes) if g != "other")

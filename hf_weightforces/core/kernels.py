@@ -203,9 +203,11 @@ class PackedSmall:
             return torch.index_add(self._zeros, 0, self.row_of, self.by_row)
         return out.index_add_(0, self.row_of, self.by_row)
 
-    def _eps_rows(self, eps: torch.Tensor | Sequence[float]) -> torch.Tensor | float:
+    def _eps_rows(self, eps: torch.Tensor | Sequence[float] | float) -> torch.Tensor | float:
         """ε' to add to every row: one number where the members share it (host values: the usual
         case, one counter and one group), else a column of one value per row."""
+        if isinstance(eps, float):
+            return eps
         if isinstance(eps, torch.Tensor):
             return torch.take(eps, self.row_col)
         values = {eps[k] for k in self.members}
@@ -278,13 +280,15 @@ class BlockPass:
         owner = torch.tensor([k for k, *_ in pieces])
         self._row_of = to_device(torch.repeat_interleave(owner, torch.tensor(rows)), dev)  # each row's tensor
 
-    def run(self, eps: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    def run(self, eps: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
         """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t), as host
-        numbers (counters on the host: no operation for it) or a float64 [P] tensor on the device."""
+        numbers (counters on the host: no operation for it), one number that every tensor shares,
+        or a float64 [P] tensor on the device."""
         out = None if self._small else torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
         host = not isinstance(eps, torch.Tensor)
         if not host:
             self.eps.copy_(eps)  # the float32 arithmetic's ε' (rounded as a number added to a float32 tensor is)
+        shared = eps if isinstance(eps, float) else None
         for pack in self._small:
             out = pack.dots(eps if host or pack.dtype == torch.float64 else self.eps, out)
         if not self._steps:
@@ -295,7 +299,7 @@ class BlockPass:
                 if widen:  # v in bfloat16/float16 (or float64): its square root taken in float32, not in v's dtype
                     s.copy_(v)
                     v = s
-                root(v, s).add_(eps[k] if host else e)
+                root(v, s).add_(shared if shared is not None else eps[k] if host else e)
                 torch.div(m, s, out=s)  # ũ = m / (sqrt(v) + ε'), float32, in the one scratch buffer
                 torch.linalg.vector_norm(s, dim=1, out=rows_uu)
                 torch.mul(w, s, out=s)  # w' ũ over ũ: its norms are taken

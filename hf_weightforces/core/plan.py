@@ -176,6 +176,7 @@ class StepPlan:
         self._hv_hypers: list | None = None
         self._hv_lrs: list | None = None
         self._hv: torch.Tensor | None = None
+        self._hv_values: array | None = None  # the buffer _hv wraps (read as numbers by eps_now)
         self._hv_wd: list | None = None
         self._hv_fixed: list | None = None
         # the eager pass: planned at its first run over the weights it is handed (the caller's
@@ -205,7 +206,7 @@ class StepPlan:
                 # a plain buffer the tensor keeps, no numpy call: right after a training step each call
                 # into numpy costs ~10 µs
                 values = array("d", [*lrs, *self._hv_fixed, *array("f", exact), *exact])  # "f": rounded to float32
-                self._hv_lrs, self._hv = list(lrs), torch.frombuffer(values, dtype=torch.float64)
+                self._hv_lrs, self._hv, self._hv_values = list(lrs), torch.frombuffer(values, dtype=torch.float64), values
             return self._hv
         hypers = [tuple(float(x) for x in h) for h in hypers]
         columns = list(zip(*hypers))  # weight decay, β1, β2, ε: G each
@@ -253,18 +254,25 @@ class StepPlan:
         dots = self.dots(weights, exp_avgs, second_moments, self.eps_now(hv, t_after))
         return Pending(self.index, dots[:, 0], (dots, t_after, t_before, hv, norm2_before), self.terms)
 
-    def eps_now(self, hv: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor | list[float]:
+    def eps_now(self, hv: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor | list[float] | float:
         """ε' = ε sqrt(1 - β2^t) per tensor (what the pass needs of the step vector), where the
         step vector and the counters are: on the host, host numbers, as the per-tensor path computes
-        them (:func:`~.budget.eps_scale`; one value per group and counter, no torch operation: right
-        after a training step each kind of operation costs 8-20 µs the first time, docs/budget.md);
-        on a device, a float64 [P] vector, as :func:`per_tensor`."""
+        them (:func:`~.budget.eps_scale`; no torch operation: right after a training step each kind
+        of operation costs 8-20 µs the first time, docs/budget.md), one number when every tensor
+        has it (one counter, every group the same β2 and ε: the usual step), else one per tensor
+        (one value per group and counter); on a device, a float64 [P] vector, as
+        :func:`per_tensor`."""
         if hv.device.type == "cpu" and t_after.device.type == "cpu":
-            h, g_rows, memo, eps = hv.tolist(), self.n_groups, {}, []
-            for g, t in zip(self._groups, t_after.tolist()):
+            h = self._hv_values if hv is self._hv else hv.tolist()  # the numbers step_vector wrapped
+            ts, g_rows = t_after.tolist(), self.n_groups
+            b2s, epss = h[3 * g_rows : 4 * g_rows], h[4 * g_rows : 5 * g_rows]
+            if ts.count(ts[0]) == len(ts) and b2s.count(b2s[0]) == g_rows and epss.count(epss[0]) == g_rows:
+                return eps_scale(ts[0], b2s[0], epss[0])
+            memo, eps = {}, []
+            for g, t in zip(self._groups, ts):
                 e = memo.get((g, t))
                 if e is None:
-                    e = memo[g, t] = eps_scale(t, h[3 * g_rows + g], h[4 * g_rows + g])
+                    e = memo[g, t] = eps_scale(t, b2s[g], epss[g])
                 eps.append(e)
             return eps
         b2, eps = hv.index_select(0, self._b2_eps).view(2, -1)
@@ -285,7 +293,7 @@ class StepPlan:
         terms, norm2 = zip(*(fn(*a) for fn, a in zip(fns, args)))
         return torch.cat(terms), torch.cat(norm2)
 
-    def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor | list[float]) -> torch.Tensor:
+    def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor | list[float] | float) -> torch.Tensor:
         """The eager pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64; ``eps`` the
         tensors' ε' (:meth:`eps_now`).  Planned at the first call, again only when handed other lists."""
         if self._block is None or self._block_of is not weights:  # the first budget step's pass, where it read these

@@ -21,7 +21,7 @@ import torch
 from .aggregates import ParamInfo
 from .groups import GROUPS, MATRICES
 from .integral import RunIntegral, weibull_row
-from .weibull import MagnitudeHistogram, WeibullFit, fit_weibull_histogram, histogram_counts
+from .weibull import MagnitudeHistogram, WeibullFit, fit_weibull_histogram, pooled_counts
 
 __all__ = ["WeibullPools"]
 
@@ -46,6 +46,14 @@ class WeibullPools:
         self.masks = np.zeros((len(self.names), len(infos)), dtype=bool)
         for p, rows_of in enumerate(self.rows):
             self.masks[rows_of, p] = True
+        # the tensors counted together: one pool per distinct set of rows (a class, with per_matrix
+        # each matrix), and which rows each pool's counts feed
+        kinds = list(dict.fromkeys(tuple(r) for r in self.rows if r))
+        self._pool_of = [kinds.index(tuple(r)) if r else -1 for r in self.rows]
+        feeds = np.zeros((len(self.names), len(kinds)))
+        for k, rows_of in enumerate(kinds):
+            feeds[list(rows_of), k] = 1.0
+        self._feeds = torch.from_numpy(feeds).to(self.device)
 
     @property
     def bins(self) -> int:
@@ -58,15 +66,12 @@ class WeibullPools:
         return len(self.names) * self.bins
 
     def counts(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Counts of |w| per aggregate from the local pieces, flattened, float64, on the device."""
-        rows = torch.zeros(len(self.names), self.bins, dtype=torch.float64, device=self.device)
-        for rows_of, w in zip(self.rows, weights):
-            if w.numel() == 0 or not rows_of:
-                continue
-            c = histogram_counts(w, self.edges).to(device=rows.device, dtype=torch.float64)
-            for r in rows_of:
-                rows[r] += c
-        return rows.reshape(-1)
+        """Counts of |w| per aggregate from the local pieces, flattened, float64, on the device: the
+        tensors of each pool counted together (:func:`pooled_counts`), then added into the rows
+        they feed (float64 sums of integer counts: exact below 2^53)."""
+        counted = [(w, k) for w, k in zip(weights, self._pool_of) if k >= 0]
+        pooled = pooled_counts([w for w, _ in counted], [k for _, k in counted], self._feeds.shape[1], self.edges)
+        return (self._feeds @ pooled.to(self.device, torch.float64)).reshape(-1)
 
     def fits(self, counts: np.ndarray) -> list[WeibullFit]:
         """One fit per aggregate from (reduced) flat counts."""
