@@ -30,6 +30,7 @@ import copy
 import gc
 import math
 import weakref
+from array import array
 
 import numpy as np
 import pytest
@@ -505,14 +506,16 @@ def test_step_vector_fast_path_equals_the_general_one():
         lrs = [float(x) for x in 10.0 ** rng.uniform(-7, -2, len(hypers))]
         if step % 5 == 0 and len(last_lrs) == len(hypers):
             lrs = last_lrs  # unchanged: the same vector again
-        fast = plan.step_vector(lrs, hypers)
+        buffer = plan.step_vector(lrs, hypers)
+        assert isinstance(buffer, array)  # a CPU step's vector is a plain buffer: no torch operation
+        fast = torch.from_numpy(np.asarray(buffer))
         want = general.step_vector([torch.tensor(x, dtype=torch.float64) for x in lrs], hypers)
         g = len(hypers)
         assert fast.shape == (7 * g,) and torch.equal(fast, want), step
-        assert [fast[5 * g + i].item() for i in range(g)] == [decay_factor(x, h[0]) for x, h in zip(lrs, hypers)]
-        if last is not None and last[0].numel() == fast.numel() and last[0] is not fast:
+        assert [buffer[5 * g + i] for i in range(g)] == [decay_factor(x, h[0]) for x, h in zip(lrs, hypers)]
+        if last is not None and last[0].numel() == fast.numel() and last[2] is not buffer:
             assert torch.equal(last[0], last[1]), "the previous vector was overwritten"
-        last, last_lrs = (fast, fast.clone()), lrs
+        last, last_lrs = (fast, fast.clone(), buffer), lrs
 
 
 def test_host_eps_is_the_per_tensor_paths_and_the_step_vectors():
@@ -529,7 +532,7 @@ def test_host_eps_is_the_per_tensor_paths_and_the_step_vectors():
     assert isinstance(host, list) and len(host) == run.n
     want = [bias_scales(float(tk), hypers[g][1], hypers[g][2], hypers[g][3])[1] for tk, g in zip(t, run.group_of)]
     assert host == want
-    device = plan_module.per_tensor(hv, plan.gidx, plan.f64, t)[4]
+    device = plan_module.per_tensor(torch.from_numpy(np.asarray(hv)), plan.gidx, plan.f64, t)[4]
     assert torch.allclose(torch.tensor(host, dtype=torch.float64), device, rtol=4 * 2.0**-53, atol=0)
     # one counter, and both groups with the same β2 and ε: one number, the same
     same = [(h[0], h[1], hypers[0][2], hypers[0][3]) for h in hypers]

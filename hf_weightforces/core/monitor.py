@@ -136,15 +136,17 @@ class ForceMonitor:
         self.steps += 1
         sampled = bool(self.sample_every) and step_id is not None and step_id % self.sample_every == self.sample_at
         for row in rows:
+            if type(row) is Pending:  # its norms are written when read (the next step of its source: not at all)
+                if not row.index.numel():
+                    continue
+                if self._owed is not None and self._owed[0] is not row.index:  # another source's
+                    self._write_owed()
+                self._owed = (row.index, row.norm2.to(self.device))
+                self._pending.append((row, sampled))
+                continue
             if not len(row.index):
                 continue
             idx = row.index if isinstance(row.index, torch.Tensor) else index_tensor(row.index, self.device)
-            if isinstance(row, Pending):  # its norms are written when read (the next step of its source: not at all)
-                if self._owed is not None and self._owed[0] is not idx:  # another source's
-                    self._write_owed()
-                self._owed = (idx, row.norm2.to(self.device))
-                self._pending.append((row, sampled))
-                continue
             self.norm2.index_copy_(0, idx, row.norm2.to(self.device))
             self._accumulate(idx, row.terms.to(self.device)[None], [0] if sampled else [])
             if row.var is not None:
@@ -167,7 +169,8 @@ class ForceMonitor:
                       or row.index is not first.index), len(pending))
             batch, pending = pending[:n], pending[n:]
             inputs = zip(*(row.inputs for row, _ in batch))
-            stacked = [torch.stack(xs).numpy() if host else torch.stack(xs) for xs in inputs]
+            stacked = [torch.stack(xs) if not host else torch.stack(xs).numpy() if isinstance(xs[0], torch.Tensor)
+                       else np.array(xs) for xs in inputs]  # (a CPU step vector is a plain buffer)
             self._accumulate(first.index, first.evaluate(*stacked), [k for k, (_, sampled) in enumerate(batch) if sampled])
 
     def _accumulate(self, idx: torch.Tensor, terms: torch.Tensor | np.ndarray, sampled: list[int]) -> None:

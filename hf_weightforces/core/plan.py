@@ -175,8 +175,7 @@ class StepPlan:
         # decays and fixed rows
         self._hv_hypers: list | None = None
         self._hv_lrs: list | None = None
-        self._hv: torch.Tensor | None = None
-        self._hv_values: array | None = None  # the buffer _hv wraps (read as numbers by eps_now)
+        self._hv: array | None = None
         self._hv_wd: list | None = None
         self._hv_fixed: list | None = None
         # the eager pass: planned at its first run over the weights it is handed (the caller's
@@ -185,7 +184,7 @@ class StepPlan:
         self._block_of: Sequence[torch.Tensor] | None = None
 
     def step_vector(self, lrs: Sequence[float | torch.Tensor],
-                    hypers: Sequence[tuple[float, float, float, float]]) -> torch.Tensor:
+                    hypers: Sequence[tuple[float, float, float, float]]) -> torch.Tensor | array:
         """[7G] float64 on the plan's device (rows :data:`HYPER_ROWS`): each group's lr, weight decay,
         β1, β2, ε, read at this step (a schedule may move any of them), and its decay factor
         rounded to float32 and exact; ``hypers`` are the groups' (weight decay, β1, β2, ε).  Per
@@ -195,7 +194,11 @@ class StepPlan:
         lrs the vector wraps a plain buffer (no torch operation: making a tensor from a list costs
         more than the rest of the step's bookkeeping right after a training step), and while no
         hyper-parameter moved the last one is handed out again.  A vector is never written after it
-        is handed out (a pending step keeps it until the log event)."""
+        is handed out (a pending step keeps it until the log event).
+
+        That plain buffer is what a CPU step returns (``array("d")``, no tensor: the monitor's flush
+        reads the pending steps' vectors as numpy arrays, :meth:`eps_now` as numbers); elsewhere a
+        tensor."""
         if self.device.type == "cpu" and all(type(x) is float for x in lrs):
             if hypers != self._hv_hypers:  # (rare) a schedule moved a decay, a beta or ε: the fixed rows again
                 self._hv_hypers, self._hv_lrs = list(hypers), None
@@ -206,7 +209,7 @@ class StepPlan:
                 # a plain buffer the tensor keeps, no numpy call: right after a training step each call
                 # into numpy costs ~10 µs
                 values = array("d", [*lrs, *self._hv_fixed, *array("f", exact), *exact])  # "f": rounded to float32
-                self._hv_lrs, self._hv, self._hv_values = list(lrs), torch.frombuffer(values, dtype=torch.float64), values
+                self._hv_lrs, self._hv = list(lrs), values
             return self._hv
         hypers = [tuple(float(x) for x in h) for h in hypers]
         columns = list(zip(*hypers))  # weight decay, β1, β2, ε: G each
@@ -229,7 +232,7 @@ class StepPlan:
         second_moments: Sequence[torch.Tensor],
         t_after: torch.Tensor,
         t_before: torch.Tensor,
-        hv: torch.Tensor,
+        hv: torch.Tensor | array,
         norm2_before: torch.Tensor,
     ) -> Rows | Pending:
         """The step's budget of the planned tensors; ``norm2_before`` [P] are their squared norms
@@ -247,6 +250,8 @@ class StepPlan:
                 if self._fns is None:  # compiled here, at this first call (the step waits)
                     tag = next(_PLANS)
                     self._fns = [_compile_chunk(f"{tag}_{i}", self.device) for i in range(len(self.chunks))]
+                if isinstance(hv, array):
+                    hv = torch.frombuffer(hv, dtype=torch.float64)
                 return Rows(self.index, *self._call(self._fns, weights, exp_avgs, second_moments, t_after, t_before,
                                                     hv, norm2_before))
             except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
@@ -254,7 +259,7 @@ class StepPlan:
         dots = self.dots(weights, exp_avgs, second_moments, self.eps_now(hv, t_after))
         return Pending(self.index, dots[:, 0], (dots, t_after, t_before, hv, norm2_before), self.terms)
 
-    def eps_now(self, hv: torch.Tensor, t_after: torch.Tensor) -> torch.Tensor | list[float] | float:
+    def eps_now(self, hv: torch.Tensor | array, t_after: torch.Tensor) -> torch.Tensor | list[float] | float:
         """ε' = ε sqrt(1 - β2^t) per tensor (what the pass needs of the step vector), where the
         step vector and the counters are: on the host, host numbers, as the per-tensor path computes
         them (:func:`~.budget.eps_scale`; no torch operation: right after a training step each kind
@@ -262,8 +267,8 @@ class StepPlan:
         has it (one counter, every group the same β2 and ε: the usual step), else one per tensor
         (one value per group and counter); on a device, a float64 [P] vector, as
         :func:`per_tensor`."""
-        if hv.device.type == "cpu" and t_after.device.type == "cpu":
-            h = self._hv_values if hv is self._hv else hv.tolist()  # the numbers step_vector wrapped
+        if isinstance(hv, array) or (hv.device.type == "cpu" and t_after.device.type == "cpu"):
+            h = hv if isinstance(hv, array) else hv.tolist()
             ts, g_rows = t_after.tolist(), self.n_groups
             b2s, epss = h[3 * g_rows : 4 * g_rows], h[4 * g_rows : 5 * g_rows]
             if ts.count(ts[0]) == len(ts) and b2s.count(b2s[0]) == g_rows and epss.count(epss[0]) == g_rows:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .budget import (
@@ -58,15 +59,15 @@ class Pending(NamedTuple):
 
     index: torch.Tensor  # positions in the monitor (an index tensor on its device)
     norm2: torch.Tensor  # [k] the squared norms observed after the step
-    inputs: tuple[torch.Tensor, ...]  # this step's tensors, on the monitor's device
+    inputs: tuple  # this step's tensors on the monitor's device (on a CPU, plain float64 buffers too)
     evaluate: Callable[..., torch.Tensor]  # stacked inputs -> terms [S, k, len(BUDGET_TERMS)]
 
     @property
     def terms(self) -> torch.Tensor:
         """This step's terms alone [k, len(BUDGET_TERMS)] (the monitor computes steps together, as
         numpy arrays on a CPU: so here, bit for bit the same)."""
-        if all(x.device.type == "cpu" for x in self.inputs):
-            return torch.from_numpy(self.evaluate(*(x.numpy()[None] for x in self.inputs))[0])
+        if all(_is_host(x) for x in self.inputs):
+            return torch.from_numpy(self.evaluate(*(np.asarray(x)[None] for x in self.inputs))[0])
         return self.evaluate(*(x.unsqueeze(0) for x in self.inputs))[0]
 
 

@@ -4,6 +4,7 @@ once for :class:`~hf_weightforces.core.plan.StepPlan`."""
 
 from __future__ import annotations
 
+from array import array
 from typing import NamedTuple
 
 import torch
@@ -98,7 +99,7 @@ class PlannedStep(NamedTuple):
     second_moments: list[torch.Tensor]
     t_after: torch.Tensor
     t_before: torch.Tensor
-    hyper_now: torch.Tensor  # StepPlan.step_vector: the groups' hyper-parameters and decay factors
+    hyper_now: torch.Tensor | array  # StepPlan.step_vector: the groups' hyper-parameters and decay factors
 
     def rows(self, monitor: ForceMonitor) -> Rows | Pending:
         """The step's budget rows, for ``monitor`` (whose squared norms observed before the step it reads)."""
