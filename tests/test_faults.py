@@ -386,3 +386,17 @@ def test_fused_adamw_overflow_is_counted_as_skipped(tmp_path, wf_rows, deferred)
         assert abs(r["weightforces/total/closure"]) < 1e-3 * budget
     schedule = read_rows(tmp_path / "weightforces" / "schedule.jsonl").rows
     assert [r["step"] for r in schedule if r["skipped"]] == [2, 6]
+
+
+def test_jsonl_rows_are_strict_json_whatever_the_values(tmp_path):
+    """A row of floats is written as it is; NaN and infinities become null (also inside lists), other
+    numbers floats, flags and text as they are: every line parses as strict JSON."""
+    sink = JsonlSink(tmp_path / "rows.jsonl")
+    rows = [({"a": 0.1, "b": -2.5e-300}, 1), ({"a": math.nan, "b": math.inf}, 2),
+            ({"a": np.float32(0.25), "n": 3, "flag": True, "lr": [1e-4, math.nan]}, 3)]
+    sink.write_rows(rows)
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}")) for line in lines]
+    assert parsed == [{"step": 1, "a": 0.1, "b": -2.5e-300}, {"step": 2, "a": None, "b": None},
+                      {"step": 3, "a": 0.25, "n": 3.0, "flag": True, "lr": [1e-4, None]}]
+    assert lines[0] == json.dumps({"step": 1, "a": 0.1, "b": -2.5e-300})

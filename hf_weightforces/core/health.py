@@ -229,7 +229,8 @@ class HealthState:
 
     def _verdicts(self, agg: str, row: dict[str, float | None], steps: float | None,
                   step: int) -> dict[str, tuple[bool, bool, float, str]]:
-        """Per condition with evidence in this row: ``(bad, healthy, value, detail)``."""
+        """Per condition with evidence in this row: ``(bad, healthy, value, detail)``; ``detail`` makes
+        the sentence for a raise or a clear (most rows raise and clear nothing: no sentence made)."""
         align, inject, decay, rest = row["align"], row["inject"], row["decay"], row["rest"]
         norm2, nonfinite = row["norm2"], row["nonfinite_steps"]
         forces_ok = _finite(align, inject, decay) and (nonfinite is None or nonfinite == 0)
@@ -238,8 +239,9 @@ class HealthState:
         # nonfinite: a count, no threshold to derive
         n = nonfinite if _finite(nonfinite) else 0.0
         bad_norm = norm2 is not None and not math.isfinite(norm2)
-        detail = "||w||^2 is not finite" if bad_norm and n == 0 else f"{n:g} budget step(s) with non-finite terms"
-        out["nonfinite"] = (n > 0 or bad_norm, n == 0 and not bad_norm, math.nan if bad_norm and n == 0 else n, detail)
+        out["nonfinite"] = (n > 0 or bad_norm, n == 0 and not bad_norm, math.nan if bad_norm and n == 0 else n,
+                            lambda: "||w||^2 is not finite" if bad_norm and n == 0
+                            else f"{n:g} budget step(s) with non-finite terms")
         if not forces_ok or not _finite(norm2):
             return out  # no evidence for the others: their state is kept
 
@@ -263,9 +265,10 @@ class HealthState:
             if math.isfinite(run):
                 c = CONDITIONS["decay_not_applied"]
                 off = math.inf if run <= 0 else max(run, 1 / run)
-                detail = (f"this interval's decay_ratio {ratio:.3g}; over the run {abs(sums.applied):.3g} applied of "
-                          f"{'at most ' if sums.bounded else ''}{abs(sums.asked):.3g} asked (sums of |decay| x steps)")
-                out["decay_not_applied"] = (off > c.threshold, off < c.clear, run, detail)
+                applied, asked, bounded = sums.applied, sums.asked, sums.bounded
+                out["decay_not_applied"] = (off > c.threshold, off < c.clear, run, lambda: (
+                    f"this interval's decay_ratio {ratio:.3g}; over the run {abs(applied):.3g} applied of "
+                    f"{'at most ' if bounded else ''}{abs(asked):.3g} asked (sums of |decay| x steps)"))
 
         # rounding_loss: more than half the intended change, and more than float32 rounding can take
         rounding = row["rounding"]
@@ -273,28 +276,28 @@ class HealthState:
             c = CONDITIONS["rounding_loss"]
             frac = abs(rounding) / budget
             intended = align + inject + decay + (rest if _finite(rest) else 0.0)
-            detail = (f"rounding {rounding:.3g}/step of an intended change {intended:.3g}/step, |A|+|I|+|D| "
-                      f"{budget:.3g}/step; {abs(rounding) / floor:.3g}x the float32 floor")
             out["rounding_loss"] = (frac > c.threshold and abs(rounding) > ROUNDING_FACTOR * floor,
-                                    frac < c.clear or abs(rounding) < ROUNDING_CLEAR * floor, frac, detail)
+                                    frac < c.clear or abs(rounding) < ROUNDING_CLEAR * floor, frac, lambda: (
+                                        f"rounding {rounding:.3g}/step of an intended change {intended:.3g}/step, "
+                                        f"|A|+|I|+|D| {budget:.3g}/step; {abs(rounding) / floor:.3g}x the float32 floor"))
 
         # external_change
         closure = row["closure"]
         if _finite(closure) and floor > 0:
             times = abs(closure) / floor
-            detail = f"closure {closure:.3g}/step against a float32 floor of {floor:.3g}/step at ||w||^2 {norm2:.4g}"
-            out["external_change"] = (times > EXTERNAL_FACTOR, times < EXTERNAL_CLEAR, times, detail)
+            out["external_change"] = (times > EXTERNAL_FACTOR, times < EXTERNAL_CLEAR, times, lambda: (
+                f"closure {closure:.3g}/step against a float32 floor of {floor:.3g}/step at ||w||^2 {norm2:.4g}"))
 
         # decay_dominates
         if decay < 0 and budget > 0:
             c = CONDITIONS["decay_dominates"]
             share = abs(decay) / budget
             tau = norm2 / abs(decay)  # budget steps for ||w||^2 to fall by e under decay alone: 1 / (2 d)
-            detail = f"e-folding time ||w||^2/|D| = {tau:.3g} steps at step {step}; " + _equilibrium(
-                (align + inject) / abs(decay), tau)
             never_balanced = agg not in self._balanced
             out["decay_dominates"] = (share > c.threshold and tau < step and never_balanced,
-                                      share < c.clear or tau > 2 * step, share, detail)
+                                      share < c.clear or tau > 2 * step, share, lambda: (
+                                          f"e-folding time ||w||^2/|D| = {tau:.3g} steps at step {step}; "
+                                          + _equilibrium((align + inject) / abs(decay), tau)))
         if budget > 0 and abs(decay) <= CONDITIONS["decay_dominates"].threshold * budget:
             self._balanced.add(agg)  # alignment + injection held decay to 2/3 of the budget at least once
         return out
@@ -311,7 +314,7 @@ class HealthState:
             track.raised, track.healthy_events = True, 0
             track.episode = Episode(name, agg, step, value, value)
             self.episodes.append(track.episode)
-            msg = f"{name} on {agg} at step {step}: {fmt_value(name, value)} ({detail}); {c.reason}. Remedy: {c.remedy}."
+            msg = f"{name} on {agg} at step {step}: {fmt_value(name, value)} ({detail()}); {c.reason}. Remedy: {c.remedy}."
             return [HealthEvent(step, name, agg, "raised", value, c.threshold, msg)]
         if worse(name, value, track.episode.worst):
             track.episode.worst = value
@@ -320,7 +323,7 @@ class HealthState:
             return []
         track.raised = False
         track.episode.cleared = step
-        msg = (f"{name} on {agg} cleared at step {step}: {fmt_value(name, value)} ({detail}), healthy for "
+        msg = (f"{name} on {agg} cleared at step {step}: {fmt_value(name, value)} ({detail()}), healthy for "
                f"{self.clear_after} log events")
         return [HealthEvent(step, name, agg, "cleared", value, c.clear, msg)]
 

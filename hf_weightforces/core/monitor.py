@@ -17,6 +17,7 @@ host copy into metric rows.  Aggregates are sums first, ratios last (docs/budget
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -179,8 +180,11 @@ class ForceMonitor:
         non-finite row of a step is zeroed and counted."""
         xp = namespace(terms)
         finite = xp.isfinite(terms).all(-1)
-        terms = xp.where(finite[..., None], terms, 0.0)
-        adds = [(self.sums, terms.sum(0)), (self.nonfinite, (~finite).sum(0, dtype=xp.float64))]
+        if xp is np and finite.all():  # the usual interval on a CPU: nothing to zero or count
+            adds = [(self.sums, terms.sum(0))]
+        else:
+            terms = xp.where(finite[..., None], terms, 0.0)
+            adds = [(self.sums, terms.sum(0)), (self.nonfinite, (~finite).sum(0, dtype=xp.float64))]
         adds += [(self.sampled, terms[s, :, :3].sum(1) * self.sample_every) for s in sampled]
         for into, rows in adds:
             into.index_add_(0, idx, torch.from_numpy(rows) if xp is np else rows)
@@ -242,7 +246,7 @@ class ForceMonitor:
             row = summarize_sums(sums[k], float(worst[k]), float(norm2[k]), float(numel[k]), steps)
             if var is not None:  # standard errors of the logged per-step means (independent draws per step)
                 row["align_se"], row["inject_se"] = (math.sqrt(max(float(v), 0.0)) / steps for v in var[k])
-            metrics.update({f"{prefix}/{name}/{key}": v for key, v in row.items()})
+            metrics.update(zip(_keys(prefix, name, tuple(row)), row.values()))
         return metrics
 
     def _mask_matrix(self, per_layer: bool, per_matrix: bool) -> tuple[list[str], np.ndarray]:
@@ -253,6 +257,12 @@ class ForceMonitor:
             self._aggregates[key] = (list(masks), np.stack(list(masks.values())) if masks else
                                      np.zeros((0, len(self.infos)), dtype=bool))
         return self._aggregates[key]
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys(prefix: str, name: str, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """``prefix/name/key`` for each of ``keys`` (made once: the same every log event)."""
+    return tuple(f"{prefix}/{name}/{key}" for key in keys)
 
 
 #: Keys of one aggregate's force row, in the order :func:`summarize_sums` writes them.

@@ -53,6 +53,17 @@ def _json_value(v):
     return v if math.isfinite(v) else None
 
 
+def _json_line(step: int, metrics: Mapping) -> str:
+    """One row as strict JSON: as it is when every value is a float (the usual row: no conversion
+    pass), else through :func:`_json_value` (non-finite as null, other numbers as floats)."""
+    if all(type(v) is float for v in metrics.values()):
+        try:
+            return json.dumps({"step": step, **metrics}, allow_nan=False)
+        except ValueError:  # a NaN or an infinity: null
+            pass
+    return json.dumps({"step": step, **{k: _json_value(v) for k, v in metrics.items()}}, allow_nan=False)
+
+
 class JsonlSink:
     """``{"step": global_step, ...}`` per row, appended as written.
 
@@ -91,7 +102,7 @@ class JsonlSink:
             if step <= last:
                 logger.debug("%s: step %d is already written; row skipped", self.path, step)
                 continue
-            lines.append(json.dumps({"step": step, **{k: _json_value(v) for k, v in metrics.items()}}, allow_nan=False))
+            lines.append(_json_line(step, metrics))
             last = step
         if lines:
             with open(self.path, "a", encoding="utf-8") as f:
