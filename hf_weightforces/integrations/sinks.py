@@ -53,10 +53,17 @@ def _json_value(v):
     return v if math.isfinite(v) else None
 
 
+def _plain(v) -> bool:
+    """A value json writes as :func:`_json_value` would have it (a float, a flag, a list of floats),
+    but for a NaN or an infinity, which ``allow_nan=False`` refuses."""
+    kind = type(v)
+    return kind is float or kind is bool or (kind is list and all(type(x) is float for x in v))
+
+
 def _json_line(step: int, metrics: Mapping) -> str:
-    """One row as strict JSON: as it is when every value is a float (the usual row: no conversion
+    """One row as strict JSON: as it is when every value is plain (the usual row: no conversion
     pass), else through :func:`_json_value` (non-finite as null, other numbers as floats)."""
-    if all(type(v) is float for v in metrics.values()):
+    if all(map(_plain, metrics.values())):
         try:
             return json.dumps({"step": step, **metrics}, allow_nan=False)
         except ValueError:  # a NaN or an infinity: null
