@@ -52,10 +52,10 @@ CHUNK = 64
 HYPER_ROWS = ("lr", "weight_decay", "beta1", "beta2", "eps", "factor_fl32", "factor_exact")
 
 
-def per_tensor(hv: Array, gidx: Array, float64: Array, t_after: Array) -> Array:
+def per_tensor(hv: Array, gidx: Array, float64: Array | None, t_after: Array) -> Array:
     """[5, ..., P] float64, per tensor: lr, weight decay, decay factor, s = sqrt(1 - β2^t) / (1 - β1^t)
     and ε' = ε sqrt(1 - β2^t), from the step vector ``hv`` [..., 7G], each tensor's group ``gidx``,
-    whether it is stored in float64 (its decay factor is exact, not float32-rounded) and its step
+    whether it is stored in float64 (its decay factor is exact, not float32-rounded; None: none is) and its step
     counter after the step ``t_after`` [..., P] (a leading dimension: several steps at once).  A
     handful of operations on P-vectors (inside the compiled pass too); torch tensors or, on the
     host, numpy arrays (:func:`step_terms`)."""
@@ -63,7 +63,7 @@ def per_tensor(hv: Array, gidx: Array, float64: Array, t_after: Array) -> Array:
     lr, wd, b1, b2, eps, f32, f64 = unbind(hv.reshape(*hv.shape[:-1], len(HYPER_ROWS), -1)[..., gidx], -2)
     bc1, bc2 = 1.0 - xp.stack((b1, b2)) ** t_after  # 1 - β^t, float64 (the float32 counters promoted)
     bc2 = xp.sqrt(bc2)
-    return xp.stack((lr, wd, xp.where(float64, f64, f32), bc2 / bc1, eps * bc2))
+    return xp.stack((lr, wd, f32 if float64 is None else xp.where(float64, f64, f32), bc2 / bc1, eps * bc2))
 
 
 def planned_terms(dots: Array, t_after: Array, t_before: Array, hyper: Array, norm2_before: Array) -> Array:
@@ -75,7 +75,10 @@ def planned_terms(dots: Array, t_after: Array, t_before: Array, hyper: Array, no
     throughout."""
     lr, wd, factor, s, _ = hyper
     terms = budget_from_dots(dots, lr, wd, s, norm2_before, factor)
-    return namespace(terms).where((t_after > t_before)[..., None], terms, 0.0)
+    moved = t_after > t_before
+    if isinstance(moved, np.ndarray) and moved.all():  # (on the host: every tensor updated, the usual step)
+        return terms
+    return namespace(terms).where(moved[..., None], terms, 0.0)
 
 
 def step_terms(gidx: Array, float64: Array, dots: Array, t_after: Array, t_before: Array, hv: Array,
@@ -86,7 +89,7 @@ def step_terms(gidx: Array, float64: Array, dots: Array, t_after: Array, t_befor
     (the monitor's flush on a CPU: the same float64 arithmetic, IEEE-rounded alike but for the
     power's last bit, at a fraction of torch's cost per operation)."""
     if isinstance(dots, np.ndarray) and isinstance(gidx, torch.Tensor):
-        gidx, float64 = gidx.numpy(), float64.numpy()
+        gidx, float64 = gidx.numpy(), None if float64 is None else float64.numpy()
     return planned_terms(dots, t_after, t_before, per_tensor(hv, gidx, float64, t_after), norm2_before)
 
 
@@ -162,7 +165,9 @@ class StepPlan:
         self.f64 = vec(float64, torch.bool)  # stored in float64: the exact decay factor
         #: a pending step's terms (:func:`step_terms` of this plan): what a step the monitor keeps holds
         #: of the plan (not the plan, its pass and the tensors it reads, which a new plan may replace)
-        self.terms = functools.partial(step_terms, self.gidx, self.f64)
+        host = dev.type == "cpu"  # (the monitor evaluates a CPU plan's pending steps in numpy)
+        flags = (self.f64.numpy() if host else self.f64) if any(float64) else None
+        self.terms = functools.partial(step_terms, self.gidx.numpy() if host else self.gidx, flags)
         # each tensor's β2 and ε in the step vector (rows 3 and 4 of HYPER_ROWS): ε' for the pass
         self._b2_eps = vec([3 * n_groups + g for g in groups] + [4 * n_groups + g for g in groups], torch.long)
         # contiguous chunks of at most CHUNK tensors, their slices of every per-tensor vector

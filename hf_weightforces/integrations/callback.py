@@ -464,9 +464,9 @@ class WeightForcesCallback(TrainerCallback):
         if not (self._active or self._owes_reduction):
             return
         first = not self.integral.started
+        budget_step = self._is_budget_step(state.global_step + 1)
         try:
-            due = first or self._is_budget_step(state.global_step + 1)
-            if self._active and due and self._norm_step != state.global_step:
+            if self._active and (first or budget_step) and self._norm_step != state.global_step:
                 self.monitor.observe_norms(self.ctx.local_weights(self._entries))
                 self._norm_step = state.global_step
         except Exception as exc:  # a diagnostic never stops training
@@ -475,10 +475,10 @@ class WeightForcesCallback(TrainerCallback):
             if first:
                 self._start_run_integral(state)  # collective: joined even after a failure above
             if self._stager is not None:
-                self._stager.due = self._active and self._is_budget_step(state.global_step + 1)
-            if self._reader is not None and self._active and self._is_budget_step(state.global_step + 1):
+                self._stager.due = self._active and budget_step
+            if self._reader is not None and self._active and budget_step:
                 self._reader.before_step()  # e.g. w_t kept, before any backward of this cycle
-            if self._active and self._super is not None and self._is_budget_step(state.global_step + 1):
+            if self._active and self._super is not None and budget_step:
                 self._super.observe(self.ctx.whole_weights(self._entries))
         except Exception as exc:  # a diagnostic never stops training
             self._fail("on_step_begin", exc)
@@ -488,27 +488,26 @@ class WeightForcesCallback(TrainerCallback):
             return
         step_id = state.global_step + 1  # the Trainer increments global_step after this hook
         try:
-            skipped = self._overflow.skipped(optimizer, self._is_budget_step(step_id))
-            self._note_schedule(step_id, optimizer, self._overflow.last)
-            self._call_probes("on_step", step_id, optimizer, skipped)
+            budget_step = self._is_budget_step(step_id)
+            skipped = self._overflow.skipped(optimizer, budget_step)
+            opt = unwrap_optimizer(optimizer)
+            if self._schedule.enabled:  # the lr the step used, whatever a scheduler did since
+                self._schedule.note(step_id, self.ctx.step_lrs(opt), opt.param_groups, self._overflow.last)
+            if self.probes:
+                self._call_probes("on_step", step_id, optimizer, skipped)
             if skipped:
                 self._skipped += 1
                 if self._norm_step == state.global_step:
                     self._norm_step = step_id  # weights unchanged
                 return
-            if not self._is_budget_step(step_id):
+            if not budget_step:
                 return
             if self._norm_step != state.global_step:
                 raise RuntimeError("no norm observed before the step (on_step_begin did not run)")
-            self._record(optimizer, step_id)
+            self._reader.record(opt, step_id)
             self._norm_step = step_id
         except Exception as exc:
             self._fail("on_optimizer_step", exc)
-
-    def _note_schedule(self, step_id: int, optimizer, skipped: bool) -> None:
-        if self._schedule.enabled:
-            opt = unwrap_optimizer(optimizer)  # the lr the step used, whatever a scheduler did since
-            self._schedule.note(step_id, self.ctx.step_lrs(opt), opt.param_groups, skipped)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self._active or not self.probes:
@@ -517,9 +516,6 @@ class WeightForcesCallback(TrainerCallback):
             self._call_probes("on_gradients", state.global_step + 1, model, optimizer)
         except Exception as exc:
             self._fail("on_pre_optimizer_step", exc)
-
-    def _record(self, optimizer, step_id: int) -> None:
-        self._reader.record(unwrap_optimizer(optimizer), step_id)
 
     # ------------------------------------------------------------------ per log event
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -94,7 +94,11 @@ class _Totals:
     """Run sums of one aggregate: forces times budget steps, the largest |closure_rel| and |closure| over
     its float32 floor, the last rms and k."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str) -> None:
+        # the row's keys of this aggregate, made once
+        self.summed = [f"{prefix}/{k}" for k in _SUMMED]
+        self.rel, self.closure_keys = f"{prefix}/closure_rel", [f"{prefix}/{k}" for k in ("closure", "norm2", "inject")]
+        self.last = [("rms", f"{prefix}/rms"), ("k", f"{prefix}/weibull_k")]
         self.sums = dict.fromkeys(_SUMMED, 0.0)
         self.steps = 0
         self.closure = 0.0
@@ -102,23 +106,23 @@ class _Totals:
         self.rms = math.nan
         self.k = math.nan
 
-    def add(self, row: Mapping[str, float], prefix: str, steps: int) -> None:
-        values = [row.get(f"{prefix}/{k}", math.nan) for k in _SUMMED]
+    def add(self, row: Mapping[str, float], steps: int) -> None:
+        values = [row.get(k, math.nan) for k in self.summed]
         if steps and all(v is not None and math.isfinite(v) for v in values):  # NaN rows: nonfinite steps
             for k, v in zip(_SUMMED, values):
                 self.sums[k] += v * steps
             self.steps += steps
-        rel = row.get(f"{prefix}/closure_rel")
+        rel = row.get(self.rel)
         if rel is not None and math.isfinite(rel):
             self.closure = max(self.closure, abs(rel))
-        closure, norm2, inject = (_float(row.get(f"{prefix}/{k}")) for k in ("closure", "norm2", "inject"))
+        closure, norm2, inject = (_float(row.get(k)) for k in self.closure_keys)
         floor = closure_floor(norm2, inject)
         if math.isfinite(closure) and math.isfinite(floor) and floor > 0:
             ratio = abs(closure) / floor
             if not ratio <= self.floor_ratio:  # NaN until the first
                 self.floor_ratio = ratio
-        for attr, key in (("rms", "rms"), ("k", "weibull_k")):
-            value = row.get(f"{prefix}/{key}")
+        for attr, key in self.last:
+            value = row.get(key)
             if value is not None and math.isfinite(value):
                 setattr(self, attr, value)
 
@@ -172,7 +176,10 @@ class ConsoleSink:
                 continue
             parts = key.split("/")
             if len(parts) == 3 and not parts[1].startswith("layer_"):
-                self.totals.setdefault(parts[1], _Totals()).add(metrics, f"weightforces/{parts[1]}", steps)
+                totals = self.totals.get(parts[1])
+                if totals is None:
+                    totals = self.totals[parts[1]] = _Totals(f"weightforces/{parts[1]}")
+                totals.add(metrics, steps)
         self.steps.append(int(step))
         if self.lines:
             self.logger.info(format_line(metrics, step))
