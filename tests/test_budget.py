@@ -351,47 +351,55 @@ def test_monitor_add_is_one_step_whatever_the_rows():
 
 
 def test_pending_steps_are_the_same_sums_as_rows(monkeypatch):
-    """:class:`Pending` steps (terms computed at the flush, the steps of one source together) give
-    exactly the sums, non-finite counts, sampled integral and norms of the same steps added as
-    :class:`Rows`: two sources interleaved with rows, non-finite rows, sampled steps, and more steps
-    than the monitor keeps (computed in pieces, never more than PENDING_STEPS kept)."""
+    """:class:`Pending` steps (terms computed at the flush, a chain of one source's steps together)
+    give exactly the sums, non-finite counts, sampled integral and norms of the same steps added as
+    :class:`Rows`: two sources interleaved with rows (each ending the other's chain), chains of
+    several steps, non-finite rows, sampled steps, and chains longer than the monitor keeps (computed
+    in pieces, never more than PENDING_STEPS kept)."""
     monkeypatch.setattr(monitor_module, "PENDING_STEPS", 4)
     infos = [ParamInfo(n, "transmission", 0, 4) for n in "abcd"]
     now, later = ForceMonitor(infos, sample_every=3), ForceMonitor(infos, sample_every=3)
     gen = torch.Generator().manual_seed(3)
 
-    def doubled(x, y):  # a source's terms from its stacked inputs [S, k, NT]: 2x + y
-        return 2.0 * x + y
+    # a source's terms from its stacked inputs [S, k, NT]: 2x + y (or z / 2), and its norms after the
+    # chain: the last step's (what a measurement would give, ``end``, wins)
+    def doubled(x, y, norm, start, end):
+        return 2.0 * x + y, norm[-1] if end is None else end
 
-    def halved(x):
-        return 0.5 * x
+    def halved(z, norm, start, end):
+        return 0.5 * z, norm[-1] if end is None else end
 
     index_ab, index_d = torch.tensor([1, 0]), torch.tensor([3])
     kept = []
-    for step in range(1, 12):
+    for step in range(1, 16):
         x, y = (torch.randint(-8, 8, (2, len(BUDGET_TERMS)), generator=gen).double() for _ in range(2))
         z = torch.randint(-8, 8, (1, len(BUDGET_TERMS)), generator=gen).double()
         if step in (4, 9):
             x[1, 5] = float("inf")  # the second row of this step: left out, counted
         norm_ab, norm_d = torch.tensor([step, 2.0 * step], dtype=torch.float64), torch.tensor([-step], dtype=torch.float64)
-        rows = [Rows(index_ab, doubled(x, y), norm_ab), Rows(index_d, halved(z), norm_d)]
-        pending = [Pending(index_ab, norm_ab, (x, y), doubled), Pending(index_d, norm_d, (z,), halved)]
-        if step % 2:
+        alone = step >= 9  # from step 9 on, source ab alone: one chain of its steps
+        rows = [Rows(index_ab, doubled(x, y, norm_ab[None], None, None)[0], norm_ab)]
+        pending = [Pending(index_ab, (x, y, norm_ab), later.before(index_ab), doubled, lambda n=norm_ab: n)]
+        if not alone:
+            rows.append(Rows(index_d, halved(z, norm_d[None], None, None)[0], norm_d))
+            pending.append(Pending(index_d, (z, norm_d), later.before(index_d), halved, lambda n=norm_d: n))
+        if step % 2 and not alone:
             extra = Rows([2], torch.full((1, len(BUDGET_TERMS)), float(step), dtype=torch.float64),
                          torch.tensor([step], dtype=torch.float64))
             rows.append(extra)
             pending.insert(1, extra)  # a row between the two sources' pending steps
         now.add(rows, step_id=step)
         later.add(pending, step_id=step)
-        assert torch.equal(later.norm2, now.norm2)  # the observation at once
+        if not alone:
+            assert torch.equal(later.norm2, now.norm2)  # read: the chain ends, its norms written
         kept.append(len(later._pending))
-    assert max(kept) < 4  # computed in pieces: at 4 pending steps the monitor flushes
+    assert kept[-7:] == [1, 2, 3, 0, 1, 2, 3]  # one chain, computed in pieces: at 4 kept steps the monitor flushes
     got, want = later.unpack(later.pack().numpy()), now.unpack(now.pack().numpy())
     for a, b in zip(got, want):
         if a is not None:
             np.testing.assert_array_equal(a, b)  # small integers and halves: exact in float64
     assert want.nonfinite.tolist() == [2.0, 0.0, 0.0, 0.0] and np.any(want.sampled != 0)
-    assert later.steps == now.steps == 11
+    assert later.steps == now.steps == 15
 
 
 def test_squared_norms_of_chunked_tensors_against_float64():

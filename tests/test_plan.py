@@ -47,6 +47,7 @@ from hf_weightforces.core.budget import (
     decay_factor,
     force_budget,
 )
+from hf_weightforces.core.health import closure_floor
 from hf_weightforces.core.monitor import ForceMonitor, ParamInfo
 from hf_weightforces.core.plan import StepPlan
 from hf_weightforces.core.rows import Rows, moment_rows
@@ -78,13 +79,16 @@ def exact_norm2(tensors) -> torch.Tensor:
 
 
 class Accumulators:
-    """(sums, nonfinite, norm2) of a monitor, read when indexed: ``[2]`` is its norm2 as a reader sees
-    it (the last pending step's norms written first)."""
+    """(sums, nonfinite, norm2) of a monitor, read when indexed: ``[2]`` is its norm2 as a log event
+    reads it, the weights unchanged since the last step (the open chain of pending steps computed
+    and ended on the measured norms)."""
 
     def __init__(self, mon: ForceMonitor) -> None:
         self.mon = mon
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 2:
+            self.mon.flush(measured=True)
         return (self.mon.sums, self.mon.nonfinite, self.mon.norm2)[i]
 
 
@@ -160,9 +164,10 @@ class AdamWRun:
         return rows.terms
 
     def flush(self) -> None:
-        """Every monitor's pending steps into its sums (what a log event does first)."""
+        """Every monitor's pending steps into its sums, the weights unchanged since the last step
+        (what a log event does first: the chain ends on the measured norms)."""
         for mon in self.monitors.values():
-            mon.flush()
+            mon.flush(measured=True)
 
     def reference(self, i: int, w_before: torch.Tensor) -> np.ndarray:
         """Tensor i's float64 budget row (BUDGET_TERMS) of the step just taken."""
@@ -306,9 +311,10 @@ def test_nonfinite_row_is_flagged_and_left_out(kernel):
                 ms[i][17] = value
         terms_clean = run.run(plan, t_before, t_after, clean)
         terms_bad = run.run(plan, t_before, t_after, bad, inputs=(ws, ms, vs))
+        clean[2], bad[2]  # noqa: B018  (read as a log event reads: each step a chain of its own)
         if step < 2:
             first_two += terms_bad
-    run.flush()  # the three steps computed together: the NaN row of the last one alone left out
+    run.flush()  # the NaN row of the last step alone left out
     exact = exact_norm2(run.params)
     for i in range(run.n):
         if i in broken:
@@ -328,11 +334,14 @@ def test_nonfinite_row_is_flagged_and_left_out(kernel):
         check_compiled_really_ran(plan)
 
 
-def test_consecutive_planned_steps_hand_their_norms_on_without_operations():
-    """A planned step's squared norms are the next planned step's "before" as they are: the monitor
-    writes them into norm2 only when something else reads it (no index_select, no index_copy_ between
-    consecutive steps of one plan), and the sums and norms are bit for bit those of a monitor whose
-    norm2 is read after every step; a step of another source in between reads the written norms."""
+def test_a_chain_of_planned_steps_reads_no_norm_and_adds_up():
+    """Consecutive planned steps form a chain: a step reads no squared norm (no norm, no
+    index_select or index_copy_ between steps of one plan), each step's norms come from the budget
+    identity, and where the chain ends on measured norms (a log event) its sums are the float64
+    reference's: A and I as every step's, Δ the observed change, D and R within what the chain's
+    closure moves them by; the same as a monitor read after every step (each step a chain of its
+    own) but for that.  A step of another source in between ends the chain on the identity's norms
+    and reads them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -348,25 +357,45 @@ def test_consecutive_planned_steps_hand_their_norms_on_without_operations():
     plan = run.plan("exact")
     chained, read = run.accumulators(), run.accumulators()
     mon = chained.mon
+    ref_sum, step_closures = np.zeros((run.n, NT)), np.zeros(run.n)
     for step in range(7):
-        t_before, t_after, _ = run.step()
+        t_before, t_after, w_before = run.step()
+        ref_sum += np.stack([run.reference(i, w_before[i]) for i in range(run.n)])
         hv, (ws, ms, vs) = plan.step_vector(run.lrs(), run.hypers()), run.inputs()
         with Ops() as ops:
             mon.add([plan.run(ws, ms, vs, t_after, t_before, hv, mon.before(plan.index))])
-        index_ops = [n for n in ops.names if n.startswith(("index_select", "index_copy"))]
-        if step:  # (the first step plans the pass)
+        if step:  # (the first step plans the pass; the fifth starts a new chain after the row below)
+            index_ops = [n for n in ops.names if n.startswith(("index_select", "index_copy"))]
             assert index_ops == (["index_select.default"] if step == 4 else []), (step, index_ops)
-        run.run(plan, t_before, t_after, read)
-        read[2]  # noqa: B018  (read after every step: written at once)
-        if step == 3:  # another source's row in between: the next step reads what it wrote
+            assert not [n for n in ops.names if "norm" in n and not n.startswith("linalg_vector_norm.out")], ops.names
+        alone = run.run(plan, t_before, t_after, read).numpy()
+        read[2]  # noqa: B018  (read after every step, as a log event reads: a chain of one step each)
+        step_closures += np.abs(alone[:, COL["delta"]] - alone[:, :4].sum(1))
+        if step == 3:  # another source's row in between: the chain ends, the next step reads what it wrote
             for m in (mon, read.mon):
                 m.add([Rows([0], torch.zeros(1, NT, dtype=torch.float64), torch.tensor([123.0], dtype=torch.float64))])
-            assert torch.equal(mon.norm2, read[2]) and mon.norm2[0] == 123.0
-    assert mon._owed is not None  # the last step's norms are still owed until read
-    for a, b in zip(mon.unpack(mon.pack().numpy()), read.mon.unpack(read.mon.pack().numpy())):
-        if a is not None:
-            np.testing.assert_array_equal(a, b)
-    torch.testing.assert_close(chained[2], exact_norm2(run.params), rtol=1e-12, atol=0)
+            assert mon._chain is None and mon.norm2[0] == 123.0
+    assert mon._chain is plan.index  # the chain of steps 5-7 is still open
+    got, want = (m.unpack(m.pack().numpy()) for m in (mon, read.mon))  # a log event: measured at its end
+    np.testing.assert_array_equal(got.norm2, want.norm2)
+    np.testing.assert_allclose(got.norm2, exact_norm2(run.params).numpy(), rtol=1e-12, atol=0)
+    others = slice(1, None)  # (tensor 0's Δ has the row's jump in it)
+    norm2 = got.norm2
+    assert_rows_match_reference(got.sums[others], ref_sum[others], norm2[others], float64_rows=(FLOAT64 - 1,))
+    assert_rows_match_reference(want.sums[others], ref_sum[others], norm2[others], float64_rows=(FLOAT64 - 1,))
+    for name in ("align", "inject", "align_post"):  # no norm in them: as every step's
+        np.testing.assert_allclose(got.sums[:, COL[name]], want.sums[:, COL[name]], rtol=1e-13, atol=0)
+    # the chain's closure is the steps' observed closures, each carried to the chain's end by the later
+    # steps' decay factors c² = (1 - ηλ)²; its D and R use ||w_t||² off by the closure so far (D by 2ηλ x it)
+    closure = [(x.sums[:, COL["delta"]] - x.sums[:, :4].sum(1))[others] for x in (got, want)]
+    decay_rate = max(g["lr"] * g["weight_decay"] for g in run.opt.param_groups)  # 1 - c, the largest
+    carried = 3.0 * 7 * decay_rate * step_closures[others]
+    assert np.all(np.abs(closure[0] - closure[1]) <= carried + 1e-13 * norm2[others])
+    assert np.all(np.abs(closure[1]) <= 1e-6 * np.abs(want.sums[others, :3]).sum(1))  # (the float32 floor)
+    for name in ("decay", "rest"):
+        j = COL[name]
+        assert np.all(np.abs(got.sums[others, j] - want.sums[others, j])
+                      <= carried + 1e-13 * np.abs(want.sums[others, j])), name
 
 
 def test_a_pending_step_keeps_its_vectors_not_its_plan():
@@ -425,22 +454,42 @@ def test_compiled_chunks_equal_the_exact_pass(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- 5. Trainer
-def _compare_rows(planned: list[dict], per_tensor: list[dict]) -> int:
-    """Rows of the two paths equal (see the module docstring); returns how many values were compared."""
+#: row keys whose value a chain of planned steps moves (section 9 of docs/budget.md): ||w_t||² off by
+#: the chain's closure so far
+_CHAINED = ("decay", "rest", "closure", "closure_rel", "align_share", "inject_share", "decay_share")
+
+
+def _compare_rows(planned: list[dict], per_tensor: list[dict], chained: bool = False) -> int:
+    """Rows of the two paths equal (see the module docstring); returns how many values were compared.
+    ``chained``: the planned rows come from chains of several steps, whose D and R use ||w_t||² from
+    the budget identity, off the observed by the closure so far: each step's closure is within twice
+    its float32 floor, so D moves by at most 2ηλ (= |D| / ||w||²) x 2 x floor x steps, and the
+    closure, R and the shares with it; Δ telescopes to the observed change in both (rounding)."""
     assert len(planned) == len(per_tensor) > 0
     n = 0
     for a, b in zip(planned, per_tensor):
         assert a.keys() == b.keys()
+        steps = a.get("weightforces/steps", 1.0) or 1.0
         for key in a:
             x, y = a[key], b[key]
             if not isinstance(x, float):
                 assert x == y, key
                 continue
             n += 1
+            prefix, name = key.rsplit("/", 1)
+            prefix += "/"
             if math.isnan(x) or math.isnan(y):
                 assert math.isnan(x) and math.isnan(y), (a["step"], key, x, y)
+                continue
+            if chained and name in _CHAINED + ("delta",) and prefix + "norm2" in a:
+                norm2, budget = b[prefix + "norm2"], sum(abs(b[prefix + t]) for t in ("align", "inject", "decay"))
+                moved = 2.0 * abs(b[prefix + "decay"]) / norm2 * 2.0 * closure_floor(norm2, b[prefix + "inject"]) * steps
+                tol = {"delta": 1e-14 * steps * norm2, "closure": 2 * moved + 1e-14 * steps * norm2,
+                       "closure_rel": (2 * moved + 1e-14 * steps * norm2) / budget}.get(name, 2 * moved / budget)
+                if name in ("decay", "rest"):
+                    tol = moved
+                assert abs(x - y) <= tol + 1e-12 * max(abs(x), abs(y)), (a["step"], key, x, y, tol)
             elif key.endswith("/closure"):
-                prefix = key[: -len("closure")]
                 scale = sum(abs(a[prefix + t]) for t in ("align", "inject", "decay"))
                 assert abs(x - y) <= 1e-13 * scale, (a["step"], key, x, y)
             elif key.endswith("/closure_rel"):
@@ -488,7 +537,7 @@ def test_trainer_planned_path_equals_the_per_tensor_path(tmp_path, wf_rows, monk
     with_budget = [r for r in planned if r["step"] in budget_steps[1:]]
     assert with_budget and sum(r["weightforces/steps"] for r in planned) == len(budget_steps)  # each step once
     assert all(r["weightforces/total/align"] != 0 and r["weightforces/total/decay"] < 0 for r in with_budget)
-    assert _compare_rows(planned, per_tensor) > 1000
+    assert _compare_rows(planned, per_tensor, chained=logging_steps > every) > 1000
 
 
 def test_step_vector_fast_path_equals_the_general_one():

@@ -7,12 +7,13 @@ both float64, on the tensors' device, with no host synchronisation.  One design 
 * tensors below :data:`SMALL` elements are packed into a buffer made once (:class:`PackedSmall`):
   about a dozen flat operations for all of them, however many;
 * larger tensors are cut, once, into about equal chunks of at most :func:`chunk_size` elements
-  (cache-sized on a CPU, large on an accelerator), each viewed as rows; a step is one multi-tensor
-  float64 norm of every chunk's w' (||w'||²: exact squares, float64 sums) and six operations per
+  (cache-sized on a CPU, large on an accelerator), each viewed as rows; a step is six operations per
   chunk (seven on a CPU, whose square root is two: :func:`root`) in one scratch buffer made once:
   ũ = m / (sqrt(v) + ε') in float32, ||ũ||² as float32 row norms, then <w', ũ> as float32 row sums
-  of products, the rows summed in float64 at the end (1e-6 relative on the last two: stated and
-  tested).
+  of products, the rows summed in float64 at the end (1e-6 relative: stated and tested);
+* ||w'||² is :func:`squared_norms`' (exact squares, float64 sums, one multi-tensor norm over pieces),
+  where it is asked for: the planned pass's steps take it from the budget identity instead, and the
+  monitor measures it where a chain of them ends (docs/budget.md, section 9).
 
 On a CPU the chunk operations run on one intra-op thread: a parallel region per operation is what
 made the previous pass collapse when torch's threads outnumber the free cores (docs/budget.md).
@@ -31,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KERNELS", "SMALL", "BlockPass", "PackedSmall", "block_pass", "chunk_size", "choose_kernel", "norm_piece",
+__all__ = ["KERNELS", "SMALL", "BlockPass", "PackedSmall", "SquaredNorms", "block_pass", "chunk_size", "choose_kernel", "norm_piece",
            "root", "squared_norms", "step_dots", "to_device"]
 
 #: Tensors below this many elements go through one packed float64 pass (per-tensor work, not
@@ -144,12 +145,12 @@ class PackedSmall:
     """The pass over many small tensors at once, the big tensors' design on one packed buffer:
     w', m and v copied by one ``cat`` into rows of :data:`SMALL_ROW` elements of a buffer made
     once, each tensor starting a row, its last row padded (w' = 0, m = 0, v = 1: ũ = 0 there), so a
-    step is eleven operations however many tensors (twelve on a CPU: :func:`root`), and every sum is
+    step is ten operations however many tensors (eleven on a CPU: :func:`root`), and every sum is
     a row reduction summed per tensor at the end.
 
     ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, <w', ũ> as float32
-    row sums and ||ũ|| as float32 row norms, squared and summed in float64; ||w'||² as float64 row
-    norms of exact squares), float64 for tensors stored in float64 (nothing rounded).  ``members``:
+    row sums and ||ũ|| as float32 row norms, squared and summed in float64), float64 for tensors
+    stored in float64 (nothing rounded).  ``members``:
     the tensors' positions in the caller's list, ``ws``, ``ms``, ``vs`` the flat tensors (the pack
     keeps them: their values are read at each :meth:`dots`), ``size`` the caller's list's length.
     Memory: 3 x the members' size in ``dtype`` (w', m, v) and a few values per row."""
@@ -173,10 +174,10 @@ class PackedSmall:
         buf = torch.empty(3, n_rows, SMALL_ROW, dtype=dtype, device=device)
         self.packed = buf.view(-1)  # the cat's output: w', m, v
         self.w, self.m, self.v = buf.unbind(0)
-        # per row, float64: ||w'||², <w', ũ>, ||ũ||² (the last two summed in the pack's dtype first,
-        # ||ũ|| as a norm, squared with ||w'|| by one operation on rows 0 and 2)
-        self.row_sums = torch.empty(3, n_rows, dtype=torch.float64, device=device)
-        self.w2, self.wu_uu, self.squared = self.row_sums[0], self.row_sums[1:], self.row_sums[::2]
+        # per row, float64: 0 (the caller's ||w'||² column), <w', ũ>, ||ũ||² (summed in the pack's
+        # dtype first, ||ũ|| as a norm, then squared)
+        self.row_sums = torch.zeros(3, n_rows, dtype=torch.float64, device=device)
+        self.wu_uu, self.squared = self.row_sums[1:], self.row_sums[2]
         self.sums = self.wu_uu if dtype == torch.float64 else torch.empty(2, n_rows, dtype=dtype, device=device)
         self.wu, self.uu = self.sums.unbind(0)
         self.by_row = self.row_sums.t()  # [rows, 3], added into the caller's rows
@@ -186,9 +187,9 @@ class PackedSmall:
         self._zeros = torch.zeros(size, 3, dtype=torch.float64, device=device)  # the caller's rows; never written
 
     def dots(self, eps: torch.Tensor | Sequence[float], out: torch.Tensor | None) -> torch.Tensor:
-        """(||w'||², <w', ũ>, ||ũ||²) of the members added to their rows of ``out`` [P, 3] float64
-        (the caller's list; None: a new one, zero but for them) and returned; ``eps`` one ε' per
-        tensor of the caller's list: host numbers, or a tensor on the device in the pack's dtype."""
+        """(0, <w', ũ>, ||ũ||²) of the members added to their rows of ``out`` [P, 3] float64 (the
+        caller's list; None: a new one, zero but for them) and returned; ``eps`` one ε' per tensor of
+        the caller's list: host numbers, or a tensor on the device in the pack's dtype."""
         torch.cat(self.sources, out=self.packed)
         root(self.v, self.v).add_(self._eps_rows(eps))
         self.m.div_(self.v)  # ũ = m / (sqrt(v) + ε'), in m's slot
@@ -197,7 +198,6 @@ class PackedSmall:
         torch.sum(self.v, 1, out=self.wu)
         if self.sums is not self.wu_uu:
             self.wu_uu.copy_(self.sums)
-        torch.linalg.vector_norm(self.w, dim=1, dtype=torch.float64, out=self.w2)  # exact squares, float64 sums
         self.squared.square_()
         if out is None:  # out of place over zeros made once: one operation for the new tensor and the sums
             return torch.index_add(self._zeros, 0, self.row_of, self.by_row)
@@ -240,8 +240,12 @@ class BlockPass:
 
     ``weights``, ``exp_avgs``, ``second_moments``: the tensors (any float dtype; flattened here),
     on one device; the pass keeps views of them, so it stays valid while their storage does.  Per
-    call only ε' (one value per tensor) changes.  Memory: one float32 scratch buffer of one chunk,
-    the packed small tensors (3 x their size in float32), and a few floats per row of 1024."""
+    call only ε' (one value per tensor) changes.  ||w'||² is :func:`squared_norms`', the one way
+    every exact squared norm is taken (before a step, after it, at a log event); a run without
+    ``norms`` leaves its column 0 (the planned pass's steps take it from the budget identity,
+    :func:`~.plan.step_terms`, and the monitor measures it where a chain of them ends).  Memory: one
+    float32 scratch buffer of one chunk, the packed small tensors (3 x their size in float32), and a
+    few floats per row of 1024."""
 
     def __init__(self, weights: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                  second_moments: Sequence[torch.Tensor], chunk: int | None = None) -> None:
@@ -249,6 +253,8 @@ class BlockPass:
         ws, ms, vs = flat(weights), flat(exp_avgs), flat(second_moments)
         dev = ws[0].device
         self.device, self.size = dev, len(ws)
+        #: the tensors' squared norms now (the first column of a run: the pieces cut once)
+        self.measure = SquaredNorms(ws)
         numels = [w.numel() for w in ws]
         self._small = []  # float32 arithmetic, and float64 for tensors stored in float64
         for wide in (False, True):
@@ -265,10 +271,6 @@ class BlockPass:
             return
         s = torch.empty(max(b - a for _, a, b, _ in pieces), dtype=torch.float32, device=dev)
         rows = [(b - a) // r for _, a, b, r in pieces]
-        # ||w'||²: one multi-tensor float64 norm over the big tensors' pieces, as squared_norms cuts them
-        big = [k for k, n in enumerate(numels) if n >= SMALL]
-        self._w, owner = _norm_pieces([ws[k] for k in big], dev)
-        self._w_of = to_device(torch.tensor([big[j] for j in owner]), dev)  # each piece's tensor
         self._rows_wu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row sums of w' ũ
         self._rows_uu = torch.empty(sum(rows), dtype=torch.float32, device=dev)  # row norms of ũ
         r0 = 0
@@ -280,21 +282,26 @@ class BlockPass:
         owner = torch.tensor([k for k, *_ in pieces])
         self._row_of = to_device(torch.repeat_interleave(owner, torch.tensor(rows)), dev)  # each row's tensor
 
-    def run(self, eps: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
+    def run(self, eps: torch.Tensor | Sequence[float] | float, norms: bool = True) -> torch.Tensor:
         """[P, 3] float64 on the device; ``eps``: each tensor's ε' = ε sqrt(1 - β2^t), as host
         numbers (counters on the host: no operation for it), one number that every tensor shares,
-        or a float64 [P] tensor on the device."""
+        or a float64 [P] tensor on the device; without ``norms`` the first column is 0."""
         out = None if self._small else torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
         host = not isinstance(eps, torch.Tensor)
         if not host:
             self.eps.copy_(eps)  # the float32 arithmetic's ε' (rounded as a number added to a float32 tensor is)
-        shared = eps if isinstance(eps, float) else None
         for pack in self._small:
             out = pack.dots(eps if host or pack.dtype == torch.float64 else self.eps, out)
-        if not self._steps:
-            return out
+        if self._steps:
+            self._big(out, eps, host)
+        if norms:
+            out[:, 0] = self.measure()
+        return out
+
+    def _big(self, out: torch.Tensor, eps: torch.Tensor | Sequence[float] | float, host: bool) -> None:
+        """The big tensors' chunks, their two sums added into ``out``."""
+        shared = eps if isinstance(eps, float) else None
         with one_thread(self.device):
-            norm_w = torch._foreach_norm(self._w, 2, dtype=torch.float64)  # exact squares, float64 sums
             for w, m, v, s, rows_wu, rows_uu, k, e, widen in self._steps:
                 if widen:  # v in bfloat16/float16 (or float64): its square root taken in float32, not in v's dtype
                     s.copy_(v)
@@ -304,10 +311,8 @@ class BlockPass:
                 torch.linalg.vector_norm(s, dim=1, out=rows_uu)
                 torch.mul(w, s, out=s)  # w' ũ over ũ: its norms are taken
                 torch.sum(s, 1, out=rows_wu)
-        out[:, 0].index_add_(0, self._w_of, torch.stack(norm_w).square())
         out[:, 1].index_add_(0, self._row_of, self._rows_wu.to(torch.float64))
         out[:, 2].index_add_(0, self._row_of, self._rows_uu.to(torch.float64).square())
-        return out
 
 
 def _eps_values(eps_terms, n: int, device: torch.device) -> torch.Tensor | list[float]:
@@ -335,25 +340,38 @@ def _norm_pieces(flats: Sequence[torch.Tensor], device: torch.device) -> tuple[l
 
 def squared_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """||w||² per tensor, float64 [P]: exact squares, float64 sums, one multi-tensor norm over
-    pieces of at most :func:`norm_piece` elements (bounded temporary memory).
-
-    The same arithmetic as the ``||w'||²`` column of :class:`BlockPass`, so the norm observed
-    before a step and the one after it are compared like with like."""
+    pieces of at most :func:`norm_piece` elements (bounded temporary memory).  Every exact squared
+    norm of the budget is this one (before a step, after it, at a log event): compared like with
+    like.  :class:`SquaredNorms` cuts the pieces once for tensors read again and again."""
     if not weights:
         return torch.zeros(0, dtype=torch.float64)
-    dev = weights[0].device
-    blocks, owner = _norm_pieces([w.detach().reshape(-1) for w in weights], dev)
-    with one_thread(dev):
-        norms = torch.stack(torch._foreach_norm(blocks, 2, dtype=torch.float64)).square()
-    if len(blocks) == len(weights):
-        return norms
-    key = (dev, *owner)  # the chunks' tensors, made once per layout (no host-to-device copy a step)
-    index = _OWNERS.get(key)
-    if index is None:
-        if len(_OWNERS) >= 16:
-            _OWNERS.clear()
-        index = _OWNERS[key] = to_device(torch.tensor(owner), dev)
-    return torch.zeros(len(weights), dtype=torch.float64, device=dev).index_add_(0, index, norms)
+    return SquaredNorms(weights)()
+
+
+class SquaredNorms:
+    """:func:`squared_norms` of a fixed list of contiguous tensors, its pieces cut once (the views
+    stay valid while the tensors' storage does): a call is one multi-tensor norm and two or three
+    more operations, whatever the number of tensors."""
+
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+        dev = weights[0].device
+        self.device, self.size = dev, len(weights)
+        self._pieces, owner = _norm_pieces([w.detach().reshape(-1) for w in weights], dev)
+        self._index = None
+        if len(self._pieces) != len(weights):
+            key = (dev, *owner)  # the pieces' tensors, made once per layout (no host-to-device copy a step)
+            self._index = _OWNERS.get(key)
+            if self._index is None:
+                if len(_OWNERS) >= 16:
+                    _OWNERS.clear()
+                self._index = _OWNERS[key] = to_device(torch.tensor(owner), dev)
+
+    def __call__(self) -> torch.Tensor:
+        with one_thread(self.device):
+            norms = torch.stack(torch._foreach_norm(self._pieces, 2, dtype=torch.float64)).square()
+        if self._index is None:
+            return norms
+        return torch.zeros(self.size, dtype=torch.float64, device=self.device).index_add_(0, self._index, norms)
 
 
 _OWNERS: dict[tuple, torch.Tensor] = {}

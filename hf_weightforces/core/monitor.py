@@ -76,10 +76,9 @@ class ForceMonitor:
         self.sums = torch.zeros(n, _NT, dtype=torch.float64, device=self.device)
         self.nonfinite = torch.zeros(n, dtype=torch.float64, device=self.device)
         self._norm2 = torch.zeros(n, dtype=torch.float64, device=self.device)
-        #: (index, squared norms) of the last pending step, not written into norm2 yet: the next step
-        #: of the same source reads them as its "before" as they are (no operation); any other reader
-        #: of :attr:`norm2` writes them first
-        self._owed: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: the index of the open chain of pending steps (:class:`~.rows.Pending`): the next step with
+        #: this index continues it (no norms read, no operation); any reader of :attr:`norm2` ends it
+        self._chain: torch.Tensor | None = None
         self.sampled = torch.zeros(n, dtype=torch.float64, device=self.device)
         self.steps = 0  # budget steps in the current interval (host-side count, no sync)
         self._aggregates: dict[tuple, object] = {}  # masks, made once per choice
@@ -94,24 +93,20 @@ class ForceMonitor:
 
     @property
     def norm2(self) -> torch.Tensor:
-        """The latest observed squared norm per tensor [P], float64 on the device."""
-        self._write_owed()
+        """The latest squared norm per tensor [P], float64 on the device (reading it ends the open
+        chain of pending steps: their terms are computed, the norms after the last from the budget
+        identity, the weights having moved since, :meth:`flush`)."""
+        if self._chain is not None:
+            self.flush()
         return self._norm2
 
-    def _write_owed(self) -> None:
-        """The last pending step's squared norms written into :attr:`norm2` (when owed)."""
-        if self._owed is not None:
-            idx, after = self._owed
-            self._owed = None
-            self._norm2.index_copy_(0, idx, after)
-
-    def before(self, index: torch.Tensor) -> torch.Tensor:
-        """The squared norms observed before this step of the tensors at ``index`` (an index tensor
-        on the device, the same object step after step): the last pending step's after-norms as
-        they are when that step had this index (consecutive steps of one plan: no operation), else
-        read from :attr:`norm2`."""
-        if self._owed is not None and self._owed[0] is index:
-            return self._owed[1]
+    def before(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The squared norms before this step of the tensors at ``index`` (an index tensor on the
+        device, the same object step after step): None when the step continues the open chain of
+        pending steps with this index (consecutive steps of one plan: no operation), else read
+        from :attr:`norm2`."""
+        if self._chain is index:
+            return None
         return self.norm2.index_select(0, index)
 
     # ------------------------------------------------------------------ observing
@@ -121,8 +116,7 @@ class ForceMonitor:
             return
         norms = squared_norms(weights).to(self.device)
         if indices is None:
-            self._owed = None  # every norm is replaced
-            self._norm2.copy_(norms)
+            self.norm2.copy_(norms)
         else:
             self.norm2[index_tensor(indices, self.device)] = norms
 
@@ -137,13 +131,15 @@ class ForceMonitor:
         self.steps += 1
         sampled = bool(self.sample_every) and step_id is not None and step_id % self.sample_every == self.sample_at
         for row in rows:
-            if type(row) is Pending:  # its norms are written when read (the next step of its source: not at all)
+            if type(row) is Pending:  # a step of a chain: computed at the flush
                 if not row.index.numel():
                     continue
-                if self._owed is not None and self._owed[0] is not row.index:  # another source's
-                    self._write_owed()
-                self._owed = (row.index, row.norm2.to(self.device))
+                if row.start is None and self._chain is not row.index:
+                    raise ValueError("a pending step continues a chain the monitor does not hold")
+                if self._chain is not None and self._chain is not row.index:  # another source's chain ends
+                    self.flush()
                 self._pending.append((row, sampled))
+                self._chain = row.index
                 continue
             if not len(row.index):
                 continue
@@ -153,26 +149,39 @@ class ForceMonitor:
             if row.var is not None:
                 var = row.var.to(self.device)
                 self.var.index_add_(0, idx, torch.where(torch.isfinite(var), var, 0.0))
-        if len(self._pending) >= PENDING_STEPS:
-            self.flush()
+        if len(self._pending) >= PENDING_STEPS:  # right after the step: the weights are the last step's
+            self.flush(measured=True)
 
-    def flush(self) -> None:
-        """The terms of the pending steps, computed and added: consecutive steps of one source
-        together (one ``evaluate`` over their stacked inputs).  :meth:`pack` flushes first.  On a
-        CPU the inputs are stacked and evaluated as numpy arrays (the same float64 arithmetic:
+    def flush(self, measured: bool = False) -> None:
+        """The terms of the pending steps, computed and added, chain by chain (one ``evaluate`` over
+        a chain's stacked inputs), and the squared norms after each chain written into
+        :attr:`norm2`.  ``measured``: the weights are still those of the last pending step, so the
+        open chain ends on their measured norms (its Δ adds up to the observed change, its closure
+        is the observed one): :meth:`pack` (a log event), :meth:`add` when it keeps
+        :data:`PENDING_STEPS` steps, and the callback after a budget step that the next step does
+        not continue say so; otherwise a chain ends on the norms of the budget
+        identity, where the next step starts (a chain's Δ telescopes, section 9 of docs/budget.md).
+        On a CPU the inputs are stacked and evaluated as numpy arrays (the same float64 arithmetic:
         :func:`~.budget.namespace`): sixty-odd operations on small vectors cost about half of
         torch's there, right after a training step."""
         pending, self._pending = self._pending, []
+        chain, self._chain = self._chain, None
         host = self.device.type == "cpu"
         while pending:
             first = pending[0][0]
-            n = next((k for k, (row, _) in enumerate(pending) if row.evaluate != first.evaluate
-                      or row.index is not first.index), len(pending))
+            n = next((k for k, (row, _) in enumerate(pending) if k and row.start is not None), len(pending))
             batch, pending = pending[:n], pending[n:]
             inputs = zip(*(row.inputs for row, _ in batch))
             stacked = [torch.stack(xs) if not host else torch.stack(xs).numpy() if isinstance(xs[0], torch.Tensor)
                        else np.array(xs) for xs in inputs]  # (a CPU step vector is a plain buffer)
-            self._accumulate(first.index, first.evaluate(*stacked), [k for k, (_, sampled) in enumerate(batch) if sampled])
+            end = batch[-1][0].measure().to(self.device) if measured and not pending and chain is not None else None
+            if host:
+                terms, after = first.evaluate(*stacked, first.start.numpy(), None if end is None else end.numpy())
+                after = torch.from_numpy(np.ascontiguousarray(after))
+            else:
+                terms, after = first.evaluate(*stacked, first.start, end)
+            self._accumulate(first.index, terms, [k for k, (_, sampled) in enumerate(batch) if sampled])
+            self._norm2.index_copy_(0, first.index, after)
 
     def _accumulate(self, idx: torch.Tensor, terms: torch.Tensor | np.ndarray, sampled: list[int]) -> None:
         """Terms [S, k, len(BUDGET_TERMS)] of S steps (a tensor on the device, or a numpy array on a
@@ -193,7 +202,7 @@ class ForceMonitor:
     def pack(self) -> torch.Tensor:
         """One flat float64 tensor: sums [P*len(BUDGET_TERMS)], non-finite counts [P], squared norms [P],
         sampled integral [P]."""
-        self.flush()
+        self.flush(measured=True)
         return torch.cat((self.sums.reshape(-1), self.nonfinite, self.norm2, self.sampled, self.var.reshape(-1)))
 
     @property
@@ -208,6 +217,7 @@ class ForceMonitor:
 
     def reset(self) -> None:
         self._pending.clear()  # a new interval (pack, which flushes, came first)
+        self._chain = None
         self.sums.zero_()
         self.nonfinite.zero_()
         self.sampled.zero_()

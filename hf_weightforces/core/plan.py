@@ -81,16 +81,39 @@ def planned_terms(dots: Array, t_after: Array, t_before: Array, hyper: Array, no
     return namespace(terms).where(moved[..., None], terms, 0.0)
 
 
-def step_terms(gidx: Array, float64: Array, dots: Array, t_after: Array, t_before: Array, hv: Array,
-               norm2_before: Array) -> Array:
-    """The terms [S, P, len(BUDGET_TERMS)] of S steps of a plan's eager pass at once (``gidx`` and
-    ``float64`` the plan's; the others :meth:`StepPlan.run`'s inputs stacked over the steps):
-    :func:`planned_terms` of :func:`per_tensor`.  Torch tensors, or numpy arrays of host tensors
-    (the monitor's flush on a CPU: the same float64 arithmetic, IEEE-rounded alike but for the
-    power's last bit, at a fraction of torch's cost per operation)."""
+def step_terms(gidx: Array, float64: Array | None, dots: Array, t_after: Array, t_before: Array, hv: Array,
+               start: Array, end: Array | None = None) -> tuple[Array, Array]:
+    """The terms [S, P, len(BUDGET_TERMS)] of a chain of S steps of a plan's eager pass at once, and
+    the squared norms [P] after its last (``gidx`` and ``float64`` the plan's; the others
+    :meth:`StepPlan.run`'s inputs stacked over the steps; ``start`` [P] the squared norms before
+    the first step, ``end`` [P] those after the last where they were measured, else None).
+
+    The pass reads no ||w'||²: each step's comes from the one before by the budget identity,
+    ||w'||² = c² ||w||² - η s (2<w', ũ> + η s ||ũ||²) (w = (w' + η s ũ)/c, section 4), over the
+    chain at once (a_t = Q_t (a_0 - Σ_{j<=t} k_j / Q_j), Q_t the product of the c², k_t the
+    subtracted term), a tensor the step did not update keeping its norm.  So every step's Δ is its
+    A + I + D + R, and the chain's Δ sums to ``end - start``: the observed change when the last
+    norms were measured (the monitor does at a log event), with the observed closure (rounding of
+    the stored weights, a change from outside the optimizer) on the chain's last step; D and R use
+    ||w_t||² from the identity, which differs from the observed by the closure so far (D by about
+    2ηλ times it, far below the float32 floor).  :func:`planned_terms` of :func:`per_tensor` then.
+    Torch tensors, or numpy arrays of host tensors (the monitor's flush on a CPU: the same float64
+    arithmetic, IEEE-rounded alike but for the power's last bit, at a fraction of torch's cost per
+    operation)."""
     if isinstance(dots, np.ndarray) and isinstance(gidx, torch.Tensor):
         gidx, float64 = gidx.numpy(), None if float64 is None else float64.numpy()
-    return planned_terms(dots, t_after, t_before, per_tensor(hv, gidx, float64, t_after), norm2_before)
+    xp = namespace(dots)
+    hyper = per_tensor(hv, gidx, float64, t_after)
+    lr, _, factor, s, _ = hyper
+    e1, wu, uu = lr * s, dots[..., 1], dots[..., 2]
+    moved = t_after > t_before
+    scale = xp.where(moved, factor * factor, 1.0)
+    q = xp.cumprod(scale, 0)
+    after = q * (start - xp.cumsum(xp.where(moved, e1 * (wu + wu + e1 * uu), 0.0) / q, 0))
+    if end is not None:
+        after[-1] = end
+    before = xp.concatenate((start[None], after[:-1]))
+    return planned_terms(xp.stack((after, wu, uu), -1), t_after, t_before, hyper, before), after[-1]
 
 
 def _chunk_pass(ws, ms, vs, t_after, t_before, hyper, norm2_before):
@@ -238,11 +261,12 @@ class StepPlan:
         t_after: torch.Tensor,
         t_before: torch.Tensor,
         hv: torch.Tensor | array,
-        norm2_before: torch.Tensor,
+        norm2_before: torch.Tensor | None,
     ) -> Rows | Pending:
         """The step's budget of the planned tensors; ``norm2_before`` [P] are their squared norms
-        observed before the step, in the planned order, on the plan's device (the monitor's
-        :meth:`~.monitor.ForceMonitor.before` of :attr:`index`).
+        observed before the step, in the planned order, on the plan's device, or None where the step
+        continues the monitor's chain of this plan's steps (the monitor's
+        :meth:`~.monitor.ForceMonitor.before` of :attr:`index`; the compiled pass always gets them).
 
         ``weights``, ``exp_avgs``, ``second_moments`` are flat, in the planned order;
         ``t_after`` and ``t_before`` the tensors' step counters stacked after and before the step
@@ -262,7 +286,7 @@ class StepPlan:
             except Exception as exc:  # no compiler, an unsupported backend: the eager pass gives the same sums
                 _compile_failed(exc)
         dots = self.dots(weights, exp_avgs, second_moments, self.eps_now(hv, t_after))
-        return Pending(self.index, dots[:, 0], (dots, t_after, t_before, hv, norm2_before), self.terms)
+        return Pending(self.index, (dots, t_after, t_before, hv), norm2_before, self.terms, self._block.measure)
 
     def eps_now(self, hv: torch.Tensor | array, t_after: torch.Tensor) -> torch.Tensor | list[float] | float:
         """ε' = ε sqrt(1 - β2^t) per tensor (what the pass needs of the step vector), where the
@@ -304,11 +328,12 @@ class StepPlan:
         return torch.cat(terms), torch.cat(norm2)
 
     def dots(self, weights, exp_avgs, second_moments, eps: torch.Tensor | list[float] | float) -> torch.Tensor:
-        """The eager pass: (||w'||², <w', ũ>, ||ũ||²) per tensor [P, 3] float64; ``eps`` the
-        tensors' ε' (:meth:`eps_now`).  Planned at the first call, again only when handed other lists."""
+        """The eager pass: (0, <w', ũ>, ||ũ||²) per tensor [P, 3] float64 (||w'||² comes from the
+        budget identity: :func:`step_terms`); ``eps`` the tensors' ε' (:meth:`eps_now`).  Planned at
+        the first call, again only when handed other lists."""
         if self._block is None or self._block_of is not weights:  # the first budget step's pass, where it read these
             self._block, self._block_of = block_pass(weights, exp_avgs, second_moments), weights
-        return self._block.run(eps)
+        return self._block.run(eps, norms=False)
 
 
 def _compile_failed(exc: Exception) -> None:

@@ -50,25 +50,38 @@ class Rows(NamedTuple):
 
 class Pending(NamedTuple):
     """One step's budget whose terms are not computed yet: the few tensors the source needs
-    (``inputs``), which ``evaluate`` turns into terms [S, k, len(BUDGET_TERMS)] for S such steps
-    at once, each input stacked along a new first dimension.  The monitor keeps a step's inputs
-    until its next flush (a log event), then computes every kept step of the source together: a
-    fixed number of operations per interval instead of per step.  ``norm2`` (the squared norms
-    observed after the step) is taken at once.  The same arithmetic as computing each step alone,
-    element by element."""
+    (``inputs``), which ``evaluate`` turns into terms [S, k, len(BUDGET_TERMS)] for a chain of S
+    such steps at once (each input stacked along a new first dimension), with the squared norms
+    after the chain's last step.  The monitor keeps a step's inputs until its next flush (a log
+    event), then computes the kept steps of a source together: a fixed number of operations per
+    interval instead of per step.
+
+    A chain is a run of consecutive steps of one source, nothing else read or written in between:
+    only its first step carries the squared norms observed before it (``start``; None: the step
+    continues the chain), and the squared norms after its steps come from the budget identity
+    (||w'||² = c² ||w||² - η s (2<w', ũ> + η s ||ũ||²), :func:`~.plan.step_terms`); where the
+    weights are still those of the chain's last step (a log event), ``measure`` gives them
+    observed, exactly, so the chain's Δ adds up to the observed change and its closure is the
+    observed one (docs/budget.md, section 9)."""
 
     index: torch.Tensor  # positions in the monitor (an index tensor on its device)
-    norm2: torch.Tensor  # [k] the squared norms observed after the step
     inputs: tuple  # this step's tensors on the monitor's device (on a CPU, plain float64 buffers too)
-    evaluate: Callable[..., torch.Tensor]  # stacked inputs -> terms [S, k, len(BUDGET_TERMS)]
+    start: torch.Tensor | None  # [k] the squared norms before the step (the chain's first), else None
+    evaluate: Callable[..., tuple]  # (stacked inputs, start, end or None) -> (terms [S, k, ...], norms after [k])
+    measure: Callable[[], torch.Tensor]  # the squared norms [k] of the tensors as they are now, float64
 
     @property
     def terms(self) -> torch.Tensor:
-        """This step's terms alone [k, len(BUDGET_TERMS)] (the monitor computes steps together, as
-        numpy arrays on a CPU: so here, bit for bit the same)."""
-        if all(_is_host(x) for x in self.inputs):
-            return torch.from_numpy(self.evaluate(*(np.asarray(x)[None] for x in self.inputs))[0])
-        return self.evaluate(*(x.unsqueeze(0) for x in self.inputs))[0]
+        """This step's terms alone [k, len(BUDGET_TERMS)] (the step a chain of its own, its weights
+        measured now; the monitor computes steps together, as numpy arrays on a CPU: so here, bit
+        for bit the same)."""
+        if self.start is None:
+            raise ValueError("a step that continues a chain has no terms of its own")
+        end = self.measure()
+        if all(_is_host(x) for x in (*self.inputs, self.start, end)):
+            terms, _ = self.evaluate(*(np.asarray(x)[None] for x in self.inputs), self.start.numpy(), end.numpy())
+            return torch.from_numpy(terms[0])
+        return self.evaluate(*(x.unsqueeze(0) for x in self.inputs), self.start, end)[0][0]
 
 
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
