@@ -157,9 +157,9 @@ class ForceMonitor:
         a chain's stacked inputs), and the squared norms after each chain written into
         :attr:`norm2`.  ``measured``: the weights are still those of the last pending step, so the
         open chain ends on their measured norms (its Δ adds up to the observed change, its closure
-        is the observed one): :meth:`pack` (a log event), :meth:`add` when it keeps
-        :data:`PENDING_STEPS` steps, and the callback after a budget step that the next step does
-        not continue say so; otherwise a chain ends on the norms of the budget
+        is the observed one): :meth:`pack` (a log event) and :meth:`add` when it keeps
+        :data:`PENDING_STEPS` steps say so (and :meth:`end_chain` ends a chain so before the flush);
+        otherwise a chain ends on the norms of the budget
         identity, where the next step starts (a chain's Δ telescopes, section 9 of docs/budget.md).
         On a CPU the inputs are stacked and evaluated as numpy arrays (the same float64 arithmetic:
         :func:`~.budget.namespace`): sixty-odd operations on small vectors cost about half of
@@ -174,7 +174,9 @@ class ForceMonitor:
             inputs = zip(*(row.inputs for row, _ in batch))
             stacked = [torch.stack(xs) if not host else torch.stack(xs).numpy() if isinstance(xs[0], torch.Tensor)
                        else np.array(xs) for xs in inputs]  # (a CPU step vector is a plain buffer)
-            end = batch[-1][0].measure().to(self.device) if measured and not pending and chain is not None else None
+            end = batch[-1][0].end
+            if end is None and measured and not pending and chain is not None:
+                end = batch[-1][0].measure().to(self.device)
             if host:
                 terms, after = first.evaluate(*stacked, first.start.numpy(), None if end is None else end.numpy())
                 after = torch.from_numpy(np.ascontiguousarray(after))
@@ -182,6 +184,19 @@ class ForceMonitor:
                 terms, after = first.evaluate(*stacked, first.start, end)
             self._accumulate(first.index, terms, [k for k, (_, sampled) in enumerate(batch) if sampled])
             self._norm2.index_copy_(0, first.index, after)
+
+    def end_chain(self) -> None:
+        """The open chain ends on the measured norms of its last step's tensors, the weights being
+        that step's (the callback, after a budget step the next step does not continue): they are
+        written into :attr:`norm2` for the next step to start from, and kept with the step for the
+        flush (its terms wait for the log event)."""
+        if self._chain is None:
+            return
+        row, sampled = self._pending[-1]
+        end = row.measure().to(self.device)
+        self._norm2.index_copy_(0, row.index, end)
+        self._pending[-1] = (row._replace(end=end), sampled)
+        self._chain = None
 
     def _accumulate(self, idx: torch.Tensor, terms: torch.Tensor | np.ndarray, sampled: list[int]) -> None:
         """Terms [S, k, len(BUDGET_TERMS)] of S steps (a tensor on the device, or a numpy array on a

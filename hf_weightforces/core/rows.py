@@ -69,6 +69,7 @@ class Pending(NamedTuple):
     start: torch.Tensor | None  # [k] the squared norms before the step (the chain's first), else None
     evaluate: Callable[..., tuple]  # (stacked inputs, start, end or None) -> (terms [S, k, ...], norms after [k])
     measure: Callable[[], torch.Tensor]  # the squared norms [k] of the tensors as they are now, float64
+    end: torch.Tensor | None = None  # [k] the measured squared norms after the step, where the chain ended on them
 
     @property
     def terms(self) -> torch.Tensor:

@@ -507,7 +507,7 @@ class WeightForcesCallback(TrainerCallback):
             self._reader.record(opt, step_id)
             self._norm_step = step_id
             if not self._is_budget_step(step_id + 1):  # no budget step continues this one's chain: it ends on
-                self.monitor.flush(measured=True)  # the weights as they are (docs/budget.md, section 9)
+                self.monitor.end_chain()  # the weights as they are (docs/budget.md, section 9)
         except Exception as exc:
             self._fail("on_optimizer_step", exc)
 
