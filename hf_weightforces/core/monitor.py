@@ -160,9 +160,10 @@ class ForceMonitor:
         is the observed one): :meth:`pack` (a log event) and :meth:`add` when it keeps
         :data:`PENDING_STEPS` steps say so (and :meth:`end_chain` ends a chain so before the flush);
         otherwise a chain ends on the norms of the budget identity, where the next step starts (a
-        chain's Δ telescopes, section 9 of docs/budget.md).  On a CPU the inputs are stacked and evaluated as numpy arrays (the same float64 arithmetic:
-        :func:`~.budget.namespace`): sixty-odd operations on small vectors cost about half of
-        torch's there, right after a training step."""
+        chain's Δ telescopes, section 9 of docs/budget.md).  On a CPU the inputs are stacked and
+        evaluated as numpy arrays (the same float64 arithmetic: :func:`~.budget.namespace`):
+        sixty-odd operations on small vectors cost about half of torch's there, right after a
+        training step."""
         pending, self._pending = self._pending, []
         chain, self._chain = self._chain, None
         host = self.device.type == "cpu"
