@@ -150,9 +150,9 @@ class PackedSmall:
 
     ``dtype`` is the arithmetic: float32 as on the big tensors (ũ in float32, <w', ũ> as float32
     row sums and ||ũ|| as float32 row norms, squared and summed in float64), float64 for tensors
-    stored in float64 (nothing rounded).  ``members``:
-    the tensors' positions in the caller's list, ``ws``, ``ms``, ``vs`` the flat tensors (the pack
-    keeps them: their values are read at each :meth:`dots`), ``size`` the caller's list's length.
+    stored in float64 (nothing rounded).  ``members``: the tensors' positions in the caller's list,
+    ``ws``, ``ms``, ``vs`` the flat tensors (the pack keeps them: their values are read at each
+    :meth:`dots`), ``size`` the caller's list's length.
     Memory: 3 x the members' size in ``dtype`` (w', m, v) and a few values per row."""
 
     def __init__(self, members: list[int], ws: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
