@@ -171,9 +171,7 @@ class ForceMonitor:
             first = pending[0][0]
             n = next((k for k, (row, _) in enumerate(pending) if k and row.start is not None), len(pending))
             batch, pending = pending[:n], pending[n:]
-            inputs = zip(*(row.inputs for row, _ in batch))
-            stacked = [torch.stack(xs) if not host else torch.stack(xs).numpy() if isinstance(xs[0], torch.Tensor)
-                       else np.array(xs) for xs in inputs]  # (a CPU step vector is a plain buffer)
+            stacked = [_stacked(xs, host) for xs in zip(*(row.inputs for row, _ in batch))]
             end = batch[-1][0].end
             if end is None and measured and not pending and chain is not None:
                 end = batch[-1][0].measure().to(self.device)
@@ -282,6 +280,14 @@ class ForceMonitor:
             self._aggregates[key] = (list(masks), np.stack(list(masks.values())) if masks else
                                      np.zeros((0, len(self.infos)), dtype=bool))
         return self._aggregates[key]
+
+
+def _stacked(xs: Sequence, host: bool) -> torch.Tensor | np.ndarray:
+    """One input of a chain's steps stacked along a new first dimension: a tensor on the device, a
+    numpy array on a CPU (where a step vector is a plain float64 buffer)."""
+    if not host:
+        return torch.stack(xs)
+    return torch.stack(xs).numpy() if isinstance(xs[0], torch.Tensor) else np.array(xs)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -471,7 +471,7 @@ def _log_buckets(a: np.ndarray, edges: np.ndarray, spacing: tuple[float, float, 
     return j
 
 
-def _host_values(tensor: torch.Tensor) -> np.ndarray:
+def _numpy_values(tensor: torch.Tensor) -> np.ndarray:
     """A CPU tensor's values, flat, as float32 or float64 numpy (bf16/fp16 -> float32 is exact)."""
     x = tensor.detach().reshape(-1)
     if x.dtype not in (torch.float32, torch.float64):
@@ -483,7 +483,7 @@ def _log_counts(tensor: torch.Tensor, edges: np.ndarray, spacing: tuple[float, f
                 with_dropped: bool) -> np.ndarray:
     """:func:`histogram_counts` on a CPU for log-spaced ``edges``, in one pass over the values and no
     sort (:func:`_log_buckets`).  Chunks of :data:`_LOG_CHUNK` values keep the temporaries in cache."""
-    x = _host_values(tensor)
+    x = _numpy_values(tensor)
     n_buckets = edges.size + 1
     counts = np.zeros(n_buckets + 1, dtype=np.int64)  # per bucket, and one more for the dropped values
     zeros = 0
@@ -507,8 +507,8 @@ def pooled_counts(tensors: Sequence[torch.Tensor], pools: Sequence[int], n_pools
     :func:`histogram_counts` per tensor."""
     n_buckets = edges.numel() + 1
     device = tensors[0].device if tensors else edges.device
-    e = edges.detach().to(torch.float64).cpu().numpy()
-    spacing = _log_spacing(e) if device.type == "cpu" else None
+    e = edges.detach().to(torch.float64).numpy() if device.type == "cpu" else None  # (no host read of device edges)
+    spacing = _log_spacing(e) if e is not None else None
     if spacing is None:
         out = torch.zeros(n_pools, n_buckets, dtype=torch.int64, device=device)
         for w, r in zip(tensors, pools):
@@ -517,26 +517,28 @@ def pooled_counts(tensors: Sequence[torch.Tensor], pools: Sequence[int], n_pools
         return out
     counts = np.zeros(n_pools * (n_buckets + 1), dtype=np.int64)  # per pool: the buckets and the dropped
     parts: list[np.ndarray] = []
-    owners: list[tuple[int, int]] = []  # (pool, size) of each part
+    owners: list[int] = []  # the pool of each part
 
     def count() -> None:  # the parts gathered so far, as one chunk
         a = np.abs(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        pool, sizes = zip(*owners)
-        first = np.repeat(np.array(pool, dtype=np.intp) * (n_buckets + 1), sizes)  # each value's pool's bucket 0
+        first = np.repeat(np.array(owners, dtype=np.intp) * (n_buckets + 1), [x.size for x in parts])  # each value's pool
         counts[:] += np.bincount(_log_buckets(a, e, spacing) + first, minlength=counts.size)
         parts.clear()
         owners.clear()
 
     for wide in (False, True):  # float64 values are compared with the float64 edges: chunks of their own
+        size = 0
         for w, r in zip(tensors, pools):
             if not w.numel() or (w.dtype == torch.float64) != wide:
                 continue
-            x = _host_values(w)
+            x = _numpy_values(w)
             for start in range(0, x.size, _LOG_CHUNK):
                 parts.append(x[start : start + _LOG_CHUNK])
-                owners.append((r, parts[-1].size))
-                if sum(n for _, n in owners) >= _LOG_CHUNK:
+                owners.append(r)
+                size += parts[-1].size
+                if size >= _LOG_CHUNK:
                     count()
+                    size = 0
         if parts:
             count()
     return torch.from_numpy(counts.reshape(n_pools, n_buckets + 1)[:, :-1].copy())
