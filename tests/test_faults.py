@@ -400,3 +400,28 @@ def test_jsonl_rows_are_strict_json_whatever_the_values(tmp_path):
     assert parsed == [{"step": 1, "a": 0.1, "b": -2.5e-300}, {"step": 2, "a": None, "b": None},
                       {"step": 3, "a": 0.25, "n": 3.0, "flag": True, "lr": [1e-4, None]}]
     assert lines[0] == json.dumps({"step": 1, "a": 0.1, "b": -2.5e-300})
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_failing_measure_at_a_chain_end_warns_once_and_trains_on(tmp_path, plain, monkeypatch, every):
+    """The squared norms measured where a chain of planned steps ends (the log event; with every=2,
+    right after each budget step) fail from the second call on: one warning, the monitor off,
+    training to the end with the weights of a run without it."""
+    from hf_weightforces.core import kernels
+
+    calls, real = [], kernels.SquaredNorms.__call__
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("measure failed")
+        return real(self)
+
+    monkeypatch.setattr(kernels.SquaredNorms, "__call__", failing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train_tiny(tmp_path, [WeightForcesCallback(every=every, kernel="exact", quiet=True)], **RUN)
+    ours = [str(w.message) for w in caught if str(w.message).startswith("weight forces switched off")]
+    assert trainer.state.global_step == RUN["max_steps"]
+    assert len(calls) >= 2 and len(ours) == 1 and "measure failed" in ours[0], ours
+    _same(_weights(trainer), plain)

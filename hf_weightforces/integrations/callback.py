@@ -463,9 +463,9 @@ class WeightForcesCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if not (self._active or self._owes_reduction):
             return
-        first = not self.integral.started
-        budget_step = self._is_budget_step(state.global_step + 1)
+        first, budget_step = not self.integral.started, False
         try:
+            budget_step = self._is_budget_step(state.global_step + 1)
             if self._active and (first or budget_step) and self._norm_step != state.global_step:
                 self.monitor.observe_norms(self.ctx.local_weights(self._entries))
                 self._norm_step = state.global_step
